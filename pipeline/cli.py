@@ -1,0 +1,142 @@
+"""The ``sip`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from pipeline.manifest import Manifest, ManifestError, fingerprint, load_manifest
+
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from pipeline.assets import AssetError
+    from pipeline.corpus import CorpusError
+    from pipeline.models import ModelNotFound
+    from pipeline.stage import StageConflict, StageFailed
+    from pipeline.tokenizer import TokenizerError
+
+    return (ManifestError, AssetError, CorpusError, ModelNotFound, StageConflict, StageFailed, TokenizerError)
+
+
+manifest_option = click.option(
+    "-m", "--manifest", "manifest_path", default="manifests/demo.yaml", show_default=True,
+    type=click.Path(dir_okay=False), help="Experiment manifest (YAML).",
+)
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a manifest key, e.g. --set executor.tasks=8 (repeatable).",
+)
+executor_option = click.option(
+    "--executor", type=click.Choice(["local", "slurm"]), default=None, help="Override executor.type."
+)
+
+
+def _load(manifest_path: str, overrides: tuple[str, ...], executor: str | None = None) -> Manifest:
+    extra = list(overrides) + ([f"executor.type={executor}"] if executor else [])
+    return load_manifest(manifest_path, extra)
+
+
+@click.group()
+@click.version_option(package_name="sip-pretrain")
+def main() -> None:
+    """sip: Self-Improving Pretraining pipeline (shard, rewrite, judge, train)."""
+
+
+@main.group()
+def manifest() -> None:
+    """Validate and show manifests."""
+
+
+@manifest.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+@set_option
+def manifest_check(path: str, overrides: tuple[str, ...]) -> None:
+    """Validate PATH and print the resolved manifest and its fingerprint."""
+    m = _load(path, overrides)
+    click.echo(yaml.safe_dump(m.model_dump(mode="json"), sort_keys=False).rstrip())
+    click.echo(f"# fingerprint: {fingerprint(m)}")
+
+
+@main.command()
+@click.option("--model/--no-model", default=True, help="Fetch and convert the embedded model.")
+@click.option("--corpus/--no-corpus", default=True, help="Fetch the demo corpus.")
+def assets(model: bool, corpus: bool) -> None:
+    """Fetch the embedded default (SmolLM2-135M-Instruct and the demo corpus) into the cache."""
+    from pipeline import assets as a
+
+    if corpus:
+        click.echo(f"corpus:      {a.embedded_corpus()}")
+    if model:
+        click.echo(f"model (HF):  {a.embedded_model()}")
+        click.echo(f"model (lit): {a.embedded_litgpt()}")
+
+
+@main.command()
+@manifest_option
+@set_option
+@executor_option
+@click.option("--force", is_flag=True, help="Delete this stage's outputs and start over.")
+@click.option("--dry-run", is_flag=True, help="Show what would run (the sbatch script on Slurm); run nothing.")
+@click.option("--wait/--no-wait", default=True, help="Slurm: wait for the jobs to finish.")
+def shard(manifest_path: str, overrides: tuple[str, ...], executor: str | None, force: bool, dry_run: bool, wait: bool) -> None:
+    """Cut the corpus into prefix/suffix pairs (the pairs table)."""
+    from stages.shard import run_shard
+
+    m = _load(manifest_path, overrides, executor)
+    card = run_shard(m, force=force, dry_run=dry_run, wait=wait, log=click.echo)
+    if card:
+        s = card["summary"]
+        skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
+        rate = f" in {s['elapsed_s']} s ({s['documents_per_s']} docs/s, {s['tokens_per_s']:.0f} tokens/s)" if "elapsed_s" in s else ""
+        click.echo(
+            f"shard: {s['pairs']} pairs from {s['documents_read']} documents{rate}; skipped: {skipped}\n"
+            f"       -> {m.stage_dir('shard')} (card: {m.stage_dir('shard') / 'README.md'})"
+        )
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("-n", "rows", default=3, show_default=True, help="Rows to show.")
+def inspect(path: str, rows: int) -> None:
+    """Print schema, provenance, row count and a few rows of a sip table (file or stage dir)."""
+    from pipeline.describe import describe
+
+    click.echo(describe(Path(path), rows))
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks (rerunnable; they print ratios against the bare library on the same work)."""
+
+
+@bench.command("shard")
+@manifest_option
+@set_option
+@click.option("--processes", default=2, show_default=True)
+def bench_shard(manifest_path: str, overrides: tuple[str, ...], processes: int) -> None:
+    """Shard throughput vs bare batch tokenization of the same documents."""
+    from stages.bench import bench_shard as run_bench
+
+    click.echo(json.dumps(run_bench(_load(manifest_path, overrides), processes), indent=1))
+
+
+def _entry() -> None:
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except _user_errors() as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _entry()

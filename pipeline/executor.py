@@ -1,0 +1,98 @@
+"""Runs a stage's datatrove pipeline on the executor the manifest names (local or Slurm)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+
+from pipeline.manifest import Manifest
+
+
+class SipSlurmExecutor(SlurmPipelineExecutor):
+    """datatrove's Slurm executor with unset options left out of the script.
+
+    datatrove writes every sbatch key it has (``--partition=None`` when no partition is
+    set) and asks for GPUs per job; sip jobs ask for ``--gpus-per-task`` and leave the
+    partition to the cluster's default when the manifest names none.
+    """
+
+    def get_sbatch_args(self, max_array: int = 1) -> dict:
+        args = super().get_sbatch_args(max_array)
+        args.pop("gpus", None)
+        if self.gpus_per_task:
+            args["gpus-per-task"] = self.gpus_per_task
+        return {k: v for k, v in args.items() if v is not None and v != "None"}
+
+
+def default_venv() -> str:
+    """The running interpreter's virtualenv activate script (what Slurm jobs must source)."""
+    return str(Path(sys.prefix) / "bin" / "activate")
+
+
+def make_executor(
+    manifest: Manifest,
+    pipeline: list,
+    *,
+    logging_dir: Path,
+    job_name: str,
+    tasks: int,
+    depends=None,
+):
+    ex = manifest.executor
+    if ex.type == "local":
+        workers = ex.workers if ex.workers > 0 else min(tasks, os.cpu_count() or 1)
+        return LocalPipelineExecutor(
+            pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir), depends=depends
+        )
+    slurm = ex.slurm
+    return SipSlurmExecutor(
+        pipeline=pipeline,
+        tasks=tasks,
+        workers=ex.workers,
+        time=slurm.time,
+        partition=slurm.partition,
+        cpus_per_task=slurm.cpus_per_task,
+        mem_per_cpu_gb=slurm.mem_per_cpu_gb,
+        gpus_per_task=slurm.gpus_per_task,
+        job_name=f"sip-{manifest.run.name}-{job_name}",
+        qos=slurm.qos or "",
+        venv_path=manifest.resolve_path(slurm.venv).as_posix() if slurm.venv else default_venv(),
+        sbatch_args=dict(slurm.sbatch_args),
+        logging_dir=str(logging_dir),
+        slurm_logs_folder=str(logging_dir / "slurm_logs"),
+        depends=depends,
+        mail_type="",
+    )
+
+
+def sbatch_script(executor: SipSlurmExecutor) -> str:
+    """The array-job script a Slurm executor would submit (for --dry-run)."""
+    ranks = executor.get_incomplete_ranks()
+    script = executor.get_launch_file_contents(
+        executor.get_sbatch_args(max(1, len(ranks))),
+        f"srun -l -n {executor.nodes_per_task} launch_pickled_pipeline "
+        f"{executor.logging_dir.resolve_paths('executor.pik')}",
+    )
+    return script
+
+
+def wait_for_jobs(job_ids: list[str], on_tick: Callable[[], None] | None = None, poll_s: float = 2.0) -> None:
+    """Block until none of the Slurm jobs is queued or running (squeue: no slurmdbd needed)."""
+    ids = ",".join(str(j) for j in job_ids if j not in (None, -1, "-1"))
+    if not ids:
+        return
+    while True:
+        out = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i"], capture_output=True, text=True)
+        if out.returncode != 0 and "Invalid job id" not in out.stderr:
+            raise RuntimeError(f"squeue failed: {out.stderr.strip()}")
+        if not out.stdout.strip():
+            return
+        if on_tick:
+            on_tick()
+        time.sleep(poll_s)

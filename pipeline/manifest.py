@@ -1,0 +1,263 @@
+"""Experiment manifests: one YAML file describes the whole run.
+
+Load with :func:`load_manifest`; every key is validated (unknown keys and bad values fail with
+the key's dotted path and what is allowed). :func:`fingerprint` hashes what affects outputs,
+so a stage can refuse to resume into a directory made with different settings.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used, with a message naming the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RunConfig(_Section):
+    name: str = Field(min_length=1, description="Run name, used for job names and the card.")
+    output_dir: str = Field(
+        description="Root of all stage outputs; relative paths are relative to the manifest's directory."
+    )
+    seed: int = Field(default=1234, ge=0, description="Seed for every random choice of the run.")
+
+
+class CorpusConfig(_Section):
+    paths: list[str] = Field(
+        min_length=1,
+        description="Files, directories or globs; 'embedded' is the demo corpus fetched by `sip assets`.",
+    )
+    format: Literal["auto", "jsonl", "parquet", "text"] = Field(
+        default="auto", description="auto decides per file by its extension."
+    )
+    text_key: str = "text"
+    id_key: str | None = Field(default="id", description="Document id column; null uses file:line ids.")
+    limit: int | None = Field(default=None, gt=0, description="Read at most this many records, in file order.")
+
+
+class PolicyConfig(_Section):
+    model: str = Field(description="'embedded', or a local HF/LitGPT model directory.")
+    tokenizer: str | None = Field(default=None, description="Tokenizer directory; default: the model's.")
+
+
+class ShardConfig(_Section):
+    suffix_tokens: int = Field(default=128, gt=0, description="N: suffix length in policy tokens.")
+    min_prefix_tokens: int = Field(default=16, ge=1)
+    max_prefix_tokens: int = Field(default=1920, gt=0, description="Prefix keeps at most this many tokens.")
+    pairs_per_document: int = Field(default=1, gt=0)
+    seed: int | None = Field(default=None, ge=0, description="Split-point seed; default: run.seed.")
+
+    @model_validator(mode="after")
+    def _prefix_bounds(self) -> "ShardConfig":
+        if self.min_prefix_tokens > self.max_prefix_tokens:
+            raise ValueError(
+                f"min_prefix_tokens ({self.min_prefix_tokens}) must be <= max_prefix_tokens ({self.max_prefix_tokens})"
+            )
+        return self
+
+
+class ModelRef(_Section):
+    model: str = Field(description="'embedded', a local model directory, or an http(s):// OpenAI-compatible endpoint.")
+    served_name: str | None = Field(default=None, description="Model name to send to an endpoint.")
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the endpoint's API key.")
+
+    @property
+    def kind(self) -> Literal["embedded", "endpoint", "path"]:
+        if self.model == "embedded":
+            return "embedded"
+        if self.model.startswith(("http://", "https://")):
+            return "endpoint"
+        return "path"
+
+
+class RolloutConfig(_Section):
+    count: int = Field(default=0, ge=0, description="K: rollouts sampled per prefix.")
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+
+
+class SlurmConfig(_Section):
+    partition: str | None = None
+    time: str = Field(default="04:00:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){1,2}$")
+    cpus_per_task: int = Field(default=1, gt=0)
+    mem_per_cpu_gb: int = Field(default=2, gt=0)
+    gpus_per_task: int = Field(default=0, ge=0)
+    venv: str | None = Field(default=None, description="Virtualenv the jobs activate; default: the running one.")
+    qos: str | None = None
+    sbatch_args: dict[str, str | int] = Field(default_factory=dict, description="Extra #SBATCH options.")
+
+
+class ExecutorConfig(_Section):
+    type: Literal["local", "slurm"] = "local"
+    tasks: int = Field(default=1, gt=0, description="Shards of the work (Slurm array size).")
+    workers: int = Field(default=-1, description="Tasks running at once; -1: all (local: one per core).")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+
+class Manifest(_Section):
+    run: RunConfig
+    corpus: CorpusConfig
+    policy: PolicyConfig
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    rewriter: ModelRef | None = None
+    judge: ModelRef | None = None
+    rollouts: RolloutConfig = Field(default_factory=RolloutConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+
+    # Set by load_manifest: where the file lives, so relative paths resolve against it.
+    _source: Path | None = None
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    def resolve_path(self, path: str) -> Path:
+        """A path from the manifest, made absolute relative to the manifest's directory."""
+        p = Path(path).expanduser()
+        if p.is_absolute() or self._source is None:
+            return p
+        return (self._source.parent / p).resolve()
+
+    @property
+    def output_root(self) -> Path:
+        return self.resolve_path(self.run.output_dir)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.output_root / stage
+
+    @property
+    def shard_seed(self) -> int:
+        return self.shard.seed if self.shard.seed is not None else self.run.seed
+
+
+# Keys that change how work is laid out or named, not what the outputs contain.
+_NOT_FINGERPRINTED = {"executor", "run.name", "run.output_dir"}
+
+
+def _format_error(source: str, err: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _walk_model(model, err["loc"][:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{source}: unknown key '{loc}'{hint}; allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{source}: missing required key '{loc}'"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{source}: '{loc}' is {err.get('input')!r}; allowed: {expected}"
+    where = f"'{loc}'" if loc else "manifest"
+    return f"{source}: {where}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _walk_model(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        for candidate in getattr(ann, "__args__", (ann,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                current = candidate
+                break
+        else:
+            return None
+    return current if isinstance(current, type) else None
+
+
+def parse_manifest(data: Any, source: str = "<manifest>") -> Manifest:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: expected a mapping of sections at the top, got {type(data).__name__}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(source, e, Manifest) for e in exc.errors()]
+        raise ManifestError("\n".join(lines)) from None
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a manifest mapping."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ManifestError(f"override '{item}': expected KEY=VALUE, e.g. executor.tasks=8")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ManifestError(f"{source}: override '{key}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_manifest(path: str | Path, overrides: list[str] = ()) -> Manifest:
+    """Read, override and validate a manifest file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, dict) and overrides:
+        data = apply_overrides(data, list(overrides), str(path))
+    manifest = parse_manifest(data, str(path))
+    manifest._source = path.resolve()
+    return manifest
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def fingerprinted_view(manifest: Manifest, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The flattened settings that affect outputs (optionally only under ``sections``)."""
+    flat = flatten(manifest.model_dump(mode="json"))
+    kept = {}
+    for key, value in flat.items():
+        if any(key == skip or key.startswith(skip + ".") for skip in _NOT_FINGERPRINTED):
+            continue
+        if sections is not None and not any(key == s or key.startswith(s + ".") for s in sections):
+            continue
+        kept[key] = value
+    return kept
+
+
+def hash_view(view: dict[str, Any]) -> str:
+    blob = json.dumps(view, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fingerprint(manifest: Manifest) -> str:
+    """Stable hash of everything in the manifest that affects any output."""
+    return hash_view(fingerprinted_view(manifest))
+
+
+def diff_views(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two flattened views."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            lines.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+    return lines

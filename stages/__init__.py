@@ -1,0 +1,1 @@
+"""Batch stages of the sip pipeline, one module per stage, each a datatrove pipeline step."""

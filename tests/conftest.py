@@ -1,0 +1,94 @@
+"""Shared fixtures: the embedded tokenizer, manifest writers and a subprocess `sip` runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    """The embedded model's HF directory (built once per cache; ~1 min the first time)."""
+    from pipeline import assets
+
+    return assets.embedded_model(log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from pipeline.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(embedded_dir))
+
+
+def base_manifest(output_dir: Path, corpus: list[str], **sections) -> dict:
+    data = {
+        "run": {"name": "test", "output_dir": str(output_dir), "seed": 7},
+        "corpus": {"paths": corpus, "text_key": "text", "id_key": "id"},
+        "policy": {"model": "embedded"},
+        "shard": {"suffix_tokens": 16, "min_prefix_tokens": 8, "max_prefix_tokens": 64, "pairs_per_document": 2},
+        "executor": {"type": "local", "tasks": 2, "workers": 1},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return data
+
+
+def write_manifest(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def run_sip(*args: str, check: bool = True, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ}, **kwargs,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sip {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def wiki_documents(n: int, words: int = 120) -> list[dict]:
+    """Deterministic documents made of real English sentences from the demo corpus."""
+    from pipeline import assets
+
+    rows = []
+    for part in sorted(assets.embedded_corpus(log=lambda _m: None).glob("part-*.jsonl")):
+        for line in part.read_text().splitlines():
+            doc = json.loads(line)
+            if len(doc["text"].split()) >= words:
+                rows.append({"id": doc["id"], "text": doc["text"], "kind": doc["kind"]})
+                if len(rows) == n:
+                    return rows
+    return rows
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The one-node cluster from scripts/slurm.sh; required under CI, skipped elsewhere."""
+    try:
+        ok = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
+        up = ok.returncode == 0 and any(s in ok.stdout for s in ("idle", "mix", "alloc"))
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        up = False
+    if not up:
+        if os.environ.get("CI") == "true":
+            pytest.fail("Slurm is not running; CI must start it with scripts/slurm.sh start")
+        pytest.skip("no Slurm cluster here (start one with `make slurm-up`)")
+    return True

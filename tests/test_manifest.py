@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.manifest import ManifestError, fingerprint, load_manifest, parse_manifest
+from tests.conftest import REPO, base_manifest
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+def test_shipped_manifests_validate(name):
+    m = load_manifest(REPO / "manifests" / name)
+    assert len(fingerprint(m)) == 16
+
+
+def test_paper_manifest_is_the_papers_setting():
+    m = load_manifest(REPO / "manifests" / "paper.yaml")
+    assert m.shard.suffix_tokens == 128 and m.shard.max_prefix_tokens == 1920
+    assert m.rollouts.count == 16 and m.judge.kind == "endpoint"
+    assert m.executor.type == "slurm" and m.executor.slurm.gpus_per_task >= 1
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    data = base_manifest(tmp_path, ["x.jsonl"])
+    data["shard"]["sufix_tokens"] = 3
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(data, "m.yaml")
+    msg = str(err.value)
+    assert "shard.sufix_tokens" in msg and "did you mean 'suffix_tokens'" in msg and "m.yaml" in msg
+
+
+def test_bad_values_name_the_key_and_what_is_allowed(tmp_path):
+    data = base_manifest(tmp_path, ["x.jsonl"], executor={"type": "pbs"})
+    with pytest.raises(ManifestError, match=r"'executor.type' is 'pbs'; allowed: 'local' or 'slurm'"):
+        parse_manifest(data)
+    data = base_manifest(tmp_path, ["x.jsonl"], shard={"suffix_tokens": 0})
+    with pytest.raises(ManifestError, match=r"shard.suffix_tokens"):
+        parse_manifest(data)
+    data = base_manifest(tmp_path, ["x.jsonl"], shard={"min_prefix_tokens": 100, "max_prefix_tokens": 10})
+    with pytest.raises(ManifestError, match=r"min_prefix_tokens \(100\) must be <= max_prefix_tokens \(10\)"):
+        parse_manifest(data)
+    data = base_manifest(tmp_path, ["x.jsonl"])
+    del data["policy"]
+    with pytest.raises(ManifestError, match=r"missing required key 'policy'"):
+        parse_manifest(data)
+
+
+def test_fingerprint_ignores_layout_but_not_content(tmp_path):
+    a = parse_manifest(base_manifest(tmp_path, ["x.jsonl"]))
+    b = parse_manifest(base_manifest(tmp_path / "elsewhere", ["x.jsonl"], executor={"tasks": 9, "type": "slurm"}))
+    c = parse_manifest(base_manifest(tmp_path, ["x.jsonl"], shard={"suffix_tokens": 17}))
+    assert fingerprint(a) == fingerprint(b)
+    assert fingerprint(a) != fingerprint(c)
+
+
+def test_overrides_and_relative_paths(tmp_path):
+    path = tmp_path / "sub" / "m.yaml"
+    path.parent.mkdir()
+    data = base_manifest(Path("out"), ["corpus/*.jsonl"])
+    path.write_text(yaml.safe_dump(data))
+    m = load_manifest(path, ["executor.tasks=5", "shard.seed=3"])
+    assert m.executor.tasks == 5 and m.shard_seed == 3
+    assert m.output_root == (tmp_path / "sub" / "out").resolve()
+    with pytest.raises(ManifestError, match="expected KEY=VALUE"):
+        load_manifest(path, ["executor.tasks"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        load_manifest(bad)
+    with pytest.raises(ManifestError, match="manifest not found"):
+        load_manifest(tmp_path / "nope.yaml")

@@ -1,0 +1,1 @@
+"""The LitGPT-based trainer that consumes sip's preference tables."""
