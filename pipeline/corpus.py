@@ -21,7 +21,7 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 from loguru import logger
 
-TEXT_SUFFIXES = (".txt", ".md")
+TEXT_SUFFIXES = (".txt",)
 _WARNINGS_PER_FILE = 20  # a corrupt file should not flood the logs; the stats keep the full count
 
 

@@ -48,7 +48,10 @@ def make_executor(
     if ex.type == "local":
         workers = ex.workers if ex.workers > 0 else min(tasks, os.cpu_count() or 1)
         return LocalPipelineExecutor(
-            pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir), depends=depends
+            pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir), depends=depends,
+            # fork: workers inherit the parent's imports instead of re-importing torch-free but
+            # heavy modules (datatrove, pyarrow, polars) per task; ~1 s less start-up per run.
+            start_method="fork",
         )
     slurm = ex.slurm
     return SipSlurmExecutor(

@@ -165,7 +165,8 @@ class ShardPlan:
 
 def corpus_files(manifest: Manifest) -> list[CorpusFile]:
     patterns = [
-        str(assets.embedded_corpus()) if p == "embedded" else str(manifest.resolve_path(p)) for p in manifest.corpus.paths
+        str(assets.embedded_corpus() / "part-*.jsonl") if p == "embedded" else str(manifest.resolve_path(p))
+        for p in manifest.corpus.paths
     ]
     c = manifest.corpus
     return resolve_corpus(patterns, fmt=c.format, text_key=c.text_key, limit=c.limit)
