@@ -21,6 +21,8 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 from loguru import logger
 
+from pipeline.progress import Progress
+
 TEXT_SUFFIXES = (".txt",)
 _WARNINGS_PER_FILE = 20  # a corrupt file should not flood the logs; the stats keep the full count
 
@@ -149,6 +151,7 @@ class CorpusReader(PipelineStep):
         self.text_key = text_key
         self.id_key = id_key
         self._warned: dict[str, int] = {}
+        self._position = 0  # bytes of the current file consumed (for progress)
 
     def _skip(self, file: CorpusFile, where: str, reason: str, detail: str) -> None:
         self.stat_update(f"skipped_{reason}")
@@ -178,8 +181,10 @@ class CorpusReader(PipelineStep):
 
     def _jsonl(self, file: CorpusFile) -> Iterator[Document]:
         records = 0
-        with _open_binary(file.path) as fh:
+        with open(file.path, "rb") as raw, (gzip.GzipFile(fileobj=raw) if file.path.endswith(".gz") else raw) as fh:
             for lineno, line in enumerate(fh, start=1):
+                if lineno % 256 == 0:
+                    self._position = raw.tell()
                 if not line.strip():
                     continue
                 if file.max_records is not None and records >= file.max_records:
@@ -228,9 +233,16 @@ class CorpusReader(PipelineStep):
         if data:
             yield from data
         readers = {"jsonl": self._jsonl, "parquet": self._parquet, "text": self._text}
-        for file in self.files[rank::world_size]:
+        mine = self.files[rank::world_size]
+        total_bytes = sum(os.path.getsize(f.path) for f in mine) or 1
+        done_bytes = 0
+        progress = Progress(f"task {rank}: read", unit="documents")
+        for file in mine:
             logger.info(f"reading {file.path}")
+            self._position = 0
             for doc in readers[file.format](file):
                 self.stat_update("documents")
+                progress.update(1, (done_bytes + self._position) / total_bytes)
                 yield doc
+            done_bytes += os.path.getsize(file.path)
 
