@@ -31,7 +31,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"
 
 bench: setup
-	$(SIP) bench shard $(SIP_ARGS)
+	$(SIP) bench shard -m $(MANIFEST) --set corpus.limit=null
 
 slurm-up:
 	scripts/slurm.sh start

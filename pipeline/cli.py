@@ -20,7 +20,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pipeline.stage import StageConflict, StageFailed
     from pipeline.tokenizer import TokenizerError
 
-    return (ManifestError, AssetError, CorpusError, ModelNotFound, StageConflict, StageFailed, TokenizerError)
+    import pyarrow as pa
+
+    return (
+        ManifestError, AssetError, CorpusError, ModelNotFound, StageConflict, StageFailed, TokenizerError,
+        FileNotFoundError, pa.ArrowInvalid,
+    )
 
 
 manifest_option = click.option(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +25,8 @@ from loguru import logger
 from pipeline.progress import Progress
 
 TEXT_SUFFIXES = (".txt",)
+# What a truncated or corrupt compressed file raises part-way through.
+_READ_ERRORS = (EOFError, OSError, zlib.error)
 _WARNINGS_PER_FILE = 20  # a corrupt file should not flood the logs; the stats keep the full count
 
 
@@ -34,7 +37,7 @@ class CorpusError(ValueError):
 @dataclass(frozen=True)
 class CorpusFile:
     path: str  # absolute
-    name: str  # stable name, relative to the glob's base: used in document ids and `source`
+    name: str  # relative to the common directory of all corpus files: unique, used in ids and `source`
     format: str  # jsonl | parquet | text
     max_records: int | None = None  # from corpus.limit, applied in file order
 
@@ -52,18 +55,6 @@ def _format_of(path: str, forced: str) -> str | None:
     return None
 
 
-def _base_of(pattern: str) -> str:
-    """The directory part of a pattern before its first glob character."""
-    parts = Path(pattern).parts
-    fixed = []
-    for part in parts:
-        if any(ch in part for ch in "*?["):
-            break
-        fixed.append(part)
-    base = os.path.join(*fixed) if fixed else "."
-    return base if os.path.isdir(base) else os.path.dirname(base) or "."
-
-
 def _expand(pattern: str) -> list[str]:
     if os.path.isdir(pattern):
         return sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True) if os.path.isfile(p))
@@ -78,12 +69,15 @@ def _count_records(file: CorpusFile, stop_at: int) -> int:
 
         return pq.ParquetFile(file.path).metadata.num_rows
     count = 0
-    with _open_binary(file.path) as fh:
-        for line in fh:
-            if line.strip():
-                count += 1
-                if count >= stop_at:
-                    break
+    try:
+        with _open_binary(file.path) as fh:
+            for line in fh:
+                if line.strip():
+                    count += 1
+                    if count >= stop_at:
+                        break
+    except _READ_ERRORS:
+        pass  # a truncated file has as many records as could be read; the reader counts the rest
     return count
 
 
@@ -96,12 +90,11 @@ def resolve_corpus(
         CorpusError: a pattern matched no readable file, a file's format is unknown, or a
             Parquet file lacks ``text_key``.
     """
-    files: dict[str, CorpusFile] = {}
+    found: dict[str, str] = {}
     for pattern in patterns:
         matched = _expand(pattern)
         if not matched:
             raise CorpusError(f"corpus.paths: '{pattern}' matched no files")
-        base = _base_of(pattern)
         for path in matched:
             kind = _format_of(path, fmt)
             if kind is None:
@@ -110,11 +103,15 @@ def resolve_corpus(
                 raise CorpusError(
                     f"corpus.paths: cannot tell the format of '{path}'; set corpus.format to jsonl, parquet or text"
                 )
-            absolute = os.path.abspath(path)
-            files.setdefault(absolute, CorpusFile(absolute, os.path.relpath(path, base), kind))
-    if not files:
+            found.setdefault(os.path.abspath(path), kind)
+    if not found:
         raise CorpusError(f"corpus.paths: {patterns} matched no readable corpus files")
-    ordered = sorted(files.values(), key=lambda f: f.name)
+    # Names relative to the common directory are unique (two globs may both match part-0.jsonl
+    # in different directories) and do not change when the whole corpus moves.
+    root = os.path.commonpath([os.path.dirname(p) for p in found])
+    ordered = sorted(
+        (CorpusFile(path, os.path.relpath(path, root), kind) for path, kind in found.items()), key=lambda f: f.name
+    )
     for file in ordered:
         if file.format == "parquet":
             import pyarrow.parquet as pq
@@ -180,9 +177,18 @@ class CorpusReader(PipelineStep):
         return Document(text=text, id=doc_id, metadata=meta)
 
     def _jsonl(self, file: CorpusFile) -> Iterator[Document]:
-        records = 0
+        records, lineno = 0, 0
         with open(file.path, "rb") as raw, (gzip.GzipFile(fileobj=raw) if file.path.endswith(".gz") else raw) as fh:
-            for lineno, line in enumerate(fh, start=1):
+            lines = enumerate(fh, start=1)
+            while True:
+                try:
+                    lineno, line = next(lines)
+                except StopIteration:
+                    return
+                except _READ_ERRORS as exc:
+                    # Keep every record read so far; the rest of the file is unreadable.
+                    self._skip(file, str(lineno + 1), "truncated_file", f"unreadable from here on ({exc})")
+                    return
                 if lineno % 256 == 0:
                     self._position = raw.tell()
                 if not line.strip():

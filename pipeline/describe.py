@@ -34,7 +34,8 @@ def describe(path: Path, rows: int = 3) -> str:
         *("  " + line for line in json.dumps(prov, indent=1, sort_keys=True).splitlines()),
     ]
     if rows > 0 and total:
-        head = pl.read_parquet(files[0], n_rows=rows)
+        first = next(f for f in files if pq.ParquetFile(f).metadata.num_rows)
+        head = pl.read_parquet(first, n_rows=rows)
         out.append(f"first {len(head)} rows:")
         for i, row in enumerate(head.iter_rows(named=True)):
             out.append(f"  [{i}]")

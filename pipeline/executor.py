@@ -39,12 +39,14 @@ def make_executor(
     manifest: Manifest,
     pipeline: list,
     *,
+    stage: str,
     logging_dir: Path,
-    job_name: str,
     tasks: int,
     depends=None,
+    job_suffix: str = "",
 ):
-    ex = manifest.executor
+    """The datatrove executor for ``stage``, with the manifest's per-stage overrides applied."""
+    ex = manifest.executor.for_stage(stage)
     if ex.type == "local":
         workers = ex.workers if ex.workers > 0 else min(tasks, os.cpu_count() or 1)
         return LocalPipelineExecutor(
@@ -63,7 +65,7 @@ def make_executor(
         cpus_per_task=slurm.cpus_per_task,
         mem_per_cpu_gb=slurm.mem_per_cpu_gb,
         gpus_per_task=slurm.gpus_per_task,
-        job_name=f"sip-{manifest.run.name}-{job_name}",
+        job_name=f"sip-{manifest.run.name}-{stage}{'-' + job_suffix if job_suffix else ''}",
         qos=slurm.qos or "",
         venv_path=manifest.resolve_path(slurm.venv).as_posix() if slurm.venv else default_venv(),
         sbatch_args=dict(slurm.sbatch_args),

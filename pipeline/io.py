@@ -1,12 +1,14 @@
 """Parquet I/O for sip tables: atomic per-task writes and readers of a stage's output.
 
-A task writes ``.<rank>.parquet.tmp`` and renames it to ``<rank>.parquet`` only when it has
-written every row, so a crashed or killed task leaves no partial table behind and a re-run
+A task writes ``.<rank>.parquet.<pid>.tmp`` and renames it to ``<rank>.parquet`` only when it
+has written every row, so a crashed or killed task leaves no partial table behind and a re-run
 of that task (datatrove re-runs ranks without a completion marker) writes it whole again.
+The pid in the temporary name keeps two attempts at one task from writing into one file.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -45,7 +47,7 @@ class TableWriter(PipelineStep):
     def run(self, data: Iterable[dict] | None, rank: int = 0, world_size: int = 1) -> Iterator:
         os.makedirs(self.output_dir, exist_ok=True)
         final = os.path.join(self.output_dir, part_name(rank))
-        tmp = os.path.join(self.output_dir, f".{part_name(rank)}.tmp")
+        tmp = os.path.join(self.output_dir, f".{part_name(rank)}.{os.getpid()}.tmp")
         buffer: list[dict] = []
         try:
             with pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
@@ -59,6 +61,8 @@ class TableWriter(PipelineStep):
                 os.remove(tmp)
             raise
         os.replace(tmp, final)
+        for stale in glob.glob(os.path.join(self.output_dir, f".{part_name(rank)}.*.tmp")):
+            os.remove(stale)  # left by killed attempts at this task
         yield from ()
 
     def _flush(self, writer: pq.ParquetWriter, buffer: list[dict]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ManifestError(ValueError):
@@ -98,11 +98,47 @@ class SlurmConfig(_Section):
     sbatch_args: dict[str, str | int] = Field(default_factory=dict, description="Extra #SBATCH options.")
 
 
+STAGES = ("shard", "rewrite", "rollout", "judge", "prefs", "train")
+
+
+def _check_workers(value: int | None) -> int | None:
+    if value is not None and value != -1 and value < 1:
+        raise ValueError(f"must be -1 (no limit) or at least 1, got {value}")
+    return value
+
+
+class StageResources(_Section):
+    """Per-stage overrides of the executor defaults (e.g. GPUs only for the LLM stages)."""
+
+    tasks: int | None = Field(default=None, gt=0)
+    workers: int | None = None
+    time: str | None = Field(default=None, pattern=r"^(\d+-)?\d{1,2}(:\d{2}){1,2}$")
+    cpus_per_task: int | None = Field(default=None, gt=0)
+    mem_per_cpu_gb: int | None = Field(default=None, gt=0)
+    gpus_per_task: int | None = Field(default=None, ge=0)
+
+    _workers = field_validator("workers")(classmethod(lambda cls, v: _check_workers(v)))
+
+
 class ExecutorConfig(_Section):
     type: Literal["local", "slurm"] = "local"
     tasks: int = Field(default=1, gt=0, description="Shards of the work (Slurm array size).")
     workers: int = Field(default=-1, description="Tasks running at once; -1: all (local: one per core).")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    stages: dict[Literal[STAGES], StageResources] = Field(
+        default_factory=dict, description="Per-stage overrides, e.g. {rewrite: {tasks: 8, gpus_per_task: 1}}."
+    )
+
+    _workers = field_validator("workers")(classmethod(lambda cls, v: _check_workers(v)))
+
+    def for_stage(self, stage: str) -> "ExecutorConfig":
+        """These settings with the stage's overrides applied."""
+        over = self.stages.get(stage)
+        if over is None:
+            return self
+        top = {k: v for k, v in over.model_dump().items() if v is not None and k in ("tasks", "workers")}
+        slurm = {k: v for k, v in over.model_dump().items() if v is not None and k not in ("tasks", "workers")}
+        return self.model_copy(update={**top, "slurm": self.slurm.model_copy(update=slurm), "stages": {}})
 
 
 class Manifest(_Section):
@@ -158,6 +194,9 @@ def _format_error(source: str, err: dict[str, Any], model: type[BaseModel]) -> s
         return f"{source}: missing required key '{loc}'"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
+        if loc.endswith(".[key]"):  # a dict key: loc is 'section.<key>.[key]'
+            parent = ".".join(str(p) for p in err["loc"][:-2])
+            return f"{source}: '{parent}' has no key {err.get('input')!r}; allowed: {expected}"
         return f"{source}: '{loc}' is {err.get('input')!r}; allowed: {expected}"
     where = f"'{loc}'" if loc else "manifest"
     return f"{source}: {where}: {err['msg']} (got {err.get('input')!r})"

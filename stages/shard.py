@@ -9,6 +9,10 @@ splits the same way, whatever task reads it), and emits, per split point ``s``:
 - ``prefix`` / ``suffix``: the document's own characters covered by those tokens (from the
   tokenizer's offsets, so no decode artefacts; prefix + suffix is a substring of the text).
 
+Split points (and the suffix's end) are only drawn where a token starts a new character:
+a byte-level tokenizer may spread one character (an emoji, a CJK glyph) over several tokens,
+and cutting between them would leave the text and the ids disagreeing.
+
 Documents shorter than ``min_prefix + N`` tokens are skipped and counted.
 """
 
@@ -17,8 +21,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -27,31 +31,46 @@ import pyarrow as pa
 import xxhash
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
+from loguru import logger
 
 from pipeline import assets
 from pipeline.cards import write_card
 from pipeline.corpus import CorpusFile, CorpusReader, resolve_corpus
-from pipeline.executor import make_executor, sbatch_script, wait_for_jobs
-from pipeline.io import TableWriter, read_table
+from pipeline.io import TableWriter
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view, hash_view
 from pipeline.models import policy_tokenizer_dir
 from pipeline.schema import PAIRS, pair_id, provenance, with_provenance
-from pipeline.stage import StageDir, StageFailed
+from pipeline.runner import run_stage
+from pipeline.stage import StageDir
 from pipeline.tokenizer import load_tokenizer, tokenizer_id
 
 STAGE = "shard"
 
-_BATCH = 64  # documents per batch-encode call: enough for the Rust tokenizer to parallelise
+_BATCH_DOCS = 64  # documents per batch-encode call: enough for the Rust tokenizer to parallelise
+_BATCH_CHARS = 4_000_000  # ...but fewer when documents are huge, to bound memory (ids + offsets)
 
 
-def split_points(doc_id: str, n_tokens: int, *, seed: int, suffix_tokens: int, min_prefix: int, pairs: int) -> list[int]:
-    """Sorted, distinct suffix start offsets for a document; empty if it is too short."""
+def char_boundaries(offsets: list[tuple[int, int]]) -> list[bool]:
+    """``b[i]``: token i starts a new character (it does not continue the previous token's)."""
+    return [i == 0 or offsets[i][0] >= offsets[i - 1][1] for i in range(len(offsets))] + [True]
+
+
+def split_points(
+    doc_id: str, boundaries: list[bool], *, seed: int, suffix_tokens: int, min_prefix: int, pairs: int
+) -> list[int]:
+    """Sorted, distinct suffix start offsets for a document; empty if it is too short.
+
+    ``boundaries`` has one entry per token plus one for the end of the document; a start ``s``
+    is allowed when both ``s`` and ``s + suffix_tokens`` are character boundaries. The RNG is
+    seeded by (seed, doc id) only, so a document splits the same way in any task.
+    """
+    n_tokens = len(boundaries) - 1
     lo, hi = min_prefix, n_tokens - suffix_tokens
     if hi < lo:
         return []
+    allowed = [s for s in range(lo, hi + 1) if boundaries[s] and boundaries[s + suffix_tokens]]
     rng = random.Random(xxhash.xxh3_64_intdigest(f"split\x1f{seed}\x1f{doc_id}".encode()))
-    count = hi - lo + 1
-    return sorted(rng.sample(range(lo, hi + 1), min(pairs, count)))
+    return sorted(rng.sample(allowed, min(pairs, len(allowed))))
 
 
 class PairSplitter(PipelineStep):
@@ -81,7 +100,7 @@ class PairSplitter(PipelineStep):
     def pairs_of(self, doc: Document, ids: list[int], offsets: list[tuple[int, int]]) -> Iterator[dict]:
         n = self.suffix_tokens
         starts = split_points(
-            doc.id, len(ids), seed=self.seed, suffix_tokens=n,
+            doc.id, char_boundaries(offsets), seed=self.seed, suffix_tokens=n,
             min_prefix=self.min_prefix_tokens, pairs=self.pairs_per_document,
         )
         if not starts:
@@ -119,10 +138,13 @@ class PairSplitter(PipelineStep):
 
     def run(self, data, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
         batch: list[Document] = []
+        chars = 0
         for doc in data or ():
             batch.append(doc)
-            if len(batch) >= _BATCH:
+            chars += len(doc.text)
+            if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
                 yield from self._flush(batch)
+                chars = 0
         if batch:
             yield from self._flush(batch)
 
@@ -179,24 +201,42 @@ def plan_shard(manifest: Manifest) -> ShardPlan:
     view = fingerprinted_view(manifest, ("corpus", "policy", "shard", "run.seed"))
     view["policy.tokenizer_sha"] = tok_id
     view["corpus.files"] = hash_view({f.name: [os.path.getsize(f.path), f.max_records] for f in files})
-    stage = StageDir(manifest, STAGE, "pairs", view, layout={"executor.tasks": manifest.executor.tasks})
+    tasks = manifest.executor.for_stage(STAGE).tasks
+    stage = StageDir(manifest, STAGE, "pairs", view, layout={"executor.tasks": tasks})
     return ShardPlan(manifest, stage, files, tok_dir, tok_id)
 
 
 def shard_summary(stage: StageDir, elapsed_s: float | None = None) -> dict:
-    pairs = pl.from_arrow(read_table(stage.path, columns=["doc_id", "prefix_ids"]))
     stats = stage.merged_stats()
-    prefix_len = pairs["prefix_ids"].list.len() if len(pairs) else pl.Series([0])
+    # Lazily over the files: the card job must not need memory in proportion to the table.
+    lengths = (
+        pl.scan_parquet(str(stage.path / "*.parquet"))
+        .select(
+            pl.len().alias("pairs"),
+            pl.col("pair_id").n_unique().alias("unique_pair_ids"),
+            pl.col("doc_id").n_unique().alias("documents"),
+            pl.col("prefix_ids").list.len().mean().alias("prefix_mean"),
+            pl.col("prefix_ids").list.len().max().alias("prefix_max"),
+        )
+        .collect()
+        .row(0, named=True)
+    )
     summary = {
-        "pairs": len(pairs),
+        "pairs": lengths["pairs"],
         "documents_read": int(stats.get("documents", 0)),
-        "documents_with_pairs": pairs["doc_id"].n_unique() if len(pairs) else 0,
+        "documents_with_pairs": lengths["documents"],
+        "duplicate_pair_ids": lengths["pairs"] - lengths["unique_pair_ids"],
         "skipped": {k.removeprefix("skipped_"): int(v) for k, v in sorted(stats.items()) if k.startswith("skipped_")},
         "document_tokens": int(stats.get("document_tokens", 0)),
         "suffix_tokens": stage.manifest.shard.suffix_tokens,
-        "prefix_tokens_mean": round(float(prefix_len.mean()), 1),
-        "prefix_tokens_max": int(prefix_len.max()),
+        "prefix_tokens_mean": round(float(lengths["prefix_mean"] or 0), 1),
+        "prefix_tokens_max": int(lengths["prefix_max"] or 0),
     }
+    if summary["duplicate_pair_ids"]:
+        logger.warning(
+            f"shard: {summary['duplicate_pair_ids']} duplicate pair_ids: corpus.id_key values repeat across "
+            "documents; make them unique or set corpus.id_key: null (ids from file and line)"
+        )
     if elapsed_s:
         summary["elapsed_s"] = round(elapsed_s, 2)
         summary["documents_per_s"] = round(summary["documents_read"] / elapsed_s, 1)
@@ -212,58 +252,13 @@ def finalize_shard(manifest: Manifest, elapsed_s: float | None = None) -> dict:
     return write_card(stage, shard_summary(stage, elapsed_s), notes)
 
 
-class FinalizeShard(PipelineStep):
-    """One-task pipeline that writes the card once every shard task has finished (Slurm)."""
-
-    name = "card"
-    type = "📝 - CARD"
-
-    def __init__(self, manifest: Manifest):
-        super().__init__()
-        self.manifest = manifest
-
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        finalize_shard(self.manifest)
-        yield from ()
-
-
-def _missing(stage: StageDir) -> list[int]:
-    return sorted(set(range(stage.tasks)) - stage.completed_ranks())
-
-
 def run_shard(
     manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict | None:
     """Run (or resume) the shard stage; returns the card when the stage is complete."""
     plan = plan_shard(manifest)
-    stage, tasks = plan.stage, manifest.executor.tasks
-    if dry_run:
-        log(f"shard: {len(plan.files)} corpus files -> {tasks} tasks -> {stage.path}")
-        if manifest.executor.type == "slurm":
-            executor = make_executor(manifest, plan.pipeline(), logging_dir=stage.logs, job_name=STAGE, tasks=tasks)
-            log(sbatch_script(executor))
-        return None
-    stage.prepare(force=force)
-    if stage.is_complete() and (stage.path / "card.json").is_file():
-        log(f"shard: already complete ({stage.path}); nothing to do")
-        return json.loads((stage.path / "card.json").read_text())
-    executor = make_executor(manifest, plan.pipeline(), logging_dir=stage.logs, job_name=STAGE, tasks=tasks)
-    if manifest.executor.type == "local":
-        started = time.perf_counter()
-        executor.run()
-        if missing := _missing(stage):
-            raise StageFailed(f"shard: tasks {missing} did not finish; see {stage.logs}/logs")
-        return finalize_shard(manifest, time.perf_counter() - started)
-    card_job = make_executor(
-        manifest, [FinalizeShard(manifest)], logging_dir=stage.logs / "card", job_name=f"{STAGE}-card",
-        tasks=1, depends=executor,
+    return run_stage(
+        manifest, plan.stage, plan.pipeline(), partial(finalize_shard, manifest),
+        force=force, dry_run=dry_run, wait=wait, log=log,
     )
-    card_job.run()
-    log(f"shard: submitted Slurm jobs {executor.job_id} (tasks) and {card_job.job_id} (card)")
-    if not wait:
-        return None
-    wait_for_jobs([executor.job_id, card_job.job_id])
-    if missing := _missing(stage):
-        raise StageFailed(f"shard: Slurm tasks {missing} did not finish; see {stage.logs}/slurm_logs")
-    return json.loads((stage.path / "card.json").read_text())

@@ -65,7 +65,7 @@ def test_formats_gzip_parquet_text_and_fallback_ids(tmp_path):
     files = resolve_corpus([str(tmp_path / "*.jsonl.gz"), str(tmp_path / "b.parquet"), str(tmp_path / "docs")])
     docs, counts = read_all(files)
     assert {d.text: d.id for d in docs} == {
-        "from gzip": "a.jsonl.gz:1", "from parquet": "b.parquet:1", "from a text file": "c.txt",
+        "from gzip": "a.jsonl.gz:1", "from parquet": "b.parquet:1", "from a text file": "docs/c.txt",
     }
     assert counts["skipped_missing_text"] == 1
 
@@ -99,3 +99,22 @@ def test_limit_counts_records_in_file_order(tmp_path):
     # Tasks split files, not records: two tasks together read exactly the same documents.
     split = [d.text for r in range(2) for d in CorpusReader(files).run(None, r, 2)]
     assert sorted(split) == sorted(d.text for d in docs)
+
+
+def test_a_truncated_gzip_keeps_the_rows_before_the_damage(tmp_path):
+    blob = gzip.compress("".join(json.dumps({"id": i, "text": f"doc {i} " * 50}) + "\n" for i in range(2000)).encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(blob[: len(blob) // 2])
+    files = resolve_corpus([str(path)], limit=5000)  # counting records survives it too
+    docs, counts = read_all(files)
+    assert 0 < len(docs) < 2000 and [d.id for d in docs] == [str(i) for i in range(len(docs))]
+    assert counts["skipped_truncated_file"] == 1
+
+
+def test_files_with_the_same_name_in_different_directories_get_distinct_ids(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "part-0.jsonl").write_text(json.dumps({"text": f"from {sub}"}) + "\n")
+    files = resolve_corpus([str(tmp_path / "a" / "*.jsonl"), str(tmp_path / "b" / "part-0.jsonl")])
+    docs, _ = read_all(files, id_key=None)
+    assert sorted(d.id for d in docs) == ["a/part-0.jsonl:1", "b/part-0.jsonl:1"]

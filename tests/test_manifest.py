@@ -17,7 +17,8 @@ def test_paper_manifest_is_the_papers_setting():
     m = load_manifest(REPO / "manifests" / "paper.yaml")
     assert m.shard.suffix_tokens == 128 and m.shard.max_prefix_tokens == 1920
     assert m.rollouts.count == 16 and m.judge.kind == "endpoint"
-    assert m.executor.type == "slurm" and m.executor.slurm.gpus_per_task >= 1
+    assert m.executor.type == "slurm" and m.executor.for_stage("rewrite").slurm.gpus_per_task >= 1
+    assert m.executor.for_stage("shard").slurm.gpus_per_task == 0
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
@@ -72,3 +73,17 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_manifest(bad)
     with pytest.raises(ManifestError, match="manifest not found"):
         load_manifest(tmp_path / "nope.yaml")
+
+
+def test_per_stage_executor_overrides(tmp_path):
+    data = base_manifest(tmp_path, ["x.jsonl"], executor={"tasks": 8, "stages": {"rewrite": {"tasks": 1, "gpus_per_task": 2}}})
+    m = parse_manifest(data)
+    assert m.executor.for_stage("rewrite").tasks == 1 and m.executor.for_stage("rewrite").slurm.gpus_per_task == 2
+    assert m.executor.for_stage("shard").tasks == 8 and m.executor.for_stage("shard").slurm.gpus_per_task == 0
+    data["executor"]["stages"] = {"rewrit": {"tasks": 1}}
+    with pytest.raises(ManifestError, match=r"'executor.stages' has no key 'rewrit'; allowed: 'shard', 'rewrite'"):
+        parse_manifest(data)
+    data["executor"]["stages"] = {}
+    data["executor"]["workers"] = 0
+    with pytest.raises(ManifestError, match=r"executor.workers.*-1 \(no limit\) or at least 1"):
+        parse_manifest(data)

@@ -1,3 +1,5 @@
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -41,10 +43,11 @@ def test_writer_is_atomic_and_uses_the_explicit_schema(tmp_path):
             yield _row(i)
             # While rows are being written, only the hidden temporary file exists.
             assert not (tmp_path / "00002.parquet").exists()
-            assert (tmp_path / ".00002.parquet.tmp").exists()
+            assert (tmp_path / f".00002.parquet.{os.getpid()}.tmp").exists()
 
+    (tmp_path / ".00002.parquet.999999.tmp").write_bytes(b"left by a killed attempt")
     list(writer.run(rows(), rank=2))
-    assert not (tmp_path / ".00002.parquet.tmp").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
     table = read_table(tmp_path)
     assert table.num_rows == 5 and table.schema.remove_metadata().equals(PAIRS)
     assert pq.ParquetFile(tmp_path / "00002.parquet").metadata.num_row_groups == 2

@@ -4,7 +4,7 @@ from datatrove.data import Document
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages.shard import PairSplitter, split_points
+from stages.shard import PairSplitter, char_boundaries, split_points
 
 WORDS = st.sampled_from(
     "the of and a in to is was for on as with by he at from his an were are which this be or has "
@@ -34,17 +34,19 @@ def test_pairs_are_contiguous_windows_of_the_document(embedded_dir, tokenizer, t
     doc = Document(text=text, id=doc_id, metadata={"source": "f.jsonl"})
     step = splitter(embedded_dir, n, min_prefix, max_prefix, pairs, seed)
     rows = list(step.pairs_of(doc, enc.ids, enc.offsets))
-    if len(enc.ids) < min_prefix + n:
-        assert rows == []
-        return
-    assert len(rows) == min(pairs, len(enc.ids) - n - min_prefix + 1)
+    bounds = char_boundaries(enc.offsets)
+    allowed = [s for s in range(min_prefix, len(enc.ids) - n + 1) if bounds[s] and bounds[s + n]]
+    assert len(rows) == min(pairs, len(allowed))
     assert len({r["pair_id"] for r in rows}) == len(rows)
     for r in rows:
         s = r["split_offset"]
+        assert s in allowed
         assert len(r["suffix_ids"]) == n
-        assert min(min_prefix, s) <= len(r["prefix_ids"]) <= max_prefix
-        window = enc.ids[s - len(r["prefix_ids"]) : s + n]
-        assert r["prefix_ids"] + r["suffix_ids"] == window
+        assert len(r["prefix_ids"]) == min(s, max_prefix)  # the prefix keeps the last max tokens
+        assert r["prefix_ids"] + r["suffix_ids"] == enc.ids[s - len(r["prefix_ids"]) : s + n]
+        # The text is exactly what the ids say: no characters cut in half at either end.
+        assert tokenizer.decode(r["prefix_ids"], skip_special_tokens=False) == r["prefix"]
+        assert tokenizer.decode(r["suffix_ids"], skip_special_tokens=False) == r["suffix"]
         assert (r["prefix"] + r["suffix"]) in text
         assert r["doc_tokens"] == len(enc.ids)
     # Same inputs, same pairs: ids and split points do not depend on anything else.
@@ -55,13 +57,15 @@ def test_pairs_are_contiguous_windows_of_the_document(embedded_dir, tokenizer, t
 @given(doc_id=st.text(max_size=30), seed=st.integers(0, 2**40), length=st.integers(0, 500))
 def test_split_points_are_a_pure_function_of_seed_and_doc(doc_id, seed, length):
     kw = dict(seed=seed, suffix_tokens=32, min_prefix=8, pairs=3)
-    points = split_points(doc_id, length, **kw)
-    assert points == split_points(doc_id, length, **kw)
+    bounds = [True] * (length + 1)
+    points = split_points(doc_id, bounds, **kw)
+    assert points == split_points(doc_id, bounds, **kw)
     assert points == sorted(set(points))
     assert all(8 <= p <= length - 32 for p in points)
 
 
 def test_different_seeds_or_documents_move_the_split():
-    a = [split_points(f"doc{i}", 1000, seed=1, suffix_tokens=16, min_prefix=8, pairs=1) for i in range(50)]
-    b = [split_points(f"doc{i}", 1000, seed=2, suffix_tokens=16, min_prefix=8, pairs=1) for i in range(50)]
+    bounds = [True] * 1001
+    a = [split_points(f"doc{i}", bounds, seed=1, suffix_tokens=16, min_prefix=8, pairs=1) for i in range(50)]
+    b = [split_points(f"doc{i}", bounds, seed=2, suffix_tokens=16, min_prefix=8, pairs=1) for i in range(50)]
     assert a != b and len({p[0] for p in a}) > 40
