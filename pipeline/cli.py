@@ -17,13 +17,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pipeline.assets import AssetError
     from pipeline.corpus import CorpusError
     from pipeline.models import ModelNotFound
+    from pipeline.prompts import PromptError
     from pipeline.stage import StageConflict, StageFailed
     from pipeline.tokenizer import TokenizerError
 
     import pyarrow as pa
 
     return (
-        ManifestError, AssetError, CorpusError, ModelNotFound, StageConflict, StageFailed, TokenizerError,
+        ManifestError, AssetError, CorpusError, ModelNotFound, StageConflict, StageFailed, TokenizerError, PromptError,
         FileNotFoundError, pa.ArrowInvalid,
     )
 
@@ -101,6 +102,29 @@ def shard(manifest_path: str, overrides: tuple[str, ...], executor: str | None, 
         click.echo(
             f"shard: {s['pairs']} pairs from {s['documents_read']} documents{rate}; skipped: {skipped}\n"
             f"       -> {m.stage_dir('shard')} (card: {m.stage_dir('shard') / 'README.md'})"
+        )
+
+
+@main.command()
+@manifest_option
+@set_option
+@executor_option
+@click.option("--force", is_flag=True, help="Delete this stage's outputs and start over.")
+@click.option("--dry-run", is_flag=True, help="Show what would run (the sbatch script on Slurm); run nothing.")
+@click.option("--wait/--no-wait", default=True, help="Slurm: wait for the jobs to finish.")
+def rewrite(manifest_path: str, overrides: tuple[str, ...], executor: str | None, force: bool, dry_run: bool, wait: bool) -> None:
+    """Rewrite every pair's suffix with the rewriter model (the rewrites table)."""
+    from stages.rewrite import run_rewrite
+
+    m = _load(manifest_path, overrides, executor)
+    card = run_rewrite(m, force=force, dry_run=dry_run, wait=wait, log=click.echo)
+    if card:
+        s = card["summary"]
+        counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items() if v)
+        rate = f"; {s['completion_tokens_per_engine_s']} output tokens/s" if "completion_tokens_per_engine_s" in s else ""
+        click.echo(
+            f"rewrite: {s['rows']} rows ({counts}){rate}; engine start {s['engine_start_s']} s\n"
+            f"         -> {m.stage_dir('rewrite')} (card: {m.stage_dir('rewrite') / 'README.md'})"
         )
 
 

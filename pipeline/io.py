@@ -72,6 +72,38 @@ class TableWriter(PipelineStep):
             buffer.clear()
 
 
+def write_table_atomic(path: str, rows: list[dict], schema: pa.Schema) -> None:
+    """Write ``rows`` as one Parquet file that appears complete or not at all."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class TableReader(PipelineStep):
+    """First step of a stage that reads an upstream sip table: files[rank::world_size], as dicts."""
+
+    name = "table"
+    type = "📖 - READER"
+
+    def __init__(self, path: str, columns: list[str] | None = None, batch_rows: int = 1024):
+        super().__init__()
+        self.path = path
+        self.columns = columns
+        self.batch_rows = batch_rows
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+        for file in table_files(self.path)[rank::world_size]:
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=self.batch_rows, columns=self.columns):
+                for row in batch.to_pylist():
+                    self.stat_update("rows_read")
+                    yield row
+
+
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     files = table_files(path)
     if not files:

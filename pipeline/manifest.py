@@ -69,8 +69,17 @@ class ShardConfig(_Section):
 
 class ModelRef(_Section):
     model: str = Field(description="'embedded', a local model directory, or an http(s):// OpenAI-compatible endpoint.")
+    max_model_len: int = Field(default=2048, gt=0, description="Context (prompt + output tokens) of the engine.")
+    # local vLLM engines
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    # endpoints
     served_name: str | None = Field(default=None, description="Model name to send to an endpoint.")
     api_key_env: str | None = Field(default=None, description="Environment variable holding the endpoint's API key.")
+    concurrency: int = Field(default=16, gt=0, description="Endpoint requests in flight per task.")
+    timeout_s: float = Field(default=300, gt=0)
+    max_retries: int = Field(default=5, ge=0)
 
     @property
     def kind(self) -> Literal["embedded", "endpoint", "path"]:
@@ -79,6 +88,19 @@ class ModelRef(_Section):
         if self.model.startswith(("http://", "https://")):
             return "endpoint"
         return "path"
+
+
+class RewriteConfig(_Section):
+    prime_words: int = Field(default=5, ge=0, description="Last prefix words that start the rewrite (the paper's priming).")
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int | None = Field(default=None, gt=0, description="Default: 1.25 x shard.suffix_tokens.")
+    stop: list[str] = Field(
+        default=["\nBEGINNING:", "\nORIGINAL CONTINUATION:", "\nRewrite the continuation"],
+        description="Stop strings: a weak rewriter that starts echoing the prompt is cut there.",
+    )
+    chunk_size: int = Field(default=64, gt=0, description="Pairs per checkpointed chunk (a crash redoes at most one).")
+    prompt: str | None = Field(default=None, description="Custom prompt template file; default: stages/prompts/rewrite.txt.")
 
 
 class RolloutConfig(_Section):
@@ -147,6 +169,7 @@ class Manifest(_Section):
     policy: PolicyConfig
     shard: ShardConfig = Field(default_factory=ShardConfig)
     rewriter: ModelRef | None = None
+    rewrite: RewriteConfig = Field(default_factory=RewriteConfig)
     judge: ModelRef | None = None
     rollouts: RolloutConfig = Field(default_factory=RolloutConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)

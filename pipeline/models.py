@@ -33,3 +33,21 @@ def policy_tokenizer_dir(manifest: Manifest) -> Path:
     if manifest.policy.tokenizer is not None:
         return resolve_model_dir(manifest, manifest.policy.tokenizer, "policy.tokenizer")
     return resolve_model_dir(manifest, manifest.policy.model, "policy.model")
+
+
+def model_fingerprint(directory: Path) -> str:
+    """Cheap identity of a model directory: its config plus the names and sizes of its files.
+
+    Hashing multi-GB weights on every run would cost minutes; config + file sizes changes
+    whenever the weights are replaced by a different checkpoint in practice.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).iterdir()):
+        if not path.is_file():
+            continue
+        digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
+        if path.suffix in (".json", ".yaml") and path.stat().st_size < 1_000_000:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

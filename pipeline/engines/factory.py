@@ -1,0 +1,38 @@
+"""Building the engine a manifest's model reference names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.engines.base import Engine
+from pipeline.manifest import Manifest, ModelRef
+from pipeline.models import model_fingerprint, resolve_model_dir
+
+
+def model_identity(manifest: Manifest, ref: ModelRef, key: str) -> dict:
+    """What identifies the model's outputs (for provenance and the resume guard), cheaply."""
+    if ref.kind == "endpoint":
+        return {"kind": "endpoint", "url": ref.model, "served_name": ref.served_name}
+    directory = resolve_model_dir(manifest, ref.model, f"{key}.model")
+    return {"kind": ref.kind, "path": str(directory), "name": Path(directory).name,
+            "weights_sha": model_fingerprint(directory)}
+
+
+def make_engine(manifest: Manifest, ref: ModelRef, key: str) -> Engine:
+    if ref.kind == "endpoint":
+        from pipeline.engines.endpoint import EndpointEngine
+
+        if not ref.served_name:
+            raise ValueError(f"{key}.served_name: required for an endpoint (the model name the server expects)")
+        return EndpointEngine.from_env_key(
+            ref.model, ref.served_name, ref.api_key_env, concurrency=ref.concurrency,
+            timeout_s=ref.timeout_s, max_retries=ref.max_retries, max_model_len=ref.max_model_len,
+        )
+    from pipeline.engines.vllm_engine import VLLMEngine
+
+    directory = resolve_model_dir(manifest, ref.model, f"{key}.model")
+    return VLLMEngine(
+        directory, max_model_len=ref.max_model_len, dtype=ref.dtype, seed=manifest.run.seed,
+        gpu_memory_utilization=ref.gpu_memory_utilization, tensor_parallel_size=ref.tensor_parallel_size,
+        model_id="SmolLM2-135M-Instruct" if ref.kind == "embedded" else Path(directory).name,
+    )

