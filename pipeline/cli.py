@@ -82,50 +82,62 @@ def assets(model: bool, corpus: bool) -> None:
         click.echo(f"model (lit): {a.embedded_litgpt()}")
 
 
-@main.command()
-@manifest_option
-@set_option
-@executor_option
-@click.option("--force", is_flag=True, help="Delete this stage's outputs and start over.")
-@click.option("--dry-run", is_flag=True, help="Show what would run (the sbatch script on Slurm); run nothing.")
-@click.option("--wait/--no-wait", default=True, help="Slurm: wait for the jobs to finish.")
-def shard(manifest_path: str, overrides: tuple[str, ...], executor: str | None, force: bool, dry_run: bool, wait: bool) -> None:
-    """Cut the corpus into prefix/suffix pairs (the pairs table)."""
-    from stages.shard import run_shard
-
-    m = _load(manifest_path, overrides, executor)
-    card = run_shard(m, force=force, dry_run=dry_run, wait=wait, log=click.echo)
-    if card:
-        s = card["summary"]
+def _summary_line(name: str, card: dict, out: Path) -> str:
+    s = card["summary"]
+    if name == "shard":
         skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
         rate = f" in {s['elapsed_s']} s ({s['documents_per_s']} docs/s, {s['tokens_per_s']:.0f} tokens/s)" if "elapsed_s" in s else ""
-        click.echo(
-            f"shard: {s['pairs']} pairs from {s['documents_read']} documents{rate}; skipped: {skipped}\n"
-            f"       -> {m.stage_dir('shard')} (card: {m.stage_dir('shard') / 'README.md'})"
-        )
+        line = f"shard: {s['pairs']} pairs from {s['documents_read']} documents{rate}; skipped: {skipped}"
+    elif name == "rewrite":
+        counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items() if v)
+        rate = f"; {s['completion_tokens_per_engine_s']} output tokens/s" if "completion_tokens_per_engine_s" in s else ""
+        line = f"rewrite: {s['rows']} rows ({counts}){rate}; engine start {s['engine_start_s']} s"
+    else:
+        line = f"{name}: {card['rows']} rows"
+    return f"{line}\n    -> {out} (card: {out / 'README.md'})"
+
+
+def _run(names: list[str], manifest_path, overrides, executor, force, dry_run, wait) -> None:
+    from stages.registry import run_stages
+
+    m = _load(manifest_path, overrides, executor)
+    cards = run_stages(m, names, force=force, dry_run=dry_run, wait=wait, log=click.echo)
+    for name, card in cards.items():
+        click.echo(_summary_line(name, card, m.stage_dir(name)))
+
+
+def stage_options(fn):
+    for option in reversed([
+        manifest_option, set_option, executor_option,
+        click.option("--force", is_flag=True, help="Delete the stage's outputs and start over."),
+        click.option("--dry-run", is_flag=True, help="Show what would run (the sbatch script on Slurm); run nothing."),
+        click.option("--wait/--no-wait", default=True, help="Slurm: wait for the jobs to finish."),
+    ]):
+        fn = option(fn)
+    return fn
 
 
 @main.command()
-@manifest_option
-@set_option
-@executor_option
-@click.option("--force", is_flag=True, help="Delete this stage's outputs and start over.")
-@click.option("--dry-run", is_flag=True, help="Show what would run (the sbatch script on Slurm); run nothing.")
-@click.option("--wait/--no-wait", default=True, help="Slurm: wait for the jobs to finish.")
-def rewrite(manifest_path: str, overrides: tuple[str, ...], executor: str | None, force: bool, dry_run: bool, wait: bool) -> None:
-    """Rewrite every pair's suffix with the rewriter model (the rewrites table)."""
-    from stages.rewrite import run_rewrite
+@stage_options
+def shard(manifest_path, overrides, executor, force, dry_run, wait) -> None:
+    """Cut the corpus into prefix/suffix pairs (the pairs table)."""
+    _run(["shard"], manifest_path, overrides, executor, force, dry_run, wait)
 
-    m = _load(manifest_path, overrides, executor)
-    card = run_rewrite(m, force=force, dry_run=dry_run, wait=wait, log=click.echo)
-    if card:
-        s = card["summary"]
-        counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items() if v)
-        rate = f"; {s['completion_tokens_per_engine_s']} output tokens/s" if "completion_tokens_per_engine_s" in s else ""
-        click.echo(
-            f"rewrite: {s['rows']} rows ({counts}){rate}; engine start {s['engine_start_s']} s\n"
-            f"         -> {m.stage_dir('rewrite')} (card: {m.stage_dir('rewrite') / 'README.md'})"
-        )
+
+@main.command()
+@stage_options
+def rewrite(manifest_path, overrides, executor, force, dry_run, wait) -> None:
+    """Rewrite every pair's suffix with the rewriter model (the rewrites table)."""
+    _run(["rewrite"], manifest_path, overrides, executor, force, dry_run, wait)
+
+
+@main.command("run")
+@click.option("--stages", "stage_list", default="shard,rewrite", show_default=True,
+              help="Comma-separated stages; on Slurm they are queued as one afterok chain.")
+@stage_options
+def run_cmd(stage_list, manifest_path, overrides, executor, force, dry_run, wait) -> None:
+    """Run several stages in order (skipping complete ones)."""
+    _run([s.strip() for s in stage_list.split(",") if s.strip()], manifest_path, overrides, executor, force, dry_run, wait)
 
 
 @main.command()
@@ -152,6 +164,18 @@ def bench_shard(manifest_path: str, overrides: tuple[str, ...], processes: int) 
     from stages.bench import bench_shard as run_bench
 
     click.echo(json.dumps(run_bench(_load(manifest_path, overrides), processes), indent=1))
+
+
+@bench.command("rewrite")
+@manifest_option
+@set_option
+@click.option("--pairs", default=64, show_default=True)
+@click.option("--server/--no-server", default=True, help="Also time the same requests through `vllm serve` over HTTP.")
+def bench_rewrite_cmd(manifest_path: str, overrides: tuple[str, ...], pairs: int, server: bool) -> None:
+    """Rewrite stage output tokens/s vs bare vLLM on the same prompts and settings."""
+    from stages.bench import bench_rewrite
+
+    click.echo(json.dumps(bench_rewrite(_load(manifest_path, overrides), pairs, server), indent=1))
 
 
 def _entry() -> None:

@@ -1,13 +1,15 @@
 """Running a batch stage: resume guard, local or Slurm execution, waiting, and the card.
 
-Every stage goes through :func:`run_stage`, so resume, dry runs, failure reporting and the
-Slurm job chain behave the same everywhere:
+Every stage goes through :func:`run_chain` (a chain of one or more stages), so resume, dry
+runs, failure reporting and Slurm job chains behave the same everywhere:
 
-- local: datatrove's LocalPipelineExecutor runs the tasks without a completion marker, then
-  the card is written in-process;
-- Slurm: the task array is submitted, plus a one-task job that writes the card ``afterok``;
-  the job ids are kept in ``_logs/slurm_jobs.json`` so a second submission while they are
-  still queued is refused instead of racing them.
+- local: the stages run one after the other; datatrove's LocalPipelineExecutor runs the
+  tasks without a completion marker, then the card is written in-process;
+- Slurm: each stage's task array is submitted, plus a one-task job that writes its card
+  ``afterok``; the next stage's array waits ``afterok`` on that card job, so
+  ``sip run --stages shard,rewrite`` queues the whole chain at once. Job ids are kept in
+  ``_logs/slurm_jobs.json`` so a second submission while they are still queued is refused
+  instead of racing them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+from dataclasses import dataclass
 
 from datatrove.pipeline.base import PipelineStep
 
@@ -53,78 +57,122 @@ def _missing(stage: StageDir) -> list[int]:
     return sorted(set(range(stage.tasks)) - stage.completed_ranks())
 
 
-def run_stage(
+@dataclass
+class StageJob:
+    """What :func:`run_chain` needs of a planned stage."""
+
+    stage: StageDir
+    pipeline: list
+    finalize: Callable[[float | None], dict]  # writes the card; gets elapsed_s when this run did all tasks
+
+
+def _guard_queued(stage: StageDir) -> None:
+    jobs_file = stage.logs / JOBS_FILE
+    if jobs_file.is_file():
+        still = _queued(list(json.loads(jobs_file.read_text()).values()))
+        if still:
+            raise StageConflict(
+                f"{stage.stage}: Slurm jobs {', '.join(still)} from an earlier submission are still queued or "
+                f"running; wait for them (squeue -j {','.join(still)}) or cancel them (scancel) before resubmitting"
+            )
+
+
+def _done(stage: StageDir) -> dict | None:
+    card = stage.path / "card.json"
+    return json.loads(card.read_text()) if stage.is_complete() and card.is_file() else None
+
+
+def _run_local(manifest: Manifest, job: StageJob) -> dict:
+    stage = job.stage
+    fresh = not stage.completed_ranks()
+    executor = make_executor(manifest, job.pipeline, stage=stage.stage, logging_dir=stage.logs, tasks=stage.tasks)
+    started = time.perf_counter()
+    try:
+        executor.run()
+    except Exception as exc:  # datatrove re-raises a task's exception: report it as the stage's
+        raise StageFailed(
+            f"{stage.stage}: a task failed: {type(exc).__name__}: {exc}\n"
+            f"Finished tasks are kept; fix the cause and re-run. Logs: {stage.logs}/logs"
+        ) from exc
+    if missing := _missing(stage):
+        raise StageFailed(f"{stage.stage}: tasks {missing} did not finish; see {stage.logs}/logs")
+    return job.finalize(time.perf_counter() - started if fresh else None)
+
+
+def _submit(manifest: Manifest, job: StageJob, depends) -> tuple[object, object]:
+    stage = job.stage
+    executor = make_executor(manifest, job.pipeline, stage=stage.stage, logging_dir=stage.logs, tasks=stage.tasks,
+                             depends=depends)
+    card_job = make_executor(manifest, [CardStep(job.finalize)], stage=stage.stage, logging_dir=stage.logs / "card",
+                             tasks=1, depends=executor, job_suffix="card")
+    card_job.run()  # launches the task array first (its dependency), then itself
+    (stage.logs / JOBS_FILE).write_text(json.dumps({"tasks": str(executor.job_id), "card": str(card_job.job_id)}))
+    return executor, card_job
+
+
+def _wait_slurm(job: StageJob, executor, card_job) -> dict:
+    stage = job.stage
+    wait_for_jobs([str(executor.job_id)])
+    if missing := _missing(stage):
+        # The card job waits afterok on the tasks; without kill_invalid_depend it would pend forever.
+        subprocess.run(["scancel", str(card_job.job_id)], capture_output=True)
+        raise StageFailed(f"{stage.stage}: Slurm tasks {missing} did not finish; see {stage.logs}/slurm_logs")
+    wait_for_jobs([str(card_job.job_id)])
+    if (card := _done(stage)) is None:
+        raise StageFailed(f"{stage.stage}: the card job {card_job.job_id} failed; see {stage.logs}/card/slurm_logs")
+    return card
+
+
+def run_chain(
     manifest: Manifest,
-    stage: StageDir,
-    pipeline: list,
-    finalize: Callable[[float | None], dict],
+    jobs: list[StageJob],
     *,
     force: bool = False,
     dry_run: bool = False,
     wait: bool = True,
     log: Callable[[str], None] = print,
-) -> dict | None:
-    """Run or resume ``stage``; returns its card once complete (None for dry runs / --no-wait).
+) -> dict[str, dict]:
+    """Run or resume stages in order; returns the cards of the complete ones (by stage name).
 
-    ``finalize(elapsed_s)`` writes the card; ``elapsed_s`` is given only when this call ran
-    every task itself, so throughput in the card is never inflated by earlier partial runs.
+    ``force`` applies to every stage in the chain. Stages already complete are skipped.
     """
-    ex = manifest.executor.for_stage(stage.stage)
-    name = stage.stage
     if dry_run:
-        log(f"{name}: {stage.tasks} tasks on {ex.type} -> {stage.path}")
-        if ex.type == "slurm":
-            # A throwaway logging dir: a dry run must leave no trace in the stage directory.
-            with tempfile.TemporaryDirectory() as tmp:
-                executor = make_executor(manifest, pipeline, stage=name, logging_dir=Path(tmp), tasks=stage.tasks)
-                log(sbatch_script(executor))
-        return None
+        for job in jobs:
+            ex = manifest.executor.for_stage(job.stage.stage)
+            log(f"{job.stage.stage}: {job.stage.tasks} tasks on {ex.type} -> {job.stage.path}")
+            if ex.type == "slurm":
+                # A throwaway logging dir: a dry run must leave no trace in the stage directory.
+                with tempfile.TemporaryDirectory() as tmp:
+                    executor = make_executor(manifest, job.pipeline, stage=job.stage.stage, logging_dir=Path(tmp),
+                                             tasks=job.stage.tasks)
+                    log(sbatch_script(executor))
+        return {}
 
-    jobs_file = stage.logs / JOBS_FILE
-    if not force and jobs_file.is_file():
-        still = _queued(list(json.loads(jobs_file.read_text()).values()))
-        if still:
-            raise StageConflict(
-                f"{name}: Slurm jobs {', '.join(still)} from an earlier submission are still queued or running; "
-                f"wait for them (squeue -j {','.join(still)}) or cancel them (scancel) before resubmitting"
-            )
-    stage.prepare(force=force)
-    if stage.is_complete() and (stage.path / "card.json").is_file():
-        log(f"{name}: already complete ({stage.path}); nothing to do")
-        return json.loads((stage.path / "card.json").read_text())
-
-    fresh = not stage.completed_ranks()
-    executor = make_executor(manifest, pipeline, stage=name, logging_dir=stage.logs, tasks=stage.tasks)
-    if ex.type == "local":
-        started = time.perf_counter()
-        try:
-            executor.run()
-        except Exception as exc:  # datatrove re-raises a task's exception: report it as the stage's
-            raise StageFailed(
-                f"{name}: a task failed: {type(exc).__name__}: {exc}\n"
-                f"Finished tasks are kept; fix the cause and re-run. Logs: {stage.logs}/logs"
-            ) from exc
-        if missing := _missing(stage):
-            raise StageFailed(f"{name}: tasks {missing} did not finish; see {stage.logs}/logs")
-        return finalize(time.perf_counter() - started if fresh else None)
-
-    card_job = make_executor(
-        manifest, [CardStep(finalize)], stage=name, logging_dir=stage.logs / "card", tasks=1,
-        depends=executor, job_suffix="card",
-    )
-    card_job.run()
-    jobs = {"tasks": str(executor.job_id), "card": str(card_job.job_id)}
-    jobs_file.write_text(json.dumps(jobs))
-    log(f"{name}: submitted Slurm jobs {jobs['tasks']} (tasks) and {jobs['card']} (card); logs in {stage.logs}")
-    if not wait:
-        return None
-    wait_for_jobs([jobs["tasks"]])
-    if missing := _missing(stage):
-        # The card job waits afterok on the tasks; without kill_invalid_depend it would pend forever.
-        subprocess.run(["scancel", jobs["card"]], capture_output=True)
-        raise StageFailed(f"{name}: Slurm tasks {missing} did not finish; see {stage.logs}/slurm_logs")
-    wait_for_jobs([jobs["card"]])
-    card = stage.path / "card.json"
-    if not card.is_file():
-        raise StageFailed(f"{name}: the card job {jobs['card']} failed; see {stage.logs}/card/slurm_logs")
-    return json.loads(card.read_text())
+    cards: dict[str, dict] = {}
+    submitted = []
+    depends = None
+    for job in jobs:
+        stage = job.stage
+        slurm = manifest.executor.for_stage(stage.stage).type == "slurm"
+        if slurm and not force:
+            _guard_queued(stage)
+        stage.prepare(force=force)
+        if (card := _done(stage)) is not None:
+            log(f"{stage.stage}: already complete ({stage.path}); nothing to do")
+            cards[stage.stage] = card
+            continue
+        if not slurm:
+            if depends is not None:  # a local stage after a submitted one must wait for it
+                _wait_slurm(*submitted[-1])
+                depends = None
+            cards[stage.stage] = _run_local(manifest, job)
+            continue
+        executor, card_job = _submit(manifest, job, depends)
+        log(f"{stage.stage}: submitted Slurm jobs {executor.job_id} (tasks) and {card_job.job_id} (card); "
+            f"logs in {stage.logs}")
+        submitted.append((job, executor, card_job))
+        depends = card_job
+    if wait:
+        for job, executor, card_job in submitted:
+            cards[job.stage.stage] = _wait_slurm(job, executor, card_job)
+    return cards

@@ -76,7 +76,128 @@ def bench_shard(manifest: Manifest, processes: int = 2, repeats: int = 3) -> dic
     }
 
 
-if __name__ == "__main__":  # pragma: no cover - convenience for `python -m stages.bench`
-    from pipeline.manifest import load_manifest
 
-    print(json.dumps(bench_shard(load_manifest("manifests/demo.yaml", ["corpus.limit=null"])), indent=1))
+
+# --------------------------------------------------------------------------- rewrite
+
+def _bare_vllm(spec_path: str) -> None:
+    """Subprocess: bare ``vllm.LLM`` on the same prompts and settings as the stage's engine."""
+    spec = json.loads(Path(spec_path).read_text())
+    started = time.perf_counter()  # as in VLLMEngine: start-up includes importing vLLM
+    from pipeline.engines.vllm_env import configure_vllm_env
+
+    configure_vllm_env()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=spec["model"], max_model_len=spec["max_model_len"], seed=spec["seed"], enforce_eager=True,
+              dtype="bfloat16")
+    start_s = time.perf_counter() - started
+    tok = llm.get_tokenizer()
+    prompts = [
+        TokensPrompt(prompt_token_ids=tok.encode(
+            tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False) + r["prefill"],
+            add_special_tokens=False))
+        for r in spec["requests"]
+    ]
+    params = SamplingParams(**spec["sampling"])
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    gen_s = time.perf_counter() - started
+    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    Path(spec_path + ".out").write_text(json.dumps({"start_s": start_s, "generate_s": gen_s, "output_tokens": tokens}))
+
+
+def bench_rewrite(manifest: Manifest, pairs: int = 64, with_server: bool = True) -> dict:
+    """The rewrite stage's output tokens/s vs bare vLLM on the same prompts, same settings.
+
+    Both run in fresh processes one after the other on this machine. With ``with_server``
+    the same requests also go through ``vllm serve`` + the endpoint engine (the HTTP path
+    datatrove's InferenceRunner would take), to compare the two ways of driving vLLM. Engine start-up is reported separately; the stage's time is its tasks'
+    wall time (datatrove executor, reading pairs, prompts, generation, post-processing,
+    chunk writes) minus its engine start.
+    """
+    import subprocess
+    import sys
+
+    from stages.rewrite import RewriteStep, plan_rewrite
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = manifest.model_dump(mode="json")
+        data["run"]["output_dir"] = str(Path(tmp) / "out")
+        data["executor"] = {"type": "local", "tasks": 1, "workers": 1}
+        m = parse_manifest(data)
+        m._source = manifest.source
+        run_shard(m, log=lambda _m: None)
+        # Keep exactly `pairs` pairs: rewrite reads whatever the shard table holds.
+        from pipeline.io import read_table, write_table_atomic
+
+        shard_dir = m.stage_dir("shard")
+        table = read_table(shard_dir).slice(0, pairs)
+        for f in shard_dir.glob("*.parquet"):
+            f.unlink()
+        write_table_atomic(str(shard_dir / "00000.parquet"), table.to_pylist(), table.schema)
+        plan = plan_rewrite(m)
+        step: RewriteStep = plan.pipeline()[1]
+        rows = table.select(["pair_id", "prefix", "suffix"]).to_pylist()
+        requests = [step.request(r)[0] for r in rows]
+        from pipeline.models import resolve_model_dir
+
+        spec = {
+            "model": str(resolve_model_dir(m, m.rewriter.model, "rewriter.model")),
+            "max_model_len": m.rewriter.max_model_len, "seed": m.run.seed,
+            "requests": [{"messages": list(r.messages), "prefill": r.prefill} for r in requests],
+            "sampling": {"max_tokens": step.sampling.max_tokens, "temperature": step.sampling.temperature,
+                         "top_p": step.sampling.top_p, "stop": list(step.sampling.stop) or None},
+        }
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        subprocess.run([sys.executable, "-m", "stages.bench", str(spec_path)], capture_output=True, check=True)
+        bare = json.loads(Path(f"{spec_path}.out").read_text())
+
+        server = None
+        if with_server:
+            from pipeline.engines.endpoint import EndpointEngine
+            from pipeline.engines.server import vllm_server
+
+            with vllm_server(spec["model"], served_name="bench", max_model_len=spec["max_model_len"],
+                             log_path=Path(tmp) / "server.log") as url:
+                engine = EndpointEngine(url, "bench", concurrency=len(requests))
+                started = time.perf_counter()
+                results = engine.generate(requests, step.sampling)
+                http_s = time.perf_counter() - started
+            http_tokens = sum(r.completion_tokens or 0 for r in results)
+            server = {"generate_s": round(http_s, 2), "output_tokens": http_tokens,
+                      "output_tokens_per_s": round(http_tokens / http_s, 1)}
+
+        manifest_path = Path(tmp) / "m.yaml"
+        import yaml
+
+        manifest_path.write_text(yaml.safe_dump({**m.model_dump(mode="json")}))
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "rewrite", "-m", str(manifest_path)],
+                       capture_output=True, text=True, check=True)
+        stage_wall = time.perf_counter() - started
+        summary = json.loads((m.stage_dir("rewrite") / "card.json").read_text())["summary"]
+
+    stage_s = summary["elapsed_s"] - summary["engine_start_s"]
+    bare_tps = bare["output_tokens"] / bare["generate_s"]
+    stage_tps = summary["completion_tokens"] / stage_s
+    return {
+        "pairs": pairs,
+        "bare_vllm": {"engine_start_s": round(bare["start_s"], 1), "generate_s": round(bare["generate_s"], 2),
+                      "output_tokens": bare["output_tokens"], "output_tokens_per_s": round(bare_tps, 1)},
+        "sip_rewrite": {"engine_start_s": summary["engine_start_s"], "tasks_s_minus_start": round(stage_s, 2),
+                        "engine_generate_s": summary["engine_s"], "output_tokens": summary["completion_tokens"],
+                        "output_tokens_per_s": round(stage_tps, 1),
+                        "process_wall_s_with_imports_and_card": round(stage_wall, 1)},
+        "ratio_sip_over_bare": round(stage_tps / bare_tps, 3),
+        **({"vllm_serve_http": {**server, "ratio_over_bare": round(server["output_tokens_per_s"] / bare_tps, 3)}}
+           if server else {}),
+    }
+
+
+if __name__ == "__main__":  # the bare-vLLM side of bench_rewrite, in its own process
+    import sys
+
+    _bare_vllm(sys.argv[1])

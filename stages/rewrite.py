@@ -30,7 +30,7 @@ from pipeline.engines.factory import make_engine, model_identity
 from pipeline.io import TableReader, read_table
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.prompts import PromptTemplate
-from pipeline.runner import run_stage
+from pipeline.runner import StageJob, run_chain
 from pipeline.schema import REWRITES, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
 from pipeline.tokenizer import load_tokenizer
@@ -151,11 +151,12 @@ class RewritePlan:
         ]
 
 
-def plan_rewrite(manifest: Manifest) -> RewritePlan:
+def plan_rewrite(manifest: Manifest, upstream_pending: bool = False) -> RewritePlan:
+    """``upstream_pending``: the shard stage is queued in the same Slurm chain (not done yet)."""
     if manifest.rewriter is None:
         raise StageFailed("rewrite: the manifest has no 'rewriter' section (model: embedded, a path or an endpoint)")
     shard = plan_shard(manifest).stage
-    if not shard.is_complete():
+    if not upstream_pending and not shard.is_complete():
         raise StageFailed(f"rewrite: the shard stage is not complete ({shard.path}); run `sip shard` first")
     template = PromptTemplate.load(manifest.resolve_path(manifest.rewrite.prompt) if manifest.rewrite.prompt else DEFAULT_PROMPT)
     model = model_identity(manifest, manifest.rewriter, "rewriter")
@@ -211,10 +212,13 @@ def finalize_rewrite(manifest: Manifest, elapsed_s: float | None = None) -> dict
     return write_card(plan.stage, rewrite_summary(plan, elapsed_s), notes)
 
 
+def rewrite_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
+    plan = plan_rewrite(manifest, upstream_pending)
+    return StageJob(plan.stage, plan.pipeline(), partial(finalize_rewrite, manifest))
+
+
 def run_rewrite(
     manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict | None:
-    plan = plan_rewrite(manifest)
-    return run_stage(manifest, plan.stage, plan.pipeline(), partial(finalize_rewrite, manifest),
-                     force=force, dry_run=dry_run, wait=wait, log=log)
+    return run_chain(manifest, [rewrite_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)

@@ -40,7 +40,7 @@ from pipeline.io import TableWriter
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view, hash_view
 from pipeline.models import policy_tokenizer_dir
 from pipeline.schema import PAIRS, pair_id, provenance, with_provenance
-from pipeline.runner import run_stage
+from pipeline.runner import StageJob, run_chain
 from pipeline.stage import StageDir
 from pipeline.tokenizer import load_tokenizer, tokenizer_id
 
@@ -252,13 +252,14 @@ def finalize_shard(manifest: Manifest, elapsed_s: float | None = None) -> dict:
     return write_card(stage, shard_summary(stage, elapsed_s), notes)
 
 
+def shard_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
+    plan = plan_shard(manifest)
+    return StageJob(plan.stage, plan.pipeline(), partial(finalize_shard, manifest))
+
+
 def run_shard(
     manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict | None:
     """Run (or resume) the shard stage; returns the card when the stage is complete."""
-    plan = plan_shard(manifest)
-    return run_stage(
-        manifest, plan.stage, plan.pipeline(), partial(finalize_shard, manifest),
-        force=force, dry_run=dry_run, wait=wait, log=log,
-    )
+    return run_chain(manifest, [shard_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)

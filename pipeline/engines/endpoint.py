@@ -48,10 +48,7 @@ class EndpointEngine(Engine):
 
     @classmethod
     def from_env_key(cls, base_url: str, model: str, api_key_env: str | None, **kw) -> "EndpointEngine":
-        key = os.environ.get(api_key_env) if api_key_env else None
-        if api_key_env and not key:
-            raise ValueError(f"environment variable {api_key_env} (api_key_env) is not set")
-        return cls(base_url, model, api_key=key, **kw)
+        return cls(base_url, model, api_key=os.environ.get(api_key_env) if api_key_env else None, **kw)
 
     def _payload(self, request: Request, sampling: Sampling) -> dict:
         messages = list(request.messages)

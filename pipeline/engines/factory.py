@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pipeline.engines.base import Engine
-from pipeline.manifest import Manifest, ModelRef
+from pipeline.manifest import Manifest, ManifestError, ModelRef
 from pipeline.models import model_fingerprint, resolve_model_dir
 
 
@@ -23,7 +24,9 @@ def make_engine(manifest: Manifest, ref: ModelRef, key: str) -> Engine:
         from pipeline.engines.endpoint import EndpointEngine
 
         if not ref.served_name:
-            raise ValueError(f"{key}.served_name: required for an endpoint (the model name the server expects)")
+            raise ManifestError(f"{key}.served_name: required for an endpoint (the model name the server expects)")
+        if ref.api_key_env and not os.environ.get(ref.api_key_env):
+            raise ManifestError(f"{key}.api_key_env: environment variable {ref.api_key_env} is not set")
         return EndpointEngine.from_env_key(
             ref.model, ref.served_name, ref.api_key_env, concurrency=ref.concurrency,
             timeout_s=ref.timeout_s, max_retries=ref.max_retries, max_model_len=ref.max_model_len,

@@ -31,11 +31,11 @@ class VLLMEngine(Engine):
         tensor_parallel_size: int = 1,
         model_id: str | None = None,
     ):
+        started = time.perf_counter()  # start-up includes importing vLLM (seconds on its own)
         configure_vllm_env()
         from vllm import LLM
 
         cuda = has_cuda()
-        started = time.perf_counter()
         kwargs = dict(
             model=str(model_dir),
             max_model_len=max_model_len,

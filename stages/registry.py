@@ -1,0 +1,29 @@
+"""The batch stages in pipeline order, and running several of them as one chain."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from pipeline.manifest import Manifest, ManifestError
+from pipeline.runner import StageJob, run_chain
+from stages.rewrite import rewrite_job
+from stages.shard import shard_job
+
+# name -> builder(manifest, upstream_pending) ; in pipeline order
+JOBS: dict[str, Callable[[Manifest, bool], StageJob]] = {
+    "shard": shard_job,
+    "rewrite": rewrite_job,
+}
+
+
+def run_stages(
+    manifest: Manifest, names: list[str], *, force: bool = False, dry_run: bool = False, wait: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict]:
+    unknown = [n for n in names if n not in JOBS]
+    if unknown:
+        raise ManifestError(f"--stages: unknown stage(s) {unknown}; stages in order: {', '.join(JOBS)}")
+    ordered = [n for n in JOBS if n in names]
+    # A stage whose upstream is earlier in this chain is planned before that upstream has run.
+    jobs = [JOBS[name](manifest, i > 0) for i, name in enumerate(ordered)]
+    return run_chain(manifest, jobs, force=force, dry_run=dry_run, wait=wait, log=log)
