@@ -9,6 +9,7 @@ most the chunk in flight, and no row is ever written twice.
 from __future__ import annotations
 
 import abc
+import glob
 import os
 from itertools import islice
 from typing import Iterable, Iterator
@@ -53,6 +54,8 @@ class ChunkedStep(PipelineStep, abc.ABC):
                 continue
             out = self.process(batch)
             write_table_atomic(path, out, self.schema)
+            for stale in glob.glob(os.path.join(self.output_dir, f".{chunk_name(rank, chunk - 1)}.*.tmp")):
+                os.remove(stale)  # left by a killed attempt at this chunk
             self.stat_update("chunks_written")
             self.stat_update("rows_written", value=len(out))
             progress.update(len(batch))

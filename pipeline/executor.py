@@ -22,6 +22,13 @@ class SipSlurmExecutor(SlurmPipelineExecutor):
     partition to the cluster's default when the manifest names none.
     """
 
+    def launch_merge_stats(self):
+        gpus, self.gpus_per_task = self.gpus_per_task, 0  # merging stats needs no GPU
+        try:
+            super().launch_merge_stats()
+        finally:
+            self.gpus_per_task = gpus
+
     def get_sbatch_args(self, max_array: int = 1) -> dict:
         args = super().get_sbatch_args(max_array)
         args.pop("gpus", None)
@@ -44,6 +51,7 @@ def make_executor(
     tasks: int,
     depends=None,
     job_suffix: str = "",
+    gpus: int | None = None,
 ):
     """The datatrove executor for ``stage``, with the manifest's per-stage overrides applied."""
     ex = manifest.executor.for_stage(stage)
@@ -64,7 +72,7 @@ def make_executor(
         partition=slurm.partition,
         cpus_per_task=slurm.cpus_per_task,
         mem_per_cpu_gb=slurm.mem_per_cpu_gb,
-        gpus_per_task=slurm.gpus_per_task,
+        gpus_per_task=slurm.gpus_per_task if gpus is None else gpus,
         job_name=f"sip-{manifest.run.name}-{stage}{'-' + job_suffix if job_suffix else ''}",
         qos=slurm.qos or "",
         venv_path=manifest.resolve_path(slurm.venv).as_posix() if slurm.venv else default_venv(),

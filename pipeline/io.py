@@ -97,8 +97,12 @@ class TableReader(PipelineStep):
         self.batch_rows = batch_rows
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
-        for file in table_files(self.path)[rank::world_size]:
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=self.batch_rows, columns=self.columns):
+        # Row groups, not whole files, are dealt out to tasks, so a stage can use more tasks
+        # (GPUs) than its upstream had files.
+        units = [(f, g) for f in table_files(self.path) for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
+        for file, group in units[rank::world_size]:
+            table = pq.ParquetFile(file).read_row_group(group, columns=self.columns)
+            for batch in table.to_batches(max_chunksize=self.batch_rows):
                 for row in batch.to_pylist():
                     self.stat_update("rows_read")
                     yield row

@@ -78,6 +78,7 @@ class ModelRef(_Section):
     served_name: str | None = Field(default=None, description="Model name to send to an endpoint.")
     api_key_env: str | None = Field(default=None, description="Environment variable holding the endpoint's API key.")
     concurrency: int = Field(default=16, gt=0, description="Endpoint requests in flight per task.")
+    prefill: bool = Field(default=True, description="Endpoint supports vLLM's continue_final_message (priming).")
     timeout_s: float = Field(default=300, gt=0)
     max_retries: int = Field(default=5, ge=0)
 
@@ -187,6 +188,25 @@ class Manifest(_Section):
         if p.is_absolute() or self._source is None:
             return p
         return (self._source.parent / p).resolve()
+
+    def absolute_data(self) -> dict:
+        """This manifest as data with every local path made absolute (to write it elsewhere)."""
+        data = self.model_dump(mode="json")
+
+        def fix(value: str | None) -> str | None:
+            if value is None or value == "embedded" or value.startswith(("http://", "https://")):
+                return value
+            return str(self.resolve_path(value))
+
+        data["run"]["output_dir"] = fix(data["run"]["output_dir"])
+        data["corpus"]["paths"] = [fix(p) for p in data["corpus"]["paths"]]
+        data["policy"]["model"], data["policy"]["tokenizer"] = fix(data["policy"]["model"]), fix(data["policy"]["tokenizer"])
+        for key in ("rewriter", "judge"):
+            if data.get(key):
+                data[key]["model"] = fix(data[key]["model"])
+        data["rewrite"]["prompt"] = fix(data["rewrite"]["prompt"])
+        data["executor"]["slurm"]["venv"] = fix(data["executor"]["slurm"]["venv"])
+        return data
 
     @property
     def output_root(self) -> Path:

@@ -104,7 +104,7 @@ def _submit(manifest: Manifest, job: StageJob, depends) -> tuple[object, object]
     executor = make_executor(manifest, job.pipeline, stage=stage.stage, logging_dir=stage.logs, tasks=stage.tasks,
                              depends=depends)
     card_job = make_executor(manifest, [CardStep(job.finalize)], stage=stage.stage, logging_dir=stage.logs / "card",
-                             tasks=1, depends=executor, job_suffix="card")
+                             tasks=1, depends=executor, job_suffix="card", gpus=0)
     card_job.run()  # launches the task array first (its dependency), then itself
     (stage.logs / JOBS_FILE).write_text(json.dumps({"tasks": str(executor.job_id), "card": str(card_job.job_id)}))
     return executor, card_job
@@ -151,12 +151,15 @@ def run_chain(
     cards: dict[str, dict] = {}
     submitted = []
     depends = None
+    # Every check first: a conflict in a later stage must not leave earlier stages submitted.
+    for job in jobs:
+        if manifest.executor.for_stage(job.stage.stage).type == "slurm" and not force:
+            _guard_queued(job.stage)
+    for job in jobs:
+        job.stage.prepare(force=force)
     for job in jobs:
         stage = job.stage
         slurm = manifest.executor.for_stage(stage.stage).type == "slurm"
-        if slurm and not force:
-            _guard_queued(stage)
-        stage.prepare(force=force)
         if (card := _done(stage)) is not None:
             log(f"{stage.stage}: already complete ({stage.path}); nothing to do")
             cards[stage.stage] = card
@@ -173,6 +176,13 @@ def run_chain(
         submitted.append((job, executor, card_job))
         depends = card_job
     if wait:
-        for job, executor, card_job in submitted:
-            cards[job.stage.stage] = _wait_slurm(job, executor, card_job)
+        for i, (job, executor, card_job) in enumerate(submitted):
+            try:
+                cards[job.stage.stage] = _wait_slurm(job, executor, card_job)
+            except StageFailed:
+                # Later stages wait afterok on this one: without kill_invalid_depend they would pend forever.
+                later = [str(j) for _, ex, card in submitted[i + 1:] for j in (ex.job_id, card.job_id)]
+                if later:
+                    subprocess.run(["scancel", *later], capture_output=True)
+                raise
     return cards

@@ -54,11 +54,10 @@ def bench_shard(manifest: Manifest, processes: int = 2, repeats: int = 3) -> dic
     sip_s, card = float("inf"), {}
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            data = manifest.model_dump(mode="json")
+            data = manifest.absolute_data()
             data["run"]["output_dir"] = str(Path(tmp) / "out")
             data["executor"] = {"type": "local", "tasks": processes, "workers": processes}
             m = parse_manifest(data)
-            m._source = manifest.source
             started = time.perf_counter()
             card = run_shard(m, log=lambda _m: None)
             sip_s = min(sip_s, time.perf_counter() - started)
@@ -90,8 +89,9 @@ def _bare_vllm(spec_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=spec["model"], max_model_len=spec["max_model_len"], seed=spec["seed"], enforce_eager=True,
-              dtype="bfloat16")
+    from pipeline.engines.vllm_engine import llm_kwargs
+
+    llm = LLM(**llm_kwargs(spec["model"], **spec["engine"]))
     start_s = time.perf_counter() - started
     tok = llm.get_tokenizer()
     prompts = [
@@ -123,11 +123,10 @@ def bench_rewrite(manifest: Manifest, pairs: int = 64, with_server: bool = True)
     from stages.rewrite import RewriteStep, plan_rewrite
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = manifest.model_dump(mode="json")
+        data = manifest.absolute_data()
         data["run"]["output_dir"] = str(Path(tmp) / "out")
         data["executor"] = {"type": "local", "tasks": 1, "workers": 1}
         m = parse_manifest(data)
-        m._source = manifest.source
         run_shard(m, log=lambda _m: None)
         # Keep exactly `pairs` pairs: rewrite reads whatever the shard table holds.
         from pipeline.io import read_table, write_table_atomic
@@ -143,9 +142,13 @@ def bench_rewrite(manifest: Manifest, pairs: int = 64, with_server: bool = True)
         requests = [step.request(r)[0] for r in rows]
         from pipeline.models import resolve_model_dir
 
+        ref = m.rewriter
         spec = {
-            "model": str(resolve_model_dir(m, m.rewriter.model, "rewriter.model")),
-            "max_model_len": m.rewriter.max_model_len, "seed": m.run.seed,
+            "model": str(resolve_model_dir(m, ref.model, "rewriter.model")),
+            "max_model_len": ref.max_model_len,
+            "engine": {"max_model_len": ref.max_model_len, "dtype": ref.dtype, "seed": m.run.seed,
+                       "gpu_memory_utilization": ref.gpu_memory_utilization,
+                       "tensor_parallel_size": ref.tensor_parallel_size},
             "requests": [{"messages": list(r.messages), "prefill": r.prefill} for r in requests],
             "sampling": {"max_tokens": step.sampling.max_tokens, "temperature": step.sampling.temperature,
                          "top_p": step.sampling.top_p, "stop": list(step.sampling.stop) or None},
@@ -173,7 +176,7 @@ def bench_rewrite(manifest: Manifest, pairs: int = 64, with_server: bool = True)
         manifest_path = Path(tmp) / "m.yaml"
         import yaml
 
-        manifest_path.write_text(yaml.safe_dump({**m.model_dump(mode="json")}))
+        manifest_path.write_text(yaml.safe_dump(m.absolute_data()))
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pipeline.cli", "rewrite", "-m", str(manifest_path)],
                        capture_output=True, text=True, check=True)

@@ -26,7 +26,7 @@ import polars as pl
 from pipeline.cards import write_card
 from pipeline.chunks import ChunkedStep
 from pipeline.engines.base import Engine, Request, Result, Sampling
-from pipeline.engines.factory import make_engine, model_identity
+from pipeline.engines.factory import RUN_ONLY, make_engine, model_identity
 from pipeline.io import TableReader, read_table
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.prompts import PromptTemplate
@@ -71,8 +71,9 @@ def to_row(result: Result, pair: dict, primer: str, model: str, prompt_sha: str)
         return row
     text = result.texts[0] if result.texts else ""
     # Some models repeat the primer although it was prefilled: never keep it twice.
-    if primer and text.lstrip().startswith(primer.strip()):
-        text = text.lstrip()[len(primer.strip()):]
+    head = text.lstrip()
+    if primer.strip() and head.startswith(primer.strip()) and not head[len(primer.strip()):][:1].isalnum():
+        text = head[len(primer.strip()):]
     if not text.strip():
         row["status"] = "empty"
     elif is_refusal(text, pair["suffix"]):
@@ -114,6 +115,10 @@ class RewriteStep(ChunkedStep):
         started = time.perf_counter()
         results = self._engine.generate([r for r, _ in built], self.sampling)
         self.stat_update("engine_ms", value=int((time.perf_counter() - started) * 1000))
+        if len(results) > 1 and all(r.status == "error" for r in results):
+            # Every request failed: the engine or server is down or misconfigured, not the data.
+            # Fail the task without writing the chunk, so a re-run retries these pairs.
+            raise StageFailed(f"rewrite: all {len(results)} requests of a chunk failed, e.g. {results[0].error}")
         out = []
         for pair, (_, primer), result in zip(rows, built, results):
             row = to_row(result, pair, primer, self.model, self.template.sha)
@@ -162,7 +167,8 @@ def plan_rewrite(manifest: Manifest, upstream_pending: bool = False) -> RewriteP
     model = model_identity(manifest, manifest.rewriter, "rewriter")
     if manifest.rewriter.kind == "embedded":
         model["name"] = "SmolLM2-135M-Instruct"
-    view = fingerprinted_view(manifest, ("rewriter", "rewrite", "run.seed"))
+    view = {k: v for k, v in fingerprinted_view(manifest, ("rewriter", "rewrite", "run.seed")).items()
+            if k.removeprefix("rewriter.") not in RUN_ONLY}
     view.update({"upstream.shard": shard.fingerprint, "rewrite.prompt_sha": template.sha,
                  "rewriter.identity": model.get("weights_sha") or model.get("url")})
     tasks = manifest.executor.for_stage(STAGE).tasks
@@ -205,9 +211,13 @@ def rewrite_summary(plan: RewritePlan, elapsed_s: float | None) -> dict:
 
 def finalize_rewrite(manifest: Manifest, elapsed_s: float | None = None) -> dict:
     plan = plan_rewrite(manifest)
-    rows, pairs = len(read_table(plan.stage.path, columns=["pair_id"])), len(read_table(plan.pairs_dir, columns=["pair_id"]))
-    if rows != pairs:
-        raise StageFailed(f"rewrite: {rows} rows for {pairs} pairs; every pair must give exactly one row")
+    rows = read_table(plan.stage.path, columns=["pair_id"]).column("pair_id").to_pylist()
+    pairs = set(read_table(plan.pairs_dir, columns=["pair_id"]).column("pair_id").to_pylist())
+    if len(rows) != len(set(rows)) or set(rows) != pairs:
+        raise StageFailed(
+            f"rewrite: {len(rows)} rows ({len(rows) - len(set(rows))} duplicates, {len(pairs - set(rows))} pairs "
+            f"missing) for {len(pairs)} pairs; every pair must give exactly one row"
+        )
     notes = "## Prompt template\n\n```\n" + plan.template.text.strip() + "\n```"
     return write_card(plan.stage, rewrite_summary(plan, elapsed_s), notes)
 

@@ -67,3 +67,13 @@ def test_prompt_template_renders_without_touching_braces_in_text(tmp_path):
     bad.write_text("no sections here")
     with pytest.raises(PromptError, match="expected '### system'"):
         PromptTemplate.load(bad)
+
+
+def test_the_original_exempts_only_the_same_phrase():
+    refusal = "I'm sorry, but I can't help with that."
+    assert is_refusal(refusal, " platforms remove harmful content that users can't see.")
+    assert not is_refusal(" \"I'm sorry, but I can't stay,\" she said.", " \"I'm sorry, but I can't stay.\"")
+
+
+def test_a_primer_is_stripped_only_at_a_word_boundary():
+    assert row_for(" theory, once more.", primer="the")["rewrite"] == " theory, once more."

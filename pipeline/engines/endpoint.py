@@ -33,6 +33,8 @@ class EndpointEngine(Engine):
         max_retries: int = 5,
         backoff_s: float = 1.0,
         max_model_len: int = 0,
+        seed: int | None = None,
+        prefill: bool = True,
     ):
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
@@ -43,8 +45,10 @@ class EndpointEngine(Engine):
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self.max_model_len = max_model_len  # 0: unknown, the server decides (too long -> too_long)
-        self.attempts = 0  # requests sent, retries included (reported in cards)
+        self.max_model_len = max_model_len  # the server checks lengths: its context error -> too_long
+        self.seed = seed
+        self.prefill = prefill  # False for servers without vLLM's continue_final_message extension
+        self.attempts = 0  # requests sent, retries included
 
     @classmethod
     def from_env_key(cls, base_url: str, model: str, api_key_env: str | None, **kw) -> "EndpointEngine":
@@ -53,15 +57,23 @@ class EndpointEngine(Engine):
     def _payload(self, request: Request, sampling: Sampling) -> dict:
         messages = list(request.messages)
         payload = {"model": self.model_id, **sampling.as_dict()}
+        if self.seed is not None:
+            payload["seed"] = self.seed
         if not sampling.stop:
             payload.pop("stop")
-        if request.prefill:
+        if request.prefill and self.prefill:
             messages.append({"role": "assistant", "content": request.prefill})
             payload.update(continue_final_message=True, add_generation_prompt=False)
         payload["messages"] = messages
         return payload
 
     async def _one(self, client: httpx.AsyncClient, gate: asyncio.Semaphore, request: Request, sampling: Sampling) -> Result:
+        try:
+            return await self._attempts(client, gate, request, sampling)
+        except Exception as exc:  # one bad request never fails the batch
+            return Result(request.id, "error", error=f"{type(exc).__name__}: {exc}")
+
+    async def _attempts(self, client, gate, request: Request, sampling: Sampling) -> Result:
         payload = self._payload(request, sampling)
         last = ""
         for attempt in range(self.max_retries + 1):
@@ -75,7 +87,10 @@ class EndpointEngine(Engine):
                     last = f"{type(exc).__name__}: {exc}"
                     continue
             if response.status_code == 200:
-                return self._parse(request, response.json())
+                try:
+                    return self._parse(request, response.json())
+                except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a malformed 200 reply
+                    return Result(request.id, "error", error=f"malformed reply: {type(exc).__name__}: {exc}")
             last = f"HTTP {response.status_code}: {response.text[:300]}"
             if response.status_code in _RETRY_STATUS or response.status_code >= 500:
                 continue
@@ -86,13 +101,15 @@ class EndpointEngine(Engine):
 
     @staticmethod
     def _parse(request: Request, body: dict) -> Result:
-        choices = sorted(body.get("choices", []), key=lambda c: c.get("index", 0))
+        choices = sorted(body.get("choices") or [], key=lambda c: c.get("index", 0))
+        if not choices:
+            raise ValueError("no choices in the reply")
         usage = body.get("usage") or {}
         texts = []
         for choice in choices:
             text = (choice.get("message") or {}).get("content") or ""
             # Servers differ on whether a continued final message is echoed; never keep the prefill.
-            if request.prefill and text.startswith(request.prefill):
+            if request.prefill and text.startswith(request.prefill) and text[len(request.prefill):][:1] in ("", " ", "\n", ",", "."):
                 text = text[len(request.prefill):]
             texts.append(text)
         return Result(

