@@ -1,0 +1,71 @@
+"""Training objectives on suffix tokens given the prefix (METHOD.md, "Training").
+
+A batch holds ``input_ids`` (B, T): prefix followed by a target suffix, right-padded, and
+``target_mask`` (B, T): True where the *token* at that position is a target (suffix) token.
+Logits at position t predict token t+1, so a target token at t+1 is scored by logits[t].
+Prefix and padding never contribute to any loss.
+
+- ``ntp``: next-token loss over the target tokens (the baseline; with the whole window as
+  target it is plain pretraining);
+- ``rf_nll``: the same loss on the best-judged candidate (reward-filtered NLL);
+- ``dpo``: -log sigmoid(beta * [(pi_c - ref_c) - (pi_r - ref_r)]) on sequence log-probs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T-1): log p(input_ids[:, t+1] | input_ids[:, :t+1]) in float32."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """(B,): sum of the target tokens' log-probs."""
+    return (token_logprobs(logits, input_ids) * target_mask[:, 1:]).sum(-1)
+
+
+def ntp_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood over all target tokens of the batch (token-weighted)."""
+    mask = target_mask[:, 1:].float()
+    count = mask.sum()
+    if count == 0:
+        raise ValueError("batch has no target tokens")
+    return -(token_logprobs(logits, input_ids) * mask).sum() / count
+
+
+rf_nll_loss = ntp_loss  # the same loss; what differs is the target (the best-judged candidate)
+
+
+@dataclass
+class DPOOutput:
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor  # beta * (pi_c - ref_c), per pair
+    rejected_rewards: torch.Tensor
+    margin: torch.Tensor  # mean of chosen - rejected rewards
+    accuracy: torch.Tensor  # fraction of pairs with chosen reward > rejected reward
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> DPOOutput:
+    """DPO (Rafailov et al., 2023) on sequence log-probs of shape (B,)."""
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    return DPOOutput(
+        loss=loss,
+        chosen_rewards=chosen.detach(),
+        rejected_rewards=rejected.detach(),
+        margin=(chosen - rejected).detach().mean(),
+        accuracy=(chosen > rejected).float().mean().detach(),
+    )
