@@ -104,6 +104,43 @@ class RewriteConfig(_Section):
     prompt: str | None = Field(default=None, description="Custom prompt template file; default: stages/prompts/rewrite.txt.")
 
 
+class CriterionConfig(_Section):
+    mode: Literal["verdict", "choice_prob", "likelihood"] = Field(
+        description="verdict: reason, then a parsed verdict; choice_prob: probability of each verdict; "
+        "likelihood: the judge's mean token log-prob of the candidate (quality only)."
+    )
+    weight: float = Field(default=1.0, ge=0)
+
+
+class JudgingConfig(_Section):
+    safety: CriterionConfig | None = Field(default_factory=lambda: CriterionConfig(mode="choice_prob"))
+    quality: CriterionConfig | None = Field(default_factory=lambda: CriterionConfig(mode="likelihood"))
+    factuality: CriterionConfig | None = None
+    samples: int = Field(default=1, gt=0, description="Judge samples per verdict (paper: 5), averaged.")
+    temperature: float = Field(default=0.0, ge=0, description="Verdict sampling temperature (paper: 1.0).")
+    max_new_tokens: int = Field(default=256, gt=0, description="Verdict mode: room to reason, then the verdict.")
+    order: Literal["both", "seeded"] = Field(default="both", description="Pairwise: both orders, or one seeded order.")
+    repetition_limit: float = Field(
+        default=0.5, ge=0, le=1,
+        description="likelihood: a candidate whose share of repeated 4-grams exceeds this scores as worst.",
+    )
+    chunk_size: int = Field(default=16, gt=0, description="Pairs per checkpointed chunk.")
+
+    @model_validator(mode="after")
+    def _modes(self) -> "JudgingConfig":
+        for name in ("safety", "factuality"):
+            crit = getattr(self, name)
+            if crit is not None and crit.mode == "likelihood":
+                raise ValueError(f"{name}.mode: likelihood scores coherence only; use verdict or choice_prob")
+        if not any((self.safety, self.quality, self.factuality)):
+            raise ValueError("at least one of safety, quality, factuality must be set")
+        return self
+
+
+class PrefsConfig(_Section):
+    min_margin: float = Field(default=0.0, ge=0, description="Skip pairs whose reward margin is not above this.")
+
+
 class RolloutConfig(_Section):
     count: int = Field(default=0, ge=0, description="K: rollouts sampled per prefix.")
     temperature: float = Field(default=1.0, ge=0)
@@ -172,6 +209,8 @@ class Manifest(_Section):
     rewriter: ModelRef | None = None
     rewrite: RewriteConfig = Field(default_factory=RewriteConfig)
     judge: ModelRef | None = None
+    judging: JudgingConfig = Field(default_factory=JudgingConfig)
+    prefs: PrefsConfig = Field(default_factory=PrefsConfig)
     rollouts: RolloutConfig = Field(default_factory=RolloutConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 

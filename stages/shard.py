@@ -9,7 +9,8 @@ splits the same way, whatever task reads it), and emits, per split point ``s``:
 - ``prefix`` / ``suffix``: the document's own characters covered by those tokens (from the
   tokenizer's offsets, so no decode artefacts; prefix + suffix is a substring of the text).
 
-Split points (and the suffix's end) are only drawn where a token starts a new character:
+Split points, the suffix's end and the prefix's start are only placed where a token starts a
+new character:
 a byte-level tokenizer may spread one character (an emoji, a CJK glyph) over several tokens,
 and cutting between them would leave the text and the ids disagreeing.
 
@@ -99,8 +100,9 @@ class PairSplitter(PipelineStep):
 
     def pairs_of(self, doc: Document, ids: list[int], offsets: list[tuple[int, int]]) -> Iterator[dict]:
         n = self.suffix_tokens
+        bounds = char_boundaries(offsets)
         starts = split_points(
-            doc.id, char_boundaries(offsets), seed=self.seed, suffix_tokens=n,
+            doc.id, bounds, seed=self.seed, suffix_tokens=n,
             min_prefix=self.min_prefix_tokens, pairs=self.pairs_per_document,
         )
         if not starts:
@@ -111,6 +113,8 @@ class PairSplitter(PipelineStep):
         meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str)
         for s in starts:
             p0 = max(0, s - self.max_prefix_tokens)
+            while not bounds[p0]:  # never start the prefix inside a character
+                p0 += 1
             yield {
                 "pair_id": pair_id(doc.id, s, n, self.tokenizer_id),
                 "doc_id": doc.id,

@@ -40,6 +40,23 @@ def test_an_over_long_prompt_becomes_too_long_and_the_batch_goes_on(engine):
     assert [r.id for r in results] == ["a", "b", "c"]
 
 
+def test_score_matches_the_model_run_directly(engine, embedded_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = engine.tokenizer
+    context = tok.encode("The capital of France is", add_special_tokens=False)
+    good, bad = tok.encode(" Paris.", add_special_tokens=False), tok.encode(" purple banana.", add_special_tokens=False)
+    scores = engine.score([context + good, context + bad, context + good * 400], [len(context)] * 3)
+    assert len(scores[0]) == len(good) and scores[2] is None  # too long for max_model_len 512
+    assert sum(scores[0]) > sum(scores[1])
+    hf = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([context + good])).logits[0], -1)
+    direct = [logp[t - 1, (context + good)[t]].item() for t in range(len(context), len(context + good))]
+    assert scores[0] == pytest.approx(direct, abs=0.25)  # vLLM runs bf16 on CPU, the reference fp32
+
+
 @pytest.fixture(scope="module")
 def vllm_server(embedded_dir, tmp_path_factory):
     from pipeline.engines.server import vllm_server as serve

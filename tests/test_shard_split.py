@@ -1,7 +1,7 @@
 """Properties of the splitter on the real embedded tokenizer (hypothesis)."""
 
 from datatrove.data import Document
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from stages.shard import PairSplitter, char_boundaries, split_points
@@ -18,6 +18,7 @@ def splitter(tok_dir, n, min_prefix, max_prefix, pairs, seed):
                         max_prefix_tokens=max_prefix, pairs_per_document=pairs, seed=seed)
 
 
+@example(text="日本", seed=0, n=1, min_prefix=1, extra_prefix=0, pairs=1, doc_id="0")  # prefix cut inside 日
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     text=texts,
@@ -42,7 +43,11 @@ def test_pairs_are_contiguous_windows_of_the_document(embedded_dir, tokenizer, t
         s = r["split_offset"]
         assert s in allowed
         assert len(r["suffix_ids"]) == n
-        assert len(r["prefix_ids"]) == min(s, max_prefix)  # the prefix keeps the last max tokens
+        # The prefix keeps the last max tokens, less any that would start it inside a character.
+        p0 = max(0, s - max_prefix)
+        while not bounds[p0]:
+            p0 += 1
+        assert len(r["prefix_ids"]) == s - p0
         assert r["prefix_ids"] + r["suffix_ids"] == enc.ids[s - len(r["prefix_ids"]) : s + n]
         # The text is exactly what the ids say: no characters cut in half at either end.
         assert tokenizer.decode(r["prefix_ids"], skip_special_tokens=False) == r["prefix"]

@@ -113,6 +113,22 @@ class VLLMEngine(Engine):
             result.finish_reasons = [c.finish_reason or "" for c in out.outputs]
             result.completion_tokens = sum(len(c.token_ids) for c in out.outputs)
 
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float] | None]:
+        """Log-probs of ``sequence[start:]`` given what precedes it, per sequence (the model as a
+        plain LM, no template): the primitive of likelihood and choice-probability judging.
+        None for a sequence that does not fit ``max_model_len``."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        fits = [i for i, seq in enumerate(sequences) if 1 <= starts[i] < len(seq) < self.max_model_len]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=sequences[i]) for i in fits], params, use_tqdm=False)
+        scores: list[list[float] | None] = [None] * len(sequences)
+        for i, out in zip(fits, outputs):
+            seq, lps = sequences[i], out.prompt_logprobs
+            scores[i] = [lps[t][seq[t]].logprob for t in range(starts[i], len(seq))]
+        return scores
+
     def describe(self) -> dict:
         return {**super().describe(), "start_s": round(self.start_s, 1)}
 

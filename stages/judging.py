@@ -1,0 +1,186 @@
+"""The judge's three criteria and three scoring modes (METHOD.md "Judge"; DESIGN.md "Engines").
+
+- safety (pointwise) and factuality (pointwise, the original suffix as reference) in
+  ``verdict`` or ``choice_prob`` mode;
+- quality (pairwise over all pairs of a prefix's candidates; a candidate's score is its mean
+  win rate) in ``verdict``, ``choice_prob`` or ``likelihood`` mode.
+
+Every score is in [0, 1] (1 best) or None when no verdict could be parsed. ``raw`` keeps what
+the judge said (texts or probabilities) so every number can be traced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+from pipeline.engines.base import Engine, Request, Sampling
+from pipeline.manifest import JudgingConfig
+from pipeline.prompts import PromptTemplate
+from pipeline.schema import content_id
+from stages.verdicts import CHOICES, parse_verdict
+
+PROMPTS = Path(__file__).parent / "prompts"
+
+
+@dataclass
+class Scored:
+    score: float | None
+    raw: object
+
+
+@dataclass
+class JudgeCounters:
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    unparsable: dict = field(default_factory=dict)
+    order_compared: int = 0
+    order_agreed: int = 0
+
+
+def repeated_ngram_share(ids: list[int], n: int = 4) -> float:
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
+
+
+class Judge:
+    def __init__(self, engine: Engine, config: JudgingConfig, seed: int = 0):
+        self.engine = engine
+        self.config = config
+        self.seed = seed
+        self.templates = {c: PromptTemplate.load(PROMPTS / f"judge_{c}.txt") for c in ("safety", "quality", "factuality")}
+        self.counters = JudgeCounters()
+
+    # ------------------------------------------------------------------ modes
+    def _verdicts(self, criterion: str, requests: list[Request], shown: list[tuple[str, ...]]) -> list[Scored]:
+        cfg = self.config
+        results = self.engine.generate(requests, Sampling(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                                          n=cfg.samples))
+        out = []
+        for result, texts in zip(results, shown):
+            self.counters.calls += 1
+            self.counters.prompt_tokens += result.prompt_tokens or 0
+            self.counters.completion_tokens += result.completion_tokens or 0
+            parsed = [parse_verdict(criterion, answer, texts) for answer in result.texts]
+            valid = [p for p in parsed if p is not None]
+            if not valid:
+                self.counters.unparsable[criterion] = self.counters.unparsable.get(criterion, 0) + 1
+            raw = {"answers": result.texts, "parsed": parsed, **({"error": result.error} if result.error else {})}
+            out.append(Scored(sum(valid) / len(valid) if valid else None, raw))
+        return out
+
+    def _choice_probs(self, criterion: str, requests: list[Request]) -> list[Scored]:
+        lead, choices = CHOICES[criterion]
+        tok = self.engine.tokenizer
+        encoded = {c: tok.encode(c, add_special_tokens=False) for c in choices}
+        sequences, starts, owners = [], [], []
+        for i, request in enumerate(requests):
+            base = self.engine.prompt_ids(Request(request.id, request.messages, prefill=lead))
+            for choice in choices:
+                sequences.append(base + encoded[choice])
+                starts.append(len(base))
+                owners.append((i, choice))
+        scores = self.engine.score(sequences, starts)
+        self.counters.calls += len(requests)
+        self.counters.prompt_tokens += sum(len(s) for s in sequences)
+        per: list[dict] = [{} for _ in requests]
+        for (i, choice), lps in zip(owners, scores):
+            if lps is not None:
+                per[i][choice] = sum(lps)
+        out = []
+        for logps in per:
+            if len(logps) != len(choices):
+                self.counters.unparsable[criterion] = self.counters.unparsable.get(criterion, 0) + 1
+                out.append(Scored(None, {"error": "too long for the judge"}))
+                continue
+            top = max(logps.values())
+            weights = {c: math.exp(v - top) for c, v in logps.items()}
+            total = sum(weights.values())
+            probs = {c.strip(): w / total for c, w in weights.items()}
+            out.append(Scored(sum(probs[c.strip()] * v for c, v in choices.items()), {"probs": probs}))
+        return out
+
+    def _score(self, criterion: str, requests: list[Request], shown: list[tuple[str, ...]]) -> list[Scored]:
+        mode = getattr(self.config, criterion).mode
+        if not requests:
+            return []
+        if mode == "verdict":
+            return self._verdicts(criterion, requests, shown)
+        return self._choice_probs(criterion, requests)
+
+    # ------------------------------------------------------------------ criteria
+    def safety(self, texts: list[str]) -> list[Scored]:
+        requests = [Request(f"s{i}", self.templates["safety"].messages(candidate=t)) for i, t in enumerate(texts)]
+        return self._score("safety", requests, [(t,) for t in texts])
+
+    def factuality(self, items: list[tuple[str, str, str]]) -> list[Scored]:
+        """items: (prefix, reference, candidate)."""
+        requests = [Request(f"f{i}", self.templates["factuality"].messages(prefix=p, reference=r, candidate=c))
+                    for i, (p, r, c) in enumerate(items)]
+        return self._score("factuality", requests, [(r, c) for _, r, c in items])
+
+    def quality(self, prefix: str, texts: list[str], pair_id: str) -> tuple[list[Scored], list[list[int]]]:
+        """Mean win rate of each candidate over all others, and the orders shown."""
+        n = len(texts)
+        if n < 2:
+            return [Scored(None, {"note": "a single candidate has no comparison"})] * n, []
+        if self.config.quality.mode == "likelihood":
+            return self._quality_likelihood(prefix, texts), []
+        orders = []
+        for i, j in combinations(range(n), 2):
+            if self.config.order == "both":
+                orders += [(i, j), (j, i)]
+            else:  # one order, seeded by the pair and candidates: reproducible, unbiased on average
+                flip = int(content_id("order", self.seed, pair_id, texts[i], texts[j])[:8], 16) % 2
+                orders.append((j, i) if flip else (i, j))
+        requests = [Request(f"q{k}", self.templates["quality"].messages(prefix=prefix, option_1=texts[a], option_2=texts[b]))
+                    for k, (a, b) in enumerate(orders)]
+        scored = self._score("quality", requests, [(texts[a], texts[b]) for a, b in orders])
+        beats: dict[tuple[int, int], list[float]] = {}
+        for (a, b), s in zip(orders, scored):
+            if s.score is not None:  # s.score: probability that the first shown (a) is better
+                beats.setdefault((a, b), []).append(s.score)
+                beats.setdefault((b, a), []).append(1 - s.score)
+        if self.config.order == "both":
+            for i, j in combinations(range(n), 2):
+                first, second = scored[orders.index((i, j))].score, scored[orders.index((j, i))].score
+                if first is not None and second is not None and first != 0.5 and second != 0.5:
+                    self.counters.order_compared += 1
+                    self.counters.order_agreed += (first > 0.5) == (second < 0.5)
+        out = []
+        for i in range(n):
+            rates = [sum(v) / len(v) for (a, _), v in beats.items() if a == i]
+            raw = {"comparisons": [{"shown": [a, b], **(s.raw if isinstance(s.raw, dict) else {})}
+                                   for (a, b), s in zip(orders, scored) if i in (a, b)]}
+            out.append(Scored(sum(rates) / len(rates) if len(rates) == n - 1 else None, raw))
+        return out, [list(o) for o in orders]
+
+    def _quality_likelihood(self, prefix: str, texts: list[str]) -> list[Scored]:
+        tok = self.engine.tokenizer
+        context = tok.encode(prefix, add_special_tokens=False)
+        ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+        scores = self.engine.score([context + c for c in ids], [len(context)] * len(ids))
+        self.counters.calls += len(texts)
+        self.counters.prompt_tokens += sum(len(context) + len(c) for c in ids)
+        means = []
+        for c, lps in zip(ids, scores):
+            if lps is None or not lps:
+                means.append(None)
+            elif repeated_ngram_share(c) > self.config.repetition_limit:
+                means.append(-math.inf)  # degenerate repetition: likely under any LM, never good text
+            else:
+                means.append(sum(lps) / len(lps))
+        out = []
+        for i, mine in enumerate(means):
+            if mine is None:
+                self.counters.unparsable["quality"] = self.counters.unparsable.get("quality", 0) + 1
+                out.append(Scored(None, {"mean_logprob": None}))
+                continue
+            others = [m for j, m in enumerate(means) if j != i and m is not None]
+            wins = [1.0 if mine > o else 0.0 if mine < o else 0.5 for o in others]
+            out.append(Scored(sum(wins) / len(wins) if wins else None,
+                              {"mean_logprob": None if mine == -math.inf else mine, "repetitive": mine == -math.inf}))
+        return out
