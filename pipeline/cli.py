@@ -92,6 +92,13 @@ def _summary_line(name: str, card: dict, out: Path) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items() if v)
         rate = f"; {s['completion_tokens_per_engine_s']} output tokens/s" if "completion_tokens_per_engine_s" in s else ""
         line = f"rewrite: {s['rows']} rows ({counts}){rate}; engine start {s['engine_start_s']} s"
+    elif name == "judge":
+        agree = f", order agreement {s['order_agreement']}" if s.get("order_agreement") is not None else ""
+        line = (f"judge: {s['candidates']} candidates of {s['pairs']} pairs ({s['modes']}); "
+                f"{s['unparsable_candidates']} unparsable{agree}; {s['judge_calls']} judge calls")
+    elif name == "prefs":
+        line = (f"prefs: {s['usable']} preference pairs of {s['pairs']} (ties {s['skipped_tie']}, single "
+                f"{s['skipped_single_candidate']}); chosen sources {s['chosen_source_rate']}; {s['sft_rows']} SFT rows")
     else:
         line = f"{name}: {card['rows']} rows"
     return f"{line}\n    -> {out} (card: {out / 'README.md'})"
@@ -131,8 +138,22 @@ def rewrite(manifest_path, overrides, executor, force, dry_run, wait) -> None:
     _run(["rewrite"], manifest_path, overrides, executor, force, dry_run, wait)
 
 
+@main.command()
+@stage_options
+def judge(manifest_path, overrides, executor, force, dry_run, wait) -> None:
+    """Judge every pair's candidates (the judgments table)."""
+    _run(["judge"], manifest_path, overrides, executor, force, dry_run, wait)
+
+
+@main.command()
+@stage_options
+def prefs(manifest_path, overrides, executor, force, dry_run, wait) -> None:
+    """Turn judgments into the preferences table and its SFT view."""
+    _run(["prefs"], manifest_path, overrides, executor, force, dry_run, wait)
+
+
 @main.command("run")
-@click.option("--stages", "stage_list", default="shard,rewrite", show_default=True,
+@click.option("--stages", "stage_list", default="shard,rewrite,judge,prefs", show_default=True,
               help="Comma-separated stages; on Slurm they are queued as one afterok chain.")
 @stage_options
 def run_cmd(stage_list, manifest_path, overrides, executor, force, dry_run, wait) -> None:

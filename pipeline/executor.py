@@ -56,12 +56,13 @@ def make_executor(
     """The datatrove executor for ``stage``, with the manifest's per-stage overrides applied."""
     ex = manifest.executor.for_stage(stage)
     if ex.type == "local":
-        workers = ex.workers if ex.workers > 0 else min(tasks, os.cpu_count() or 1)
+        workers = min(tasks, ex.workers if ex.workers > 0 else os.cpu_count() or 1)
         return LocalPipelineExecutor(
             pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir), depends=depends,
-            # fork: workers inherit the parent's imports instead of re-importing torch-free but
-            # heavy modules (datatrove, pyarrow, polars) per task; ~1 s less start-up per run.
-            start_method="fork",
+            # Not fork: by the time a later stage of a chain starts, this process has run
+            # polars/tokenizers thread pools, and a forked child inherits them broken (it hangs).
+            # forkserver costs about a second of start-up per run.
+            start_method="forkserver",
         )
     slurm = ex.slurm
     return SipSlurmExecutor(

@@ -99,6 +99,17 @@ class StageDir:
         _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True))
         _atomic_write(self.path / "manifest.yaml", yaml.safe_dump(self.manifest.model_dump(mode="json"), sort_keys=False))
 
+    def check_upstream_of(self, downstream: str) -> None:
+        """Raise unless this stage is complete *and* was made with the settings planned now."""
+        state_file = self.path / STATE_FILE
+        if not self.is_complete() or not state_file.is_file():
+            raise StageFailed(f"{downstream}: the {self.stage} stage is not complete ({self.path}); "
+                              f"run `sip {self.stage}` (or `sip run`) first")
+        old = json.loads(state_file.read_text())
+        if changes := diff_views(old["view"], self.view):
+            raise StageFailed(f"{downstream}: the {self.stage} outputs in {self.path} were made with other settings "
+                              f"({'; '.join(changes[:3])}); re-run `sip {self.stage} --force` first")
+
     def completed_ranks(self) -> set[int]:
         done = self.logs / "completions"
         return {int(p.name) for p in done.iterdir() if p.name.isdigit()} if done.is_dir() else set()

@@ -6,6 +6,8 @@ from typing import Callable
 
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.runner import StageJob, run_chain
+from stages.judge import judge_job
+from stages.prefs import prefs_job
 from stages.rewrite import rewrite_job
 from stages.shard import shard_job
 
@@ -13,6 +15,8 @@ from stages.shard import shard_job
 JOBS: dict[str, Callable[[Manifest, bool], StageJob]] = {
     "shard": shard_job,
     "rewrite": rewrite_job,
+    "judge": judge_job,
+    "prefs": prefs_job,
 }
 
 

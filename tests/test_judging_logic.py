@@ -1,0 +1,98 @@
+"""Judge score aggregation and preferences, on pure logic: a scripted engine stands in for the
+model *only* to fix what the judge answers, so the arithmetic can be checked by hand. The real
+judge on real vLLM is tested in test_judge_stage.py."""
+
+import polars as pl
+
+from pipeline.engines.base import Engine, Result
+from pipeline.manifest import CriterionConfig, JudgingConfig
+from stages.judging import Judge, repeated_ngram_share
+from stages.prefs import build_preferences
+
+
+class ScriptedEngine(Engine):
+    """Answers verdict prompts from a script: which option wins for each shown order."""
+
+    model_id, max_model_len = "scripted", 4096
+
+    def __init__(self, winner_by_order):
+        self.winner_by_order = winner_by_order  # (text shown first, text shown second) -> "1" | "2" | None
+
+    def generate(self, requests, sampling):
+        out = []
+        for r in requests:
+            body = r.messages[-1]["content"]
+            first = body.split("OPTION 1:\n")[1].split("\n\nOPTION 2:")[0]
+            second = body.split("OPTION 2:\n")[1].split("\n\nReason briefly")[0]
+            pick = self.winner_by_order[(first, second)]
+            text = f"Thinking.\nFINAL ANSWER: Option {pick}" if pick else "I cannot decide."
+            out.append(Result(r.id, texts=[text] * sampling.n, finish_reasons=["stop"], prompt_tokens=10, completion_tokens=5))
+        return out
+
+
+def test_pairwise_win_rates_both_orders_and_agreement():
+    # a beats b in both orders; c beats a only when shown first (position bias); b vs c unparsable one way.
+    script = {("a", "b"): "1", ("b", "a"): "2", ("a", "c"): "2", ("c", "a"): "1", ("b", "c"): "1", ("c", "b"): None}
+    cfg = JudgingConfig(quality=CriterionConfig(mode="verdict"), safety=None)
+    judge = Judge(ScriptedEngine(script), cfg)
+    scores, orders = judge.quality("prefix", ["a", "b", "c"], "pair")
+    assert len(orders) == 6 and [0, 1] in orders and [1, 0] in orders
+    # a: beats b (1, 1) -> 1.0 ; vs c: a-first says c wins (0), c-first says c wins (0) -> 0 ; mean 0.5
+    # b: vs a -> 0 ; vs c: only (b, c) parsed, b wins -> 1 ; mean 0.5
+    # c: vs a -> 1 ; vs b -> 0 ; mean 0.5
+    assert [s.score for s in scores] == [0.5, 0.5, 0.5]
+    # order agreement: (a,b) agree, (a,c) agree (both say c), (b,c) not comparable
+    assert judge.counters.order_compared == 2 and judge.counters.order_agreed == 2
+
+
+def test_seeded_order_shows_each_pair_once_reproducibly():
+    script = {(x, y): "1" for x in "abc" for y in "abc" if x != y}
+    cfg = JudgingConfig(quality=CriterionConfig(mode="verdict"), safety=None, order="seeded")
+    first = Judge(ScriptedEngine(script), cfg, seed=3).quality("p", ["a", "b", "c"], "pair")[1]
+    again = Judge(ScriptedEngine(script), cfg, seed=3).quality("p", ["a", "b", "c"], "pair")[1]
+    assert len(first) == 3 and first == again
+
+
+def test_a_single_candidate_has_no_quality_score():
+    cfg = JudgingConfig(quality=CriterionConfig(mode="verdict"), safety=None)
+    scores, orders = Judge(ScriptedEngine({}), cfg).quality("p", ["only"], "pair")
+    assert scores[0].score is None and orders == []
+
+
+def test_repetition_guard():
+    assert repeated_ngram_share(list(range(20))) == 0.0
+    assert repeated_ngram_share([1, 2, 3, 4] * 10) > 0.8
+
+
+def judgments(rows):
+    cols = ["pair_id", "cand_id", "source", "text", "reward"]
+    return pl.DataFrame([dict(zip(cols, r)) for r in rows])
+
+
+class Tok:
+    def encode(self, text, add_special_tokens=False):
+        return type("E", (), {"ids": [ord(c) for c in text]})()
+
+
+def test_preferences_pick_highest_and_lowest_and_skip_ties_and_singletons():
+    pairs = pl.DataFrame([{"pair_id": p, "prefix": f"prefix {p}", "prefix_ids": [1, 2], "suffix_ids": [9, 9]}
+                          for p in ("p1", "p2", "p3", "p4")])
+    j = judgments([
+        ("p1", "c1", "original", "orig", 1.0), ("p1", "c2", "rewrite", "better", 1.5), ("p1", "c3", "rollout", "bad", 0.2),
+        ("p2", "c4", "original", "orig", 1.0), ("p2", "c5", "rewrite", "same", 1.0),  # tie
+        ("p3", "c6", "original", "orig", 0.7),  # single candidate
+        ("p4", "c7", "original", "orig", None), ("p4", "c8", "rewrite", "x", 0.4),  # one unparsable -> single
+    ])
+    prefs, sft, counts = build_preferences(j, pairs, Tok(), n=3, min_margin=0.0)
+    assert counts == {"pairs": 4, "usable": 1, "skipped_single_candidate": 2, "skipped_tie": 1, "skipped_unjudged": 0}
+    [p] = prefs
+    assert (p["chosen_source"], p["rejected_source"], p["chosen"], p["rejected"]) == ("rewrite", "rollout", "better", "bad")
+    assert p["chosen_reward"] >= p["rejected_reward"]
+    assert p["chosen_ids"] == [ord(c) for c in "bet"]  # clipped to N=3 policy tokens
+    assert p["prompt"] == "prefix p1" and p["prefix_ids"] == [1, 2]
+    by_pair = {r["pair_id"]: r for r in sft}
+    assert by_pair["p1"]["source"] == "rewrite" and by_pair["p3"]["target_ids"] == [9, 9]  # original: its own ids
+    # Equal rewards: the tie-break is deterministic (original before rewrite).
+    assert by_pair["p2"]["source"] == "original"
+    assert len(sft) == 4
+
