@@ -17,6 +17,8 @@ def test_paper_manifest_is_the_papers_setting():
     m = load_manifest(REPO / "manifests" / "paper.yaml")
     assert m.shard.suffix_tokens == 128 and m.shard.max_prefix_tokens == 1920
     assert m.rollouts.count == 16 and m.judge.kind == "endpoint"
+    assert {m.judging.safety.mode, m.judging.quality.mode, m.judging.factuality.mode} == {"verdict"}
+    assert m.judging.samples == 5 and m.judging.temperature == 1.0
     assert m.executor.type == "slurm" and m.executor.for_stage("rewrite").slurm.gpus_per_task >= 1
     assert m.executor.for_stage("shard").slurm.gpus_per_task == 0
 
