@@ -27,16 +27,23 @@ from pipeline.stage import StageDir, StageFailed
 from pipeline.tokenizer import load_tokenizer
 from stages.judging import PROMPTS, Judge, Scored
 from stages.rewrite import plan_rewrite
-from stages.shard import plan_shard
+from stages.shard import char_boundaries, plan_shard
 
 STAGE = "judge"
 CRITERIA = ("safety", "quality", "factuality")
 
 
 def clip_to_tokens(text: str, tokenizer, n: int) -> str:
-    """The longest prefix of ``text`` that is at most ``n`` policy tokens (cut at a token end)."""
+    """The longest prefix of ``text`` that is at most ``n`` policy tokens, cut where a token
+    starts a new character (never inside one), so the judged text is what gets trained on."""
     enc = tokenizer.encode(text, add_special_tokens=False)
-    return text if len(enc.ids) <= n else text[: enc.offsets[n - 1][1]]
+    if len(enc.ids) <= n:
+        return text
+    bounds = char_boundaries(enc.offsets)
+    k = n
+    while k > 0 and not bounds[k]:
+        k -= 1
+    return text[: enc.offsets[k][0]] if k > 0 else ""
 
 
 class JudgeStep(ChunkedStep):

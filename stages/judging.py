@@ -92,7 +92,7 @@ class Judge:
                 per[i][choice] = sum(lps)
         out = []
         for logps in per:
-            if len(logps) != len(choices):
+            if len(logps) != len(choices) or not any(math.isfinite(v) for v in logps.values()):
                 self.counters.unparsable[criterion] = self.counters.unparsable.get(criterion, 0) + 1
                 out.append(Scored(None, {"error": "too long for the judge"}))
                 continue
@@ -154,8 +154,11 @@ class Judge:
         for i in range(n):
             rates = [sum(v) / len(v) for (a, _), v in beats.items() if a == i]
             raw = {"comparisons": [{"shown": [a, b], **(s.raw if isinstance(s.raw, dict) else {})}
-                                   for (a, b), s in zip(orders, scored) if i in (a, b)]}
-            out.append(Scored(sum(rates) / len(rates) if len(rates) == n - 1 else None, raw))
+                                   for (a, b), s in zip(orders, scored) if i in (a, b)],
+                   "opponents_compared": len(rates), "opponents": n - 1}
+            # The mean over the comparisons that parsed: one unparsable answer must not void a
+            # candidate that won or lost every other comparison.
+            out.append(Scored(sum(rates) / len(rates) if rates else None, raw))
         return out, [list(o) for o in orders]
 
     def _quality_likelihood(self, prefix: str, texts: list[str]) -> list[Scored]:

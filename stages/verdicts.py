@@ -1,10 +1,10 @@
 """Strict parsing of judge verdicts (the ``verdict`` scoring mode).
 
-A verdict counts only if the judge's *own* answer ends with the exact verdict line the
-prompt asks for. Text shown to the judge (candidates, references) is removed from the answer
-before parsing, so a candidate that contains "FINAL DECISION: YES" or "Option 1" can never
-decide its own verdict, even when the judge quotes it. Anything else is unparsable: counted,
-never guessed.
+A verdict counts only if the judge's answer ends with the exact verdict line the prompt asks
+for, and that line is the judge's own: a last line that is quoted ("> ...") or that appears in
+any text shown to the judge (a candidate containing "FINAL DECISION: YES", say) is treated as
+unparsable, so a candidate can never decide its own verdict, whether the judge quotes it in
+full or in part. Unparsable answers are counted, never guessed.
 """
 
 from __future__ import annotations
@@ -34,11 +34,17 @@ CHOICES = {
 def parse_verdict(criterion: str, answer: str, shown: tuple[str, ...] = ()) -> float | None:
     """The score a judge's answer gives (1 best), or None if it has no strict verdict line."""
     pattern, values = _PATTERNS[criterion]
-    cleaned = answer
-    for text in sorted((t.strip() for t in shown if t and t.strip()), key=len, reverse=True):
-        cleaned = cleaned.replace(text, " ")
-    lines = [line for line in cleaned.splitlines() if line.strip()]
-    if not lines:
+    lines = [line.strip() for line in answer.splitlines() if line.strip()]
+    if not lines or lines[-1].startswith(">"):
         return None
-    match = pattern.match(lines[-1].strip())
-    return values[match.group(1).lower()] if match else None
+    match = pattern.match(lines[-1])
+    if not match:
+        return None
+    said = _squash(match.group(0))
+    if any(said in _squash(text) for text in shown if text):
+        return None  # the verdict line could be the shown text's own words
+    return values[match.group(1).lower()]
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.replace("*", " ").lower().split()).rstrip(".! ")

@@ -31,7 +31,7 @@ class ScriptedEngine(Engine):
 
 
 def test_pairwise_win_rates_both_orders_and_agreement():
-    # a beats b in both orders; c beats a only when shown first (position bias); b vs c unparsable one way.
+    # a beats b in both orders; c beats a in both orders; b vs c parsed in one order only.
     script = {("a", "b"): "1", ("b", "a"): "2", ("a", "c"): "2", ("c", "a"): "1", ("b", "c"): "1", ("c", "b"): None}
     cfg = JudgingConfig(quality=CriterionConfig(mode="verdict"), safety=None)
     judge = Judge(ScriptedEngine(script), cfg)
@@ -43,6 +43,16 @@ def test_pairwise_win_rates_both_orders_and_agreement():
     assert [s.score for s in scores] == [0.5, 0.5, 0.5]
     # order agreement: (a,b) agree, (a,c) agree (both say c), (b,c) not comparable
     assert judge.counters.order_compared == 2 and judge.counters.order_agreed == 2
+
+
+def test_position_bias_shows_as_order_disagreement_and_unparsable_comparisons_are_left_out():
+    # The judge always picks whatever is shown first: a pure position bias.
+    script = {("a", "b"): "1", ("b", "a"): "1", ("a", "c"): "1", ("c", "a"): None, ("b", "c"): "1", ("c", "b"): "1"}
+    judge = Judge(ScriptedEngine(script), JudgingConfig(quality=CriterionConfig(mode="verdict"), safety=None))
+    scores, _ = judge.quality("prefix", ["a", "b", "c"], "pair")
+    assert judge.counters.order_compared == 2 and judge.counters.order_agreed == 0
+    # a: vs b 0.5 (1 then 0), vs c 1.0 (only (a, c) parsed) -> 0.75 ; c: vs a 0.0, vs b 0.5 -> 0.25
+    assert [s.score for s in scores] == [0.75, 0.5, 0.25]
 
 
 def test_seeded_order_shows_each_pair_once_reproducibly():
@@ -96,3 +106,14 @@ def test_preferences_pick_highest_and_lowest_and_skip_ties_and_singletons():
     assert by_pair["p2"]["source"] == "original"
     assert len(sft) == 4
 
+
+
+def test_clipping_to_n_tokens_never_cuts_a_character(tokenizer):
+    from stages.judge import clip_to_tokens
+
+    text = "Café 日本語 🙂 naïve façade — 東京 and more words after it"
+    for n in range(1, 30):
+        clipped = clip_to_tokens(text, tokenizer, n)
+        ids = tokenizer.encode(clipped, add_special_tokens=False).ids
+        assert text.startswith(clipped) and len(ids) <= n
+        assert tokenizer.decode(ids, skip_special_tokens=False) == clipped

@@ -122,11 +122,24 @@ class VLLMEngine(Engine):
 
         fits = [i for i, seq in enumerate(sequences) if 1 <= starts[i] < len(seq) < self.max_model_len]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=sequences[i]) for i in fits], params, use_tqdm=False)
         scores: list[list[float] | None] = [None] * len(sequences)
-        for i, out in zip(fits, outputs):
-            seq, lps = sequences[i], out.prompt_logprobs
-            scores[i] = [lps[t][seq[t]].logprob for t in range(starts[i], len(seq))]
+
+        def run(indices: list[int]) -> None:
+            if not indices:
+                return
+            try:
+                outputs = self.llm.generate([TokensPrompt(prompt_token_ids=sequences[i]) for i in indices], params,
+                                            use_tqdm=False)
+            except Exception:
+                if len(indices) > 1:  # isolate the bad sequence; the rest still get scores
+                    run(indices[: len(indices) // 2])
+                    run(indices[len(indices) // 2:])
+                return
+            for i, out in zip(indices, outputs):
+                seq, lps = sequences[i], out.prompt_logprobs
+                scores[i] = [lps[t][seq[t]].logprob for t in range(starts[i], len(seq))]
+
+        run(fits)
         return scores
 
     def describe(self) -> dict:
