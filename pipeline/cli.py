@@ -180,11 +180,12 @@ def bench() -> None:
 @manifest_option
 @set_option
 @click.option("--processes", default=2, show_default=True)
-def bench_shard(manifest_path: str, overrides: tuple[str, ...], processes: int) -> None:
+@click.option("--copies", default=1, show_default=True, help="Repeat the corpus this many times (steady state).")
+def bench_shard(manifest_path: str, overrides: tuple[str, ...], processes: int, copies: int) -> None:
     """Shard throughput vs bare batch tokenization of the same documents."""
     from stages.bench import bench_shard as run_bench
 
-    click.echo(json.dumps(run_bench(_load(manifest_path, overrides), processes), indent=1))
+    click.echo(json.dumps(run_bench(_load(manifest_path, overrides), processes, copies=copies), indent=1))
 
 
 @bench.command("rewrite")

@@ -33,13 +33,39 @@ def _texts(manifest: Manifest) -> list[str]:
     return [doc.text for doc in reader.run(None, 0, 1)]
 
 
-def bench_shard(manifest: Manifest, processes: int = 2, repeats: int = 3) -> dict:
+def bench_shard(manifest: Manifest, processes: int = 2, repeats: int = 3, copies: int = 1) -> dict:
     """Shard throughput vs bare batch tokenization of the same documents, same process count.
 
     The bare baseline gets the documents already in memory and does nothing but
     ``encode_batch`` in ``processes`` worker processes; the stage also reads and parses the
-    corpus, draws split points, builds rows and writes Parquet. Best of ``repeats`` each.
+    corpus, starts its worker processes, draws split points, builds rows and writes Parquet.
+    ``copies`` > 1 repeats the corpus (new ids) to see the steady state past the fixed
+    start-up cost. Best of ``repeats`` each.
     """
+    with tempfile.TemporaryDirectory() as corpus_tmp:
+        if copies > 1:
+            manifest = _replicated(manifest, copies, Path(corpus_tmp))
+        return _bench_shard(manifest, processes, repeats)
+
+
+def _replicated(manifest: Manifest, copies: int, directory: Path) -> Manifest:
+    from pipeline.corpus import CorpusReader
+
+    docs = list(CorpusReader(corpus_files(manifest), text_key=manifest.corpus.text_key,
+                             id_key=manifest.corpus.id_key).run(None, 0, 1))
+    parts = 16
+    handles = [open(directory / f"part-{i:03d}.jsonl", "w") for i in range(parts)]
+    for copy in range(copies):
+        for k, doc in enumerate(docs):
+            handles[(copy * len(docs) + k) % parts].write(json.dumps({"id": f"{doc.id}#{copy}", "text": doc.text}) + "\n")
+    for h in handles:
+        h.close()
+    data = manifest.absolute_data()
+    data["corpus"] = {"paths": [str(directory / "*.jsonl")], "text_key": "text", "id_key": "id"}
+    return parse_manifest(data)
+
+
+def _bench_shard(manifest: Manifest, processes: int, repeats: int) -> dict:
     texts = _texts(manifest)
     tok_dir = str(plan_shard(manifest).tokenizer_dir)
     chunks = [texts[i::processes] for i in range(processes)]
