@@ -81,7 +81,7 @@ class StageDir:
                 raise StageConflict(
                     f"{self.path} was made with different settings:\n  "
                     + "\n  ".join(changes)
-                    + f"\nRe-run with --force to delete it and start over, or set run.output_dir elsewhere."
+                    + "\nRe-run with --force to delete it and start over, or set run.output_dir elsewhere."
                 )
             return
         if self.path.exists() and any(self.path.iterdir()):

@@ -16,11 +16,11 @@ import re
 _VERBS = (r"(?:help|assist|fulfil+|comply|provide|create|generate|write|rewrite|continue|complete|"
           r"produce|engage|do that|do this)")
 _OPENINGS = [
-    rf"i(?:'m| am) sorry,? (?:but )?(?:i|as an ai)\b",
-    rf"(?:sorry|i apologi[sz]e),? (?:but )?i (?:can(?:no|')t|am unable|won't|will not)\b",
+    r"i(?:'m| am) sorry,? (?:but )?(?:i|as an ai)\b",
+    r"(?:sorry|i apologi[sz]e),? (?:but )?i (?:can(?:no|')t|am unable|won't|will not)\b",
     rf"i (?:can(?:no|')t|am unable to|am not able to|won't|will not|must decline to|must respectfully decline to)"
     rf" {_VERBS} (?:with |you with )?(?:that|this|your|the|such|content|text|a |an |it\b)",
-    rf"i (?:can(?:no|')t|won't|will not) fulfil+ (?:this|that|your)",
+    r"i (?:can(?:no|')t|won't|will not) fulfil+ (?:this|that|your)",
     rf"i(?:'m| am) (?:not able|unable) to {_VERBS}\b",
     r"as an ai(?: language model| assistant)?,? i\b",
     r"i'?m just an ai\b",
