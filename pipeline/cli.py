@@ -161,6 +161,24 @@ def run_cmd(stage_list, manifest_path, overrides, executor, force, dry_run, wait
     _run([s.strip() for s in stage_list.split(",") if s.strip()], manifest_path, overrides, executor, force, dry_run, wait)
 
 
+@main.command("judge-check")
+@manifest_option
+@set_option
+@click.option("--limit", default=40, show_default=True, type=click.IntRange(min=1),
+              help="Items per class: N safe + N unsafe texts, N pairs per corruption kind (N true + N false claims).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Report file; default: judge_check.json in the judge stage dir (or run.output_dir before it exists).")
+def judge_check(manifest_path: str, overrides: tuple[str, ...], limit: int, json_path: str | None) -> None:
+    """How well the manifest's judge separates labelled texts, in its modes (accuracy/AUC, parse rate, cost)."""
+    from stages.judge_check import default_json_path, format_table, run_judge_check, write_report
+
+    m = _load(manifest_path, overrides)
+    report = run_judge_check(m, limit, log=click.echo)
+    path = write_report(report, Path(json_path) if json_path else default_json_path(m))
+    click.echo(format_table(report))
+    click.echo(f"    -> {path}")
+
+
 @main.command()
 @click.argument("path", type=click.Path(exists=True))
 @click.option("-n", "rows", default=3, show_default=True, help="Rows to show.")

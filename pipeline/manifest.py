@@ -125,6 +125,10 @@ class JudgingConfig(_Section):
         description="likelihood: a candidate whose share of repeated 4-grams exceeds this scores as worst.",
     )
     chunk_size: int = Field(default=16, gt=0, description="Pairs per checkpointed chunk.")
+    self_check: bool = Field(
+        default=False,
+        description="Run `sip judge-check` (small) once when the judge stage finishes; its report goes into the card.",
+    )
 
     @model_validator(mode="after")
     def _modes(self) -> "JudgingConfig":

@@ -175,7 +175,7 @@ def plan_judge(manifest: Manifest, upstream_pending: bool = False) -> JudgePlan:
         rewrite.stage.check_upstream_of(STAGE)
     model = model_identity(manifest, manifest.judge, "judge")
     view = {k: v for k, v in fingerprinted_view(manifest, ("judge", "judging", "run.seed", "shard.suffix_tokens")).items()
-            if k.removeprefix("judge.") not in RUN_ONLY and k != "judging.chunk_size"}
+            if k.removeprefix("judge.") not in RUN_ONLY and k not in ("judging.chunk_size", "judging.self_check")}
     view.update({"upstream.rewrite": rewrite.stage.fingerprint,
                  "judge.identity": model.get("weights_sha") or model.get("url"),
                  "judging.prompts": fingerprint_prompts()})
@@ -226,7 +226,12 @@ def finalize_judge(manifest: Manifest, elapsed_s: float | None = None) -> dict:
     pairs = set(read_table(plan.pairs_dir, columns=["pair_id"]).column("pair_id").to_pylist())
     if judged != pairs:
         raise StageFailed(f"judge: {len(pairs - judged)} pairs have no judgments")
-    return write_card(plan.stage, judge_summary(plan, elapsed_s))
+    summary, notes = judge_summary(plan, elapsed_s), ""
+    if manifest.judging.self_check:  # once per stage, with an engine of its own (see README: cost)
+        from stages.judge_check import self_check_for_card
+
+        summary["self_check"], notes = self_check_for_card(manifest, plan.stage.path)
+    return write_card(plan.stage, summary, notes)
 
 
 def judge_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:

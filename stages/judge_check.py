@@ -1,0 +1,229 @@
+"""Judge self-check (`sip judge-check`): how well the manifest's judge, in the manifest's
+modes, separates labelled texts (stages/judge_check_data.py), with the stage's own judge code
+(:class:`stages.judging.Judge`).
+
+Per check: n, the metric (ROC AUC of pointwise scores, or the pairwise accuracy of the true
+continuation against a corrupted one; ties count half), the parse rate (judge answers that
+gave a score / all answers), order agreement (pairwise modes shown in both orders), judge
+calls, prompt and completion tokens, and seconds. The engine is metered on its own side too
+(requests, tokens), so the judge's cost accounting can be checked against it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from pipeline.engines.factory import make_engine, model_identity
+from pipeline.manifest import Manifest, ManifestError
+from pipeline.models import policy_tokenizer_dir
+from pipeline.tokenizer import load_tokenizer
+from stages.judge_check_data import CORRUPTIONS, build_checks
+from stages.judging import Judge
+
+DEFAULT_LIMIT = 40  # 40 safe + 40 unsafe texts, 40 pairs per corruption kind
+SELF_CHECK_LIMIT = 8  # what the judge stage runs at finalize with judging.self_check: true
+PAIRWISE_ORDERED = ("verdict", "choice_prob")  # quality modes that show the two texts in an order
+
+
+class MeteredEngine:
+    """The real engine, counting what passes through it (requests and tokens)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.requests = self.prompt_tokens = self.completion_tokens = 0
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, requests, sampling):
+        results = self._engine.generate(requests, sampling)
+        self.requests += len(requests)
+        self.prompt_tokens += sum(r.prompt_tokens or 0 for r in results)
+        self.completion_tokens += sum(r.completion_tokens or 0 for r in results)
+        return results
+
+    def score(self, sequences, starts):
+        self.requests += len(sequences)
+        self.prompt_tokens += sum(len(s) for s in sequences)
+        return self._engine.score(sequences, starts)
+
+    def next_token_logprobs(self, sequences, token_ids):
+        self.requests += len(sequences)
+        self.prompt_tokens += sum(len(s) for s in sequences)
+        return self._engine.next_token_logprobs(sequences, token_ids)
+
+
+def roc_auc(positives: list[float], negatives: list[float]) -> float | None:
+    """P(a positive scores above a negative), ties counted half (Mann-Whitney)."""
+    if not positives or not negatives:
+        return None
+    wins = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in positives for q in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+class _Meter:
+    """Judge and engine counter deltas over one check."""
+
+    def __init__(self, judge: Judge, engine: MeteredEngine, criterion: str):
+        self.judge, self.engine, self.criterion = judge, engine, criterion
+
+    def __enter__(self):
+        c, e = self.judge.counters, self.engine
+        self.start = (c.calls, c.prompt_tokens, c.completion_tokens, c.unparsable.get(self.criterion, 0),
+                      c.order_compared, c.order_agreed, e.requests, e.prompt_tokens, e.completion_tokens,
+                      time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        c, e = self.judge.counters, self.engine
+        now = (c.calls, c.prompt_tokens, c.completion_tokens, c.unparsable.get(self.criterion, 0),
+               c.order_compared, c.order_agreed, e.requests, e.prompt_tokens, e.completion_tokens,
+               time.perf_counter())
+        d = [b - a for a, b in zip(self.start, now)]
+        self.cost = {"answers": d[0], "parsed": d[0] - d[3], "unparsable": d[3],
+                     "parse_rate": round((d[0] - d[3]) / d[0], 4) if d[0] else None,
+                     "order_compared": d[4], "order_agreed": d[5],
+                     "order_agreement": round(d[5] / d[4], 4) if d[4] else None,
+                     "calls": d[0], "prompt_tokens": d[1], "completion_tokens": d[2],
+                     "engine_requests": d[6], "engine_prompt_tokens": d[7], "engine_completion_tokens": d[8],
+                     "elapsed_s": round(d[9], 2)}
+
+
+def _pointwise(name, criterion, mode, meter, scores, labels) -> dict:
+    pos = [s.score for s, y in zip(scores, labels) if y and s.score is not None]
+    neg = [s.score for s, y in zip(scores, labels) if not y and s.score is not None]
+    auc = roc_auc(pos, neg)
+    return {"criterion": criterion, "check": name, "mode": mode, "metric": "roc_auc",
+            "value": None if auc is None else round(auc, 4), "n": len(labels),
+            "n_positive": sum(map(bool, labels)), "n_negative": len(labels) - sum(map(bool, labels)),
+            "scored": len(pos) + len(neg),
+            "mean_score_positive": round(sum(pos) / len(pos), 4) if pos else None,
+            "mean_score_negative": round(sum(neg) / len(neg), 4) if neg else None, **meter.cost,
+            "scores": [[bool(y), s.score] for s, y in zip(scores, labels)]}  # [label, score]; null: unparsed
+
+
+def run_checks(judge: Judge, engine: MeteredEngine, checks, log: Callable[[str], None] = print) -> list[dict]:
+    cfg, rows = judge.config, []
+    if cfg.safety:
+        texts = checks.safe + checks.unsafe
+        with _Meter(judge, engine, "safety") as meter:
+            scores = judge.safety(texts)
+        rows.append(_pointwise("safe_vs_unsafe", "safety", cfg.safety.mode, meter, scores,
+                               [True] * len(checks.safe) + [False] * len(checks.unsafe)))
+        log(f"judge-check: safety done ({meter.cost['elapsed_s']} s)")
+    if cfg.quality:
+        for kind in CORRUPTIONS:
+            pairs, wins = checks.coherence[kind], []
+            with _Meter(judge, engine, "quality") as meter:
+                for k, (prefix, true, bad) in enumerate(pairs):
+                    scored, _ = judge.quality(prefix, [true, bad], f"judge-check/{kind}/{k}")
+                    wins.append(scored[0].score)  # the true continuation's win rate against the corrupted one
+            parsed = [w for w in wins if w is not None]
+            accuracy = sum(1.0 if w > 0.5 else 0.5 if w == 0.5 else 0.0 for w in parsed) / len(parsed) if parsed else None
+            rows.append({"criterion": "quality", "check": kind, "mode": cfg.quality.mode, "metric": "accuracy",
+                         "value": None if accuracy is None else round(accuracy, 4), "n": len(pairs),
+                         "scored": len(parsed), "ties": sum(w == 0.5 for w in parsed),
+                         "mean_win_rate_true": round(sum(parsed) / len(parsed), 4) if parsed else None,
+                         "orders": "both" if cfg.quality.mode in PAIRWISE_ORDERED and cfg.order == "both" else
+                         ("seeded" if cfg.quality.mode in PAIRWISE_ORDERED else None), **meter.cost,
+                         "scores": wins})  # the true continuation's win rate per pair; null: unparsed
+            log(f"judge-check: quality/{kind} done ({meter.cost['elapsed_s']} s)")
+    if cfg.factuality:
+        with _Meter(judge, engine, "factuality") as meter:
+            scores = judge.factuality([(p, r, c) for p, r, c, _ in checks.factuality])
+        rows.append(_pointwise("true_vs_false_claim", "factuality", cfg.factuality.mode, meter, scores,
+                               [y for *_, y in checks.factuality]))
+        log(f"judge-check: factuality done ({meter.cost['elapsed_s']} s)")
+    return rows
+
+
+def run_judge_check(manifest: Manifest, limit: int = DEFAULT_LIMIT, engine=None,
+                    log: Callable[[str], None] = print) -> dict:
+    """The self-check report of the manifest's judge (starts its engine unless one is given)."""
+    if manifest.judge is None:
+        raise ManifestError("judge: the manifest has no 'judge' section (model: embedded, a path or an endpoint)")
+    cfg = manifest.judging
+    if manifest.judge.kind == "endpoint":
+        soft = [c for c in ("safety", "quality", "factuality") if getattr(cfg, c) and getattr(cfg, c).mode != "verdict"]
+        if soft:
+            raise ManifestError(f"judging.{soft[0]}.mode: an endpoint judge supports only 'verdict'")
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(str(policy_tokenizer_dir(manifest)))
+    checks = build_checks(limit, manifest.run.seed, tokenizer, manifest.shard.suffix_tokens,
+                          factuality=cfg.factuality is not None, log=log)
+    owned = engine is None
+    engine = engine or make_engine(manifest, manifest.judge, "judge")
+    try:
+        metered = MeteredEngine(engine)
+        rows = run_checks(Judge(metered, cfg, manifest.run.seed), metered, checks, log)
+    finally:
+        if owned:
+            engine.close()
+    totals = {k: sum(r[k] for r in rows) for k in ("calls", "prompt_tokens", "completion_tokens", "engine_requests",
+                                                   "engine_prompt_tokens", "engine_completion_tokens")}
+    return {
+        "judge": model_identity(manifest, manifest.judge, "judge"),
+        "modes": {c: getattr(cfg, c).mode for c in ("safety", "quality", "factuality") if getattr(cfg, c)},
+        "settings": {"limit": limit, "seed": manifest.run.seed, "suffix_tokens": manifest.shard.suffix_tokens,
+                     "order": cfg.order, "samples": cfg.samples, "temperature": cfg.temperature,
+                     "max_new_tokens": cfg.max_new_tokens, "repetition_limit": cfg.repetition_limit},
+        "sources": checks.sources,
+        "checks": rows,
+        "totals": {**totals, "checks_s": round(sum(r["elapsed_s"] for r in rows), 2),
+                   "engine_start_s": round(getattr(engine, "start_s", 0.0), 2) if owned else None,
+                   "elapsed_s": round(time.perf_counter() - started, 2)},
+    }
+
+
+def format_table(report: dict) -> str:
+    columns = [("criterion", 10), ("check", 20), ("mode", 11), ("metric", 8), ("value", 6), ("scored/n", 8),
+               ("parse", 6), ("order", 6), ("calls", 6), ("prompt_tok", 10), ("compl_tok", 9), ("s", 6)]
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["  ".join(name.ljust(width) for name, width in columns)]
+    for r in report["checks"]:
+        values = [r["criterion"], r["check"], r["mode"], r["metric"], r["value"], f"{r['scored']}/{r['n']}",
+                  r["parse_rate"], r["order_agreement"], r["calls"], r["prompt_tokens"], r["completion_tokens"],
+                  f"{r['elapsed_s']:.1f}"]
+        lines.append("  ".join(cell(v).ljust(width) for v, (_, width) in zip(values, columns)))
+    t = report["totals"]
+    lines.append(f"total: {t['calls']} judge calls, {t['prompt_tokens']} prompt + {t['completion_tokens']} completion "
+                 f"tokens, {t['checks_s']} s judging, {t['elapsed_s']} s in all")
+    return "\n".join(lines)
+
+
+def default_json_path(manifest: Manifest) -> Path:
+    """The judge stage's directory once the stage has started (a fresh one must stay empty
+    until the stage claims it), else the run's output directory."""
+    stage = manifest.stage_dir("judge")
+    return (stage if (stage / "_stage.json").is_file() else manifest.output_root) / "judge_check.json"
+
+
+def write_report(report: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def self_check_for_card(manifest: Manifest, stage_path: Path) -> tuple[dict, str]:
+    """The judge stage's self-check (``judging.self_check``): a small run whose full report is
+    ``judge_check.json`` beside the table; returns the card's summary entry and its notes."""
+    report = run_judge_check(manifest, SELF_CHECK_LIMIT, log=lambda _m: None)
+    write_report(report, stage_path / "judge_check.json")
+    entry = {f"{r['criterion']}/{r['check']}": {"mode": r["mode"], r["metric"]: r["value"], "n": r["n"],
+                                                "parse_rate": r["parse_rate"], "order_agreement": r["order_agreement"]}
+             for r in report["checks"]}
+    totals = report["totals"]
+    entry["cost"] = {k: totals[k] for k in ("calls", "prompt_tokens", "completion_tokens", "elapsed_s")}
+    entry["report"] = "judge_check.json"
+    notes = ("## Judge self-check\n\n"
+             f"`sip judge-check` with {SELF_CHECK_LIMIT} items per class (full report: judge_check.json; "
+             "README: how to read it).\n\n```\n" + format_table(report) + "\n```")
+    return entry, notes
