@@ -205,6 +205,91 @@ class ExecutorConfig(_Section):
         return self.model_copy(update={**top, "slurm": self.slurm.model_copy(update=slurm), "stages": {}})
 
 
+OBJECTIVE_TABLES = {"ntp": "pairs", "rf_nll": "sft", "dpo": "preferences"}
+
+
+class TrainModelConfig(_Section):
+    init: str = Field(
+        default="scratch",
+        description="'scratch' (random, seeded), 'policy' (the LitGPT checkpoint of policy.model; "
+        "'embedded' -> the converted embedded model), or a LitGPT checkpoint directory.",
+    )
+    config: str | dict[str, Any] | None = Field(
+        default=None, description="Scratch only: a named LitGPT config or a mapping of litgpt.Config fields."
+    )
+
+    @model_validator(mode="after")
+    def _config_for_scratch(self) -> "TrainModelConfig":
+        if self.init == "scratch" and self.config is None:
+            raise ValueError("config is required with init: scratch (a named LitGPT config or a mapping of "
+                             "litgpt.Config fields, e.g. {n_layer: 4, n_embd: 128, ...})")
+        if self.init != "scratch" and self.config is not None:
+            raise ValueError(f"config is only for init: scratch; the checkpoint of init: {self.init!r} carries "
+                             "its own model_config.yaml")
+        return self
+
+
+class PhaseConfig(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Phase name (metrics, checkpoints).")
+    objective: Literal["ntp", "rf_nll", "dpo"]
+    table: str | None = Field(default=None, description="Table path; default by objective: pairs / sft / preferences.")
+    steps: int | None = Field(default=None, gt=0, description="Optimizer steps (exclusive with epochs).")
+    epochs: float | None = Field(default=None, gt=0, description="Passes over the table (exclusive with steps).")
+    batch_size: int = Field(default=8, gt=0, description="Sequences (DPO: pairs) per device and micro-batch.")
+    grad_accum: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(default=3e-4, gt=0, description="Peak learning rate (linear warmup, then cosine).")
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = Field(default=1.0, gt=0, description="Max gradient norm; null: no clipping.")
+    beta: float = Field(default=0.1, gt=0, description="DPO beta.")
+
+    @model_validator(mode="after")
+    def _length(self) -> "PhaseConfig":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"phase '{self.name}': give exactly one of steps or epochs")
+        return self
+
+    @property
+    def table_kind(self) -> str:
+        return OBJECTIVE_TABLES[self.objective]
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(default=100, gt=0, description="Save every this many optimizer steps (and at phase ends).")
+    keep_last: int = Field(default=2, gt=0, description="Checkpoints kept (older ones are deleted).")
+    resume: Literal["auto", "never"] = Field(default="auto", description="auto: continue from the latest checkpoint.")
+
+
+class TrainConfig(_Section):
+    model: TrainModelConfig
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true"] = "32-true"
+    devices: int | Literal["auto"] = Field(default=1, description="Devices per node ('auto': all visible).")
+    num_nodes: int = Field(default=1, gt=0)
+    strategy: Literal["auto", "fsdp", "ddp"] = Field(default="auto", description="auto: FSDP when several devices.")
+    seed: int | None = Field(default=None, ge=0, description="Default: run.seed.")
+    max_seq_len: int = Field(default=2048, gt=1, description="Prefix tokens are dropped from the left beyond this.")
+    phases: list[PhaseConfig] = Field(min_length=1)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log_every: int = Field(default=10, gt=0, description="Optimizer steps between metric rows and progress lines.")
+    export_hf: bool = Field(default=True, description="Also export the final checkpoint as an HF directory.")
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be 'auto' or at least 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_phase_names(self) -> "TrainConfig":
+        names = [p.name for p in self.phases]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"phase names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
 class Manifest(_Section):
     run: RunConfig
     corpus: CorpusConfig
@@ -217,6 +302,7 @@ class Manifest(_Section):
     prefs: PrefsConfig = Field(default_factory=PrefsConfig)
     rollouts: RolloutConfig = Field(default_factory=RolloutConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    train: TrainConfig | None = None
 
     # Set by load_manifest: where the file lives, so relative paths resolve against it.
     _source: Path | None = None
@@ -249,6 +335,11 @@ class Manifest(_Section):
                 data[key]["model"] = fix(data[key]["model"])
         data["rewrite"]["prompt"] = fix(data["rewrite"]["prompt"])
         data["executor"]["slurm"]["venv"] = fix(data["executor"]["slurm"]["venv"])
+        if data.get("train"):
+            init = data["train"]["model"]["init"]
+            data["train"]["model"]["init"] = init if init in ("scratch", "policy") else fix(init)
+            for phase in data["train"]["phases"]:
+                phase["table"] = fix(phase["table"])
         return data
 
     @property
@@ -261,6 +352,10 @@ class Manifest(_Section):
     @property
     def shard_seed(self) -> int:
         return self.shard.seed if self.shard.seed is not None else self.run.seed
+
+    @property
+    def train_seed(self) -> int:
+        return self.train.seed if self.train is not None and self.train.seed is not None else self.run.seed
 
 
 # Keys that change how work is laid out or named, not what the outputs contain.

@@ -1,0 +1,240 @@
+"""The offline training loop: the manifest's phases (ntp, rf_nll, dpo) over the precomputed tables.
+
+``run_train(manifest)`` is the entry point of ``sip train`` (and of Slurm jobs and benchmarks).
+The loop state (phase, step in phase, data position, tokens, the DPO reference's hash) is
+saved in every checkpoint with the model, optimizer, scheduler and RNG states, so a resumed
+run continues exactly where the checkpoint was taken: same rows, same learning rates, same
+losses as a run that was never interrupted.
+
+Outputs under ``manifest.stage_dir("train")``: ``checkpoints/step-N/`` (the last k),
+``metrics/version_n/metrics.csv``, ``final/`` (the last checkpoint), ``hf/`` (its Hugging Face
+export) and ``train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.manifest import Manifest, diff_views
+from pipeline.stage import StageConflict
+from trainer import checkpoint as ckpt
+from trainer.metrics import Window, available_flops, format_duration, make_loggers, peak_memory_gb
+from trainer.model import ModelError, state_sha
+from trainer.plan import PhasePlan, describe, plan_phases, require_train, train_view
+from trainer.ref_logps import ReferenceMismatch, check_reference, compute_reference, write_reference
+from trainer.runtime import PAD_ID, full_model_state, make_fabric, setup_policy
+from trainer.schedule import warmup_cosine
+from trainer.source import TableSource, load_table, max_token_id
+from trainer.steps import dpo_step, nll_step
+
+SUMMARY = "train_summary.json"
+
+
+def run_train(manifest: Manifest, *, force: bool = False, dry_run: bool = False,
+              log: Callable[[str], None] = print) -> dict:
+    """Train the policy through the manifest's phases; returns the run summary.
+
+    Resumes from the latest checkpoint (``train.checkpoint.resume: auto``); a finished run
+    returns its summary without training again; ``force`` deletes the outputs first.
+    """
+    require_train(manifest)
+    out = manifest.stage_dir("train")
+    if dry_run:
+        log(describe(manifest, plan_phases(manifest)))
+        return {"dry_run": True}
+    if force and out.exists():
+        shutil.rmtree(out)
+    view = train_view(manifest)
+    if (out / SUMMARY).is_file():
+        summary = json.loads((out / SUMMARY).read_text())
+        _check_same_settings(out, summary["view"], view)
+        log(f"train: already complete ({out}); --force trains again")
+        return summary
+    if manifest.train.checkpoint.resume == "never" and ckpt.list_checkpoints(out / "checkpoints"):
+        raise StageConflict(f"{out / 'checkpoints'} holds checkpoints and train.checkpoint.resume is never; "
+                            "use --force to delete them and start over")
+    fabric = make_fabric(manifest, make_loggers(out))
+    fabric.launch()
+    return _Trainer(manifest, fabric, out, view, log).run()
+
+
+def _check_same_settings(out: Path, old: dict, new: dict) -> None:
+    if changes := diff_views(old, new):
+        raise StageConflict(f"{out} was trained with different settings:\n  " + "\n  ".join(changes)
+                            + "\nRe-run with --force to delete it and train again, or set run.output_dir elsewhere.")
+
+
+class _Trainer:
+    def __init__(self, manifest: Manifest, fabric, out: Path, view: dict, log: Callable[[str], None]):
+        self.m, self.fabric, self.out, self.view = manifest, fabric, out, view
+        self.log = log if fabric.global_rank == 0 else (lambda _msg: None)
+        self.t = manifest.train
+        self.root = out / "checkpoints"
+
+    def run(self) -> dict:
+        fabric, started = self.fabric, time.perf_counter()
+        self.plans = plans = plan_phases(self.m, fabric.world_size)
+        if fabric.global_rank == 0:
+            for stale in ckpt.remove_partial(self.root) + ckpt.remove_partial(self.out):
+                self.log(f"train: removed an unfinished save {stale}")
+        resume = ckpt.latest_checkpoint(self.root) if self.t.checkpoint.resume == "auto" else None
+        fabric.seed_everything(self.m.train_seed)
+        self.policy = setup_policy(fabric, self.m, load_init=resume is None)
+        self._check_token_ids(plans)
+        self.state = {"phase_index": 0, "phase": plans[0].name, "phase_step": 0, "global_step": 0, "samples": 0,
+                      "tokens": 0, "ref_sha": None, "view": self.view}
+        saved = None
+        if resume is not None:
+            model_state, saved = ckpt.load_checkpoint(resume)
+            _check_same_settings(resume, saved["loop"]["view"], self.view)
+            ckpt.load_model_state(fabric, self.policy.model, model_state)
+            self.state = saved["loop"]
+            ckpt.restore_rng(saved["rng"])
+            self.log(f"train: resumed from {resume} (phase '{self.state['phase']}', step {self.state['phase_step']})")
+        self.total_steps = sum(p.steps for p in plans)
+        self.log(describe(self.m, plans) + f"\n  model: {self.policy.params / 1e6:.2f}M parameters on {fabric.device}")
+        last = {}
+        for plan in plans[self.state["phase_index"]:]:
+            if plan.index > self.state["phase_index"]:
+                self.state.update(phase_index=plan.index, phase=plan.name, phase_step=0, samples=0, ref_sha=None)
+            if self.state["phase_step"] < plan.steps:
+                last[plan.name] = self._phase(plan, saved if self.state["phase_step"] > 0 else None)
+            saved = None
+        final = self.out / "final"
+        if fabric.global_rank == 0:
+            ckpt.publish_final(ckpt.latest_checkpoint(self.root), final)
+        fabric.barrier()
+        summary = {"final": str(final), "metrics": str(self.out / "metrics"), "steps": self.state["global_step"],
+                   "tokens": self.state["tokens"], "elapsed_s": round(time.perf_counter() - started, 2),
+                   "last_logged": last, "view": self.view}
+        if self.t.export_hf and fabric.global_rank == 0:
+            summary["hf"] = str(export_final_hf(final, self.out / "hf", self.policy.tokenizer_dir))
+        if fabric.global_rank == 0:
+            (self.out / SUMMARY).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            self.log(f"train: done in {format_duration(summary['elapsed_s'])}; checkpoint {final}; "
+                     f"metrics {self.out / 'metrics'}" + (f"; HF {summary['hf']}" if "hf" in summary else ""))
+        return summary
+
+    def _check_token_ids(self, plans: list[PhasePlan]) -> None:
+        vocab = self.policy.config.padded_vocab_size
+        for plan in plans:
+            top = max_token_id(load_table(plan.table, plan.config.table_kind, plan.name))
+            if top >= vocab:
+                raise ModelError(f"{plan.table}: token id {top} is outside the model's vocabulary ({vocab}): the "
+                                 "table was made with another tokenizer than the policy's")
+
+    def _phase(self, plan: PhasePlan, saved: dict | None) -> dict:
+        fabric, c, model = self.fabric, plan.config, self.policy.model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        optimizer = fabric.setup_optimizers(optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer.optimizer, warmup_cosine(c.warmup_steps, plan.steps, c.min_lr_ratio))
+        if saved is not None:  # resumed inside this phase
+            ckpt.load_optimizer_state(fabric, model, optimizer, saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        table = load_table(plan.table, c.table_kind, f"train.phases[{plan.index}].table ({plan.name})")
+        source = TableSource(table, c.table_kind, self.m.train_seed + plan.index, self.t.max_seq_len)
+        ref = self._reference(plan, source) if c.objective == "dpo" else None
+        self.log(f"train: phase {plan.index + 1} '{plan.name}' ({c.objective}) from step {self.state['phase_step']} "
+                 f"of {plan.steps}")
+        window, peak_flops, logged = Window(), available_flops(fabric.device, self.t.precision), {}
+        phase_started, first_step = time.perf_counter(), self.state["phase_step"]
+        while self.state["phase_step"] < plan.steps:
+            loss, stats = self._step(plan, source, ref, model, optimizer)
+            if c.grad_clip is not None:
+                fabric.clip_gradients(model, optimizer, max_norm=c.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            self.state["phase_step"] += 1
+            self.state["global_step"] += 1
+            self.state["samples"] += plan.samples_per_step
+            self.state["tokens"] += sum(s["tokens"] for s in stats) * fabric.world_size
+            window.add(loss, stats)
+            step, done = self.state["phase_step"], self.state["phase_step"] == plan.steps
+            if step % self.t.log_every == 0 or done:
+                logged = {"loss": loss, "lr": lr, "phase_index": plan.index, "phase_step": step,
+                          **window.metrics(fabric.world_size, self.policy.params, peak_flops),
+                          "peak_mem_gb": peak_memory_gb(fabric.device)}
+                fabric.log_dict(logged, step=self.state["global_step"])
+                self._progress(plan, logged, (time.perf_counter() - phase_started) / (step - first_step))
+                window.reset()
+            if self.state["global_step"] % self.t.checkpoint.every == 0 or done:
+                self._save(optimizer, scheduler)
+        return {k: round(v, 6) for k, v in logged.items()}
+
+    def _step(self, plan: PhasePlan, source: TableSource, ref, model, optimizer) -> tuple[float, list[dict]]:
+        """Forward and backward of ``grad_accum`` micro-batches; returns the mean loss over ranks."""
+        fabric, c = self.fabric, plan.config
+        losses, stats = [], []
+        for micro in range(c.grad_accum):
+            start = self.state["samples"] + (micro * fabric.world_size + fabric.global_rank) * c.batch_size
+            rows = source.row_indices(start, c.batch_size)
+            examples = source.examples(rows)
+            with fabric.no_backward_sync(model, enabled=micro < c.grad_accum - 1):
+                if ref is None:
+                    loss, s = nll_step(model, examples, PAD_ID, self.t.max_seq_len, fabric.device)
+                else:
+                    pair_ref = (torch.from_numpy(ref[0][rows]), torch.from_numpy(ref[1][rows]))
+                    loss, s = dpo_step(model, examples, pair_ref, c.beta, PAD_ID, self.t.max_seq_len, fabric.device)
+                fabric.backward(loss / c.grad_accum)
+            losses.append(loss.detach())
+            stats.append(s)
+        mean = torch.stack(losses).mean()
+        if fabric.world_size > 1:
+            mean = fabric.all_reduce(mean, reduce_op="mean")
+        value = float(mean)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"phase '{plan.name}' step {self.state['phase_step'] + 1}: loss is {value}; "
+                                     f"lower train.phases[{plan.index}].lr or check the table")
+        return value, stats
+
+    def _reference(self, plan: PhasePlan, source: TableSource) -> tuple[np.ndarray, np.ndarray]:
+        """The phase's reference log-probs: checked against the phase's starting model, or computed."""
+        fabric, name = self.fabric, plan.name
+        if self.state["ref_sha"] is None:  # the phase starts now: the current policy is its reference
+            weights = full_model_state(fabric, self.policy.model)
+            self.state["ref_sha"] = fabric.broadcast(state_sha(weights) if fabric.global_rank == 0 else None)
+        sha = self.state["ref_sha"]
+        if not check_reference(source.table, plan.table, sha, name):
+            if self.state["phase_step"] > 0:
+                raise ReferenceMismatch(f"{plan.table}: the reference log-probs of phase '{name}' (model {sha}) were "
+                                        "removed after the phase started; they cannot be recomputed from a later "
+                                        "checkpoint: train the phase again with --force")
+            self.log(f"train: computing reference log-probs of {source.rows} pairs (model {sha})")
+            chosen, rejected = compute_reference(fabric, self.policy.model, source, plan.config.batch_size, PAD_ID)
+            if fabric.global_rank == 0:
+                write_reference(plan.table, chosen, rejected, sha)
+            fabric.barrier()
+            source.table = load_table(plan.table, "preferences", name)
+        return (source.table["ref_chosen_logp"].to_numpy(), source.table["ref_rejected_logp"].to_numpy())
+
+    def _save(self, optimizer, scheduler) -> None:
+        path = ckpt.save_checkpoint(self.fabric, self.root, model=self.policy.model, optimizer=optimizer,
+                                    scheduler=scheduler, loop_state=dict(self.state), config=self.policy.config,
+                                    tokenizer_dir=self.policy.tokenizer_dir, keep_last=self.t.checkpoint.keep_last)
+        self.log(f"train: checkpoint {path}")
+
+    def _progress(self, plan: PhasePlan, m: dict, step_s: float) -> None:
+        remaining = (plan.steps - self.state["phase_step"]) * step_s
+        later = sum(p.steps for p in self.plans[plan.index + 1:])
+        extra = "".join(f" | {k} {m[k]:.3f}" for k in ("dpo_accuracy", "dpo_margin") if k in m)
+        self.log(f"train [{plan.name} {plan.index + 1}/{len(self.t.phases)}] step {self.state['phase_step']}/"
+                 f"{plan.steps} | loss {m['loss']:.4f}{extra} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | "
+                 f"phase ETA {format_duration(remaining)}" + (f" (+{later} steps in later phases)" if later else ""))
+
+
+def export_final_hf(final: Path, hf_dir: Path, tokenizer_dir: Path) -> Path:
+    """The final checkpoint as a Hugging Face directory (what vLLM serves for rollouts and eval)."""
+    from pipeline.export import export_hf
+
+    return export_hf(final, hf_dir, tokenizer_dir)

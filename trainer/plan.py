@@ -1,0 +1,97 @@
+"""What a training run will do: its phases, their tables, steps and tokens (``sip train --dry-run``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.manifest import Manifest, ManifestError, PhaseConfig, fingerprinted_view
+
+# Settings that change how a run is laid out or reported, not what it computes: a resumed run
+# may change them.
+_RESUMABLE_CHANGES = ("train.checkpoint", "train.log_every", "train.export_hf", "train.devices", "train.num_nodes",
+                      "train.strategy")
+
+
+@dataclass
+class PhasePlan:
+    index: int
+    config: PhaseConfig
+    table: Path
+    rows: int
+    epoch_tokens: int
+    world_size: int
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def samples_per_step(self) -> int:
+        """Rows consumed by one optimizer step across all devices (DPO: pairs)."""
+        return self.config.batch_size * self.config.grad_accum * self.world_size
+
+    @property
+    def steps(self) -> int:
+        if self.config.steps is not None:
+            return self.config.steps
+        return max(1, math.ceil(self.config.epochs * self.rows / self.samples_per_step))
+
+    @property
+    def tokens(self) -> int:
+        """Approximate tokens processed (prefix included: the model reads it)."""
+        return int(self.epoch_tokens * self.steps * self.samples_per_step / self.rows)
+
+
+def table_path(manifest: Manifest, phase: PhaseConfig) -> Path:
+    if phase.table is not None:
+        return manifest.resolve_path(phase.table)
+    default = {"pairs": manifest.stage_dir("shard"), "sft": manifest.stage_dir("prefs") / "sft",
+               "preferences": manifest.stage_dir("prefs")}
+    return default[phase.table_kind]
+
+
+def require_train(manifest: Manifest) -> None:
+    if manifest.train is None:
+        raise ManifestError(f"{manifest.source or 'manifest'}: no 'train' section; add one "
+                            "(see README.md, 'Training') to run `sip train`")
+
+
+def plan_phases(manifest: Manifest, world_size: int = 1) -> list[PhasePlan]:
+    """Every phase with its table read (row counts, token totals)."""
+    from trainer.source import TableSource, load_table
+
+    require_train(manifest)
+    plans = []
+    for i, phase in enumerate(manifest.train.phases):
+        path = table_path(manifest, phase)
+        table = load_table(path, phase.table_kind, f"train.phases[{i}].table ({phase.name})")
+        source = TableSource(table, phase.table_kind, 0, manifest.train.max_seq_len)
+        plans.append(PhasePlan(i, phase, path, table.num_rows, source.token_count(), world_size))
+    return plans
+
+
+def describe(manifest: Manifest, plans: list[PhasePlan]) -> str:
+    t = manifest.train
+    lines = [f"train: model init={t.model.init} config={t.model.config if t.model.init == 'scratch' else '(checkpoint)'}; "
+             f"precision {t.precision}, devices {t.devices} x nodes {t.num_nodes}, strategy {t.strategy}, "
+             f"seed {manifest.train_seed}, max_seq_len {t.max_seq_len}"]
+    for p in plans:
+        c = p.config
+        extra = f", beta {c.beta}" if c.objective == "dpo" else ""
+        lines.append(f"  phase {p.index + 1}/{len(plans)} '{p.name}': {c.objective} on {p.table} ({p.rows} rows); "
+                     f"{p.steps} steps x {p.samples_per_step} rows = {p.steps * p.samples_per_step / p.rows:.2f} "
+                     f"epochs, ~{p.tokens:,} tokens; lr {c.lr} (warmup {c.warmup_steps}, cosine to "
+                     f"{c.min_lr_ratio:g}x){extra}")
+    lines.append(f"  checkpoints every {t.checkpoint.every} steps, keep {t.checkpoint.keep_last}, "
+                 f"resume {t.checkpoint.resume}; outputs in {manifest.stage_dir('train')}")
+    return "\n".join(lines)
+
+
+def train_view(manifest: Manifest) -> dict:
+    """The settings a checkpoint must share with the manifest to be resumed."""
+    view = {k: v for k, v in fingerprinted_view(manifest, ("train",)).items()
+            if not any(k == s or k.startswith(s + ".") for s in _RESUMABLE_CHANGES)}
+    view["train.seed"] = manifest.train_seed
+    return view

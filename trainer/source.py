@@ -1,0 +1,100 @@
+"""Training rows from a sip table, in a seeded order per epoch, addressed by a resumable position.
+
+The position is the number of samples consumed so far in the phase. Sample ``k`` is row
+``permutation(epoch = k // rows)[k % rows]``, each epoch's permutation drawn from
+``(seed, epoch)``: the order depends on nothing but the seed, so a resumed run that restores
+the position reads exactly the rows an uninterrupted run would have read.
+
+What is trained on, per table:
+- ``pairs`` (objective ``ntp``): the whole window, prefix + original suffix, as target
+  (plain next-token pretraining; the window keeps its last ``max_len`` tokens);
+- ``sft`` (``rf_nll``): ``target_ids`` given ``prefix_ids``;
+- ``preferences`` (``dpo``): ``chosen_ids`` and ``rejected_ids`` given ``prefix_ids``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.io import read_table, table_files
+
+COLUMNS = {
+    "pairs": ["prefix_ids", "suffix_ids"],
+    "sft": ["prefix_ids", "target_ids", "source"],
+    "preferences": ["prefix_ids", "chosen_ids", "rejected_ids", "chosen_source", "rejected_source"],
+}
+REF_COLUMNS = ["ref_chosen_logp", "ref_rejected_logp", "ref_model_sha"]
+
+
+class TableError(ValueError):
+    """A training table that is missing, empty or not the kind a phase needs."""
+
+
+def load_table(path: Path, kind: str, key: str) -> pa.Table:
+    """Read the columns a ``kind`` table must have, with errors naming ``key`` and the file."""
+    if not table_files(path):
+        hint = {"pairs": "sip shard", "sft": "sip prefs", "preferences": "sip prefs"}[kind]
+        raise TableError(f"{key}: no {kind} table at {path} (no .parquet files); run `{hint}` first or set {key}")
+    try:
+        table = read_table(path)
+    except pa.ArrowInvalid as exc:
+        raise TableError(f"{key}: {path} could not be read as Parquet: {exc}") from None
+    wanted = COLUMNS[kind] + (REF_COLUMNS if kind == "preferences" else [])
+    missing = [c for c in wanted if c not in table.column_names]
+    if missing:
+        raise TableError(f"{key}: {path} is not a {kind} table: missing column(s) {missing} "
+                         f"(has {table.column_names})")
+    if table.num_rows == 0:
+        raise TableError(f"{key}: the {kind} table at {path} has no rows")
+    return table.select(wanted)
+
+
+def max_token_id(table: pa.Table) -> int:
+    """Largest token id in any id column (checked against the model's vocabulary)."""
+    ids = [c for c in table.column_names if c.endswith("_ids")]
+    return max(int(pc.max(pc.list_flatten(table[c])).as_py() or 0) for c in ids)
+
+
+class TableSource:
+    """Batches of one table for one phase, by sample position."""
+
+    def __init__(self, table: pa.Table, kind: str, seed: int, max_len: int):
+        self.table, self.kind, self.seed, self.max_len = table, kind, seed, max_len
+        self.rows = table.num_rows
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.rows)}
+        return self._orders[epoch]
+
+    def row_indices(self, start: int, count: int) -> list[int]:
+        """Table rows of samples ``start .. start+count-1`` (epochs roll over seamlessly)."""
+        return [int(self.order(k // self.rows)[k % self.rows]) for k in range(start, start + count)]
+
+    def examples(self, rows: list[int]) -> list[dict]:
+        """Rows as dicts of python lists, with ``prefix`` and ``target`` (or chosen/rejected) set."""
+        out = []
+        for row in self.table.take(pa.array(rows, pa.int64())).to_pylist():
+            if self.kind == "pairs":
+                window = row["prefix_ids"] + row["suffix_ids"]
+                out.append({"prefix": [], "target": window[-self.max_len:]})
+            elif self.kind == "sft":
+                out.append({"prefix": row["prefix_ids"], "target": row["target_ids"], "source": row["source"]})
+            else:
+                out.append({"prefix": row["prefix_ids"], "chosen": row["chosen_ids"], "rejected": row["rejected_ids"],
+                            "chosen_source": row["chosen_source"], "rejected_source": row["rejected_source"]})
+        return out
+
+    def samples_per_epoch(self) -> int:
+        return self.rows
+
+    def token_count(self) -> int:
+        """Tokens of one epoch (all sequences, before any trimming): for plans and throughput."""
+        cols = {"pairs": ["prefix_ids", "suffix_ids"], "sft": ["prefix_ids", "target_ids"],
+                "preferences": ["prefix_ids", "prefix_ids", "chosen_ids", "rejected_ids"]}[self.kind]
+        return sum(int(pc.sum(pc.list_value_length(self.table[c])).as_py() or 0) for c in cols)
