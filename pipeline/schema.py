@@ -66,6 +66,24 @@ REWRITES = pa.schema(
     ]
 )
 
+ROLLOUT_STATUSES = ("ok", "empty", "too_long", "error")
+
+ROLLOUTS = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("sample", pa.int32(), nullable=False),  # rollout index 0..K-1 within the pair
+        pa.field("cand_id", pa.string()),  # cand_id(pair_id, text): joins the judgments; null without text
+        pa.field("text", pa.string()),  # the ids decoded (special tokens not shown); null unless ok/empty
+        pa.field("token_ids", _ids, nullable=False),  # the policy's sampled ids, at most N; empty on failure
+        pa.field("finish_reason", pa.string()),  # length (N reached) | stop (end-of-text sampled)
+        pa.field("status", pa.string(), nullable=False),  # one of ROLLOUT_STATUSES
+        pa.field("error", pa.string()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("completion_tokens", pa.int32()),
+        pa.field("model", pa.string(), nullable=False),
+    ]
+)
+
 CANDIDATE_SOURCES = ("original", "rewrite", "rollout")
 PARSE_STATUSES = ("ok", "unparsable", "not_judged", "error")
 
@@ -121,6 +139,7 @@ SFT = pa.schema(
 TABLES: dict[str, pa.Schema] = {
     "pairs": PAIRS,
     "rewrites": REWRITES,
+    "rollouts": ROLLOUTS,
     "judgments": JUDGMENTS,
     "preferences": PREFERENCES,
     "sft": SFT,

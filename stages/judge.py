@@ -1,8 +1,9 @@
 """Judge stage: score every pair's candidates (METHOD.md "Judge") into the judgments table.
 
-Candidates per pair: the original suffix and the rewrite (when its status is ok), each
-clipped to N policy tokens (what the policy would be trained on). Identical texts are judged
-once. Rollout candidates join when the rollout stage exists.
+Candidates per pair: the original suffix, the rewrite (when its status is ok), clipped to N
+policy tokens (what the policy would be trained on), and, when ``rollouts.count`` > 0, the
+policy's ok rollouts (already at most N tokens; their text is their ids decoded, never
+re-tokenized). Identical texts are judged once, under the first source that gave them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipeline.stage import StageDir, StageFailed
 from pipeline.tokenizer import load_tokenizer
 from stages.judging import PROMPTS, Judge, Scored
 from stages.rewrite import plan_rewrite
+from stages.rollout import plan_rollout
 from stages.shard import char_boundaries, plan_shard
 
 STAGE = "judge"
@@ -50,13 +52,17 @@ class JudgeStep(ChunkedStep):
     name = "judge"
     type = "⚖️ - JUDGE"
 
-    def __init__(self, manifest: Manifest, output_dir: str, schema, rewrites_dir: str, tokenizer_dir: str):
+    def __init__(self, manifest: Manifest, output_dir: str, schema, rewrites_dir: str, tokenizer_dir: str,
+                 rollouts_dir: str | None = None):
         super().__init__(output_dir, schema, manifest.judging.chunk_size)
         self.manifest = manifest
         self.rewrites_dir = rewrites_dir
         self.tokenizer_dir = tokenizer_dir
+        self.rollouts_dir = rollouts_dir  # None: no rollout candidates (rollouts.count is 0)
         self._judge: Judge | None = None
         self._rewrites: dict[str, str] | None = None
+        self._rollouts: dict[str, list[str]] | None = None
+
 
     def rewrites(self) -> dict[str, str]:
         if self._rewrites is None:
@@ -65,14 +71,32 @@ class JudgeStep(ChunkedStep):
                               if s == "ok" and r}
         return self._rewrites
 
+    def rollouts(self) -> dict[str, list[str]]:
+        """pair_id -> its ok rollout texts, by sample index."""
+        if self._rollouts is None:
+            self._rollouts = {}
+            if self.rollouts_dir is not None:
+                table = pl.from_arrow(read_table(self.rollouts_dir, columns=["pair_id", "sample", "text", "status"]))
+                for pair_id, texts in (table.filter(pl.col("status") == "ok").sort("pair_id", "sample")
+                                       .group_by("pair_id", maintain_order=True).agg("text").iter_rows()):
+                    self._rollouts[pair_id] = texts
+        return self._rollouts
+
     def candidates(self, pair: dict) -> list[tuple[str, str]]:
         tok, n = load_tokenizer(self.tokenizer_dir), self.manifest.shard.suffix_tokens
-        out = [("original", pair["suffix"])]
+        others = []
         if (rewrite := self.rewrites().get(pair["pair_id"])) is not None:
-            clipped = clip_to_tokens(rewrite, tok, n)
-            if clipped.strip() and clipped != pair["suffix"]:
-                out.append(("rewrite", clipped))
+            others.append(("rewrite", clip_to_tokens(rewrite, tok, n)))
+        # Rollouts are not clipped: their ids are at most N, and re-encoding their text could
+        # tokenize differently and cut what the policy actually sampled.
+        others += [("rollout", text) for text in self.rollouts().get(pair["pair_id"], [])]
+        out, seen = [("original", pair["suffix"])], {pair["suffix"]}
+        for source, text in others:  # each distinct text once, under the first source that gave it
+            if text.strip() and text not in seen:
+                seen.add(text)
+                out.append((source, text))
         return out
+
 
     def process(self, rows: list[dict]) -> list[dict]:
         cfg = self.manifest.judging
@@ -146,6 +170,7 @@ class JudgePlan:
     rewrites_dir: Path
     tokenizer_dir: Path
     model: dict
+    rollouts_dir: Path | None = None
 
     def pipeline(self) -> list:
         templates = {c: (PROMPTS / f"judge_{c}.txt").read_text() for c in CRITERIA}
@@ -157,7 +182,7 @@ class JudgePlan:
         return [
             TableReader(str(self.pairs_dir), columns=["pair_id", "prefix", "suffix"]),
             JudgeStep(self.manifest, str(self.stage.path), with_provenance(JUDGMENTS, prov), str(self.rewrites_dir),
-                      str(self.tokenizer_dir)),
+                      str(self.tokenizer_dir), str(self.rollouts_dir) if self.rollouts_dir else None),
         ]
 
 
@@ -171,18 +196,24 @@ def plan_judge(manifest: Manifest, upstream_pending: bool = False) -> JudgePlan:
             raise ManifestError(f"judging.{soft[0]}.mode: an endpoint judge supports only 'verdict' "
                                 "(choice_prob and likelihood need the model's log-probs: use a local judge)")
     shard, rewrite = plan_shard(manifest), plan_rewrite(manifest, upstream_pending=True)
+    # Rollouts are an upstream only when there are any: count 0 leaves the judge as it was.
+    rollout = plan_rollout(manifest, upstream_pending=True) if manifest.rollouts.count else None
     if not upstream_pending:
         rewrite.stage.check_upstream_of(STAGE)
+        if rollout is not None:
+            rollout.stage.check_upstream_of(STAGE)
     model = model_identity(manifest, manifest.judge, "judge")
     view = {k: v for k, v in fingerprinted_view(manifest, ("judge", "judging", "run.seed", "shard.suffix_tokens")).items()
             if k.removeprefix("judge.") not in RUN_ONLY and k not in ("judging.chunk_size", "judging.self_check")}
     view.update({"upstream.rewrite": rewrite.stage.fingerprint,
                  "judge.identity": model.get("weights_sha") or model.get("url"),
                  "judging.prompts": fingerprint_prompts()})
+    if rollout is not None:
+        view["upstream.rollout"] = rollout.stage.fingerprint
     tasks = manifest.executor.for_stage(STAGE).tasks
     layout = {"executor.tasks": tasks, "judging.chunk_size": cfg.chunk_size}
     return JudgePlan(manifest, StageDir(manifest, STAGE, "judgments", view, layout), shard.stage.path,
-                     rewrite.stage.path, shard.tokenizer_dir, model)
+                     rewrite.stage.path, shard.tokenizer_dir, model, rollout.stage.path if rollout else None)
 
 
 def fingerprint_prompts() -> str:

@@ -3,6 +3,8 @@
 Per pair: chosen = highest reward, rejected = lowest (METHOD.md "Training"). Pairs with fewer
 than two judged candidates, or whose best and worst rewards tie (margin <= prefs.min_margin),
 are skipped and counted. Token ids use the policy tokenizer; a suffix is at most N tokens.
+A rollout's ids are the ones the policy sampled (from the rollouts table), never its text
+re-encoded, so DPO trains on exactly what the policy produced and the judge saw.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pipeline.cards import write_card
 from pipeline.io import read_table, write_table_atomic
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.runner import StageJob, run_chain
-from pipeline.schema import PREFERENCES, SFT, provenance, with_provenance
+from pipeline.schema import CANDIDATE_SOURCES, PREFERENCES, SFT, provenance, with_provenance
 from pipeline.stage import StageDir
 from pipeline.tokenizer import load_tokenizer
 from stages.judge import plan_judge
@@ -30,8 +32,12 @@ STAGE = "prefs"
 _SOURCE_ORDER = {"original": 0, "rewrite": 1, "rollout": 2}  # tie-break among equal rewards: deterministic
 
 
-def build_preferences(judgments: pl.DataFrame, pairs: pl.DataFrame, tokenizer, n: int, min_margin: float):
-    """Returns (preferences rows, sft rows, counts)."""
+def build_preferences(judgments: pl.DataFrame, pairs: pl.DataFrame, tokenizer, n: int, min_margin: float,
+                      rollout_ids: dict[tuple[str, str], list[int]] | None = None):
+    """Returns (preferences rows, sft rows, counts).
+
+    ``rollout_ids``: (pair_id, text) -> the sampled ids of that rollout (see :func:`rollout_ids_of`).
+    """
     valid = judgments.filter(pl.col("reward").is_not_null()).with_columns(
         pl.col("source").replace_strict(_SOURCE_ORDER, default=3).alias("_order"))
     ranked = valid.sort(["pair_id", "reward", "_order", "cand_id"], descending=[False, True, False, False])
@@ -41,6 +47,12 @@ def build_preferences(judgments: pl.DataFrame, pairs: pl.DataFrame, tokenizer, n
     def ids_of(source: str, text: str, pair: dict) -> list[int]:
         if source == "original":
             return list(pair["suffix_ids"])
+        if source == "rollout":
+            ids = (rollout_ids or {}).get((pair["pair_id"], text))
+            if ids is None:
+                raise ValueError(f"pair {pair['pair_id']}: a rollout candidate has no row in the rollouts table with "
+                                 f"its text ({text[:60]!r}); the judgments and rollouts tables do not match")
+            return list(ids)
         return tokenizer.encode(text, add_special_tokens=False).ids[:n]
 
     prefs, sft = [], []
@@ -72,6 +84,16 @@ def build_preferences(judgments: pl.DataFrame, pairs: pl.DataFrame, tokenizer, n
     return prefs, sft, counts
 
 
+def rollout_ids_of(rollouts_dir: Path) -> dict[tuple[str, str], list[int]]:
+    """(pair_id, text) -> token ids of the ok rollouts (the lowest sample when two share a text)."""
+    table = pl.from_arrow(read_table(rollouts_dir, columns=["pair_id", "sample", "text", "token_ids", "status"]))
+    out: dict[tuple[str, str], list[int]] = {}
+    for pair_id, text, ids in (table.filter(pl.col("status") == "ok").sort("pair_id", "sample")
+                               .select("pair_id", "text", "token_ids").iter_rows()):
+        out.setdefault((pair_id, text), ids)
+    return out
+
+
 class PrefsStep(PipelineStep):
     name = "prefs"
     type = "🏁 - PREFERENCES"
@@ -84,8 +106,9 @@ class PrefsStep(PipelineStep):
         plan, m = self.plan, self.plan.manifest
         judgments = pl.from_arrow(read_table(plan.judgments_dir))
         pairs = pl.from_arrow(read_table(plan.pairs_dir, columns=["pair_id", "prefix", "prefix_ids", "suffix_ids"]))
+        rollouts = rollout_ids_of(plan.rollouts_dir) if plan.rollouts_dir else None
         prefs, sft, counts = build_preferences(judgments, pairs, load_tokenizer(str(plan.tokenizer_dir)),
-                                               m.shard.suffix_tokens, m.prefs.min_margin)
+                                               m.shard.suffix_tokens, m.prefs.min_margin, rollouts)
         for key, value in counts.items():
             self.stat_update(key, value=value)
         prov = provenance(stage=STAGE, table="preferences", manifest_fingerprint=fingerprint(m),
@@ -103,6 +126,7 @@ class PrefsPlan:
     judgments_dir: Path
     pairs_dir: Path
     tokenizer_dir: Path
+    rollouts_dir: Path | None = None
 
 
 def plan_prefs(manifest: Manifest, upstream_pending: bool = False) -> PrefsPlan:
@@ -112,13 +136,20 @@ def plan_prefs(manifest: Manifest, upstream_pending: bool = False) -> PrefsPlan:
     view = fingerprinted_view(manifest, ("prefs",))
     view["upstream.judge"] = judge.stage.fingerprint
     return PrefsPlan(manifest, StageDir(manifest, STAGE, "preferences", view, {"executor.tasks": 1}),
-                     judge.stage.path, shard.stage.path, shard.tokenizer_dir)
+                     judge.stage.path, shard.stage.path, shard.tokenizer_dir, judge.rollouts_dir)
 
 
 def prefs_summary(plan: PrefsPlan, elapsed_s: float | None) -> dict:
     stats = plan.stage.merged_stats()
     p = pl.from_arrow(read_table(plan.stage.path))
-    rates = lambda col: {k: round(v / max(1, p.height), 3) for k, v in p[col].value_counts().iter_rows()} if p.height else {}  # noqa: E731
+    # Every source that can be a candidate is listed, 0.0 included: the rollout chosen rate is
+    # the curriculum's signal, and an absent key would read as "not measured".
+    sources = [s for s in CANDIDATE_SOURCES if s != "rollout" or plan.manifest.rollouts.count]
+
+    def rates(col: str) -> dict[str, float]:
+        counts = dict(p[col].value_counts().iter_rows()) if p.height else {}
+        return {s: round(counts.get(s, 0) / max(1, p.height), 3) for s in sources}
+
     summary = {
         **{k: int(stats.get(k, 0)) for k in ("pairs", "usable", "skipped_single_candidate", "skipped_tie", "skipped_unjudged")},
         "chosen_source_rate": rates("chosen_source"),

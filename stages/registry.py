@@ -9,15 +9,24 @@ from pipeline.runner import StageJob, run_chain
 from stages.judge import judge_job
 from stages.prefs import prefs_job
 from stages.rewrite import rewrite_job
+from stages.rollout import rollout_job
 from stages.shard import shard_job
 
 # name -> builder(manifest, upstream_pending) ; in pipeline order
 JOBS: dict[str, Callable[[Manifest, bool], StageJob]] = {
     "shard": shard_job,
     "rewrite": rewrite_job,
+    "rollout": rollout_job,  # after rewrite, so `make judge` runs it; judge needs it when count > 0
     "judge": judge_job,
     "prefs": prefs_job,
 }
+
+
+def inactive(manifest: Manifest, name: str) -> str | None:
+    """Why a stage has no work under this manifest (it is then skipped, not failed), or None."""
+    if name == "rollout" and manifest.rollouts.count == 0:
+        return "rollouts.count is 0 (no policy rollouts; judge uses the original and the rewrite)"
+    return None
 
 
 def run_stages(
@@ -27,7 +36,12 @@ def run_stages(
     unknown = [n for n in names if n not in JOBS]
     if unknown:
         raise ManifestError(f"--stages: unknown stage(s) {unknown}; stages in order: {', '.join(JOBS)}")
-    ordered = [n for n in JOBS if n in names]
+    ordered = []
+    for name in (n for n in JOBS if n in names):
+        if reason := inactive(manifest, name):
+            log(f"{name}: {reason}; nothing to do")
+        else:
+            ordered.append(name)
     # A stage whose upstream is earlier in this chain is planned before that upstream has run.
     jobs = [JOBS[name](manifest, i > 0) for i, name in enumerate(ordered)]
     return run_chain(manifest, jobs, force=force, dry_run=dry_run, wait=wait, log=log)

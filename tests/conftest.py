@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,41 @@ def wiki_documents(n: int, words: int = 120) -> list[dict]:
                 if len(rows) == n:
                     return rows
     return rows
+
+
+def llm_manifest(root: Path, docs: list[dict], **sections) -> Path:
+    """A one-task manifest over ``docs`` with the embedded model as rewriter and judge, 16-token
+    suffixes and small chunks (several chunk files from a few pairs); ``sections`` update it."""
+    write_jsonl(root / "corpus.jsonl", docs)
+    data = base_manifest(root / "out", [str(root / "corpus.jsonl")],
+                         shard={"suffix_tokens": 16, "min_prefix_tokens": 16, "max_prefix_tokens": 96},
+                         executor={"tasks": 1, "workers": 1})
+    data["rewriter"] = {"model": "embedded", "max_model_len": 1024}
+    data["judge"] = {"model": "embedded", "max_model_len": 1024}
+    data["rewrite"] = {"chunk_size": 16}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return write_manifest(root / "manifest.yaml", data)
+
+
+def kill_after_first_chunk(stage: str, manifest: Path, stage_dir: Path, timeout_s: float = 600) -> dict[str, int]:
+    """Start `sip <stage>`, SIGKILL its whole process group once the first chunk file appears,
+    and return the chunk files present then ({name: mtime_ns})."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", stage, "-m", str(manifest)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, killed = time.monotonic() + timeout_s, False
+    try:
+        while not killed and time.monotonic() < deadline and proc.poll() is None:
+            if list(stage_dir.glob("*.parquet")):
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed = True
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and not killed:  # timed out, or the test was interrupted
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed, f"sip {stage} ended (rc {proc.returncode}) or wrote no chunk in {timeout_s} s before the kill"
+    return {p.name: p.stat().st_mtime_ns for p in stage_dir.glob("*.parquet")}
 
 
 @pytest.fixture(scope="session")

@@ -93,12 +93,13 @@ def test_preferences_pick_highest_and_lowest_and_skip_ties_and_singletons():
         ("p3", "c6", "original", "orig", 0.7),  # single candidate
         ("p4", "c7", "original", "orig", None), ("p4", "c8", "rewrite", "x", 0.4),  # one unparsable -> single
     ])
-    prefs, sft, counts = build_preferences(j, pairs, Tok(), n=3, min_margin=0.0)
+    prefs, sft, counts = build_preferences(j, pairs, Tok(), n=3, min_margin=0.0, rollout_ids={("p1", "bad"): [5, 6]})
     assert counts == {"pairs": 4, "usable": 1, "skipped_single_candidate": 2, "skipped_tie": 1, "skipped_unjudged": 0}
     [p] = prefs
     assert (p["chosen_source"], p["rejected_source"], p["chosen"], p["rejected"]) == ("rewrite", "rollout", "better", "bad")
     assert p["chosen_reward"] >= p["rejected_reward"]
     assert p["chosen_ids"] == [ord(c) for c in "bet"]  # clipped to N=3 policy tokens
+    assert p["rejected_ids"] == [5, 6]  # a rollout keeps its sampled ids
     assert p["prompt"] == "prefix p1" and p["prefix_ids"] == [1, 2]
     by_pair = {r["pair_id"]: r for r in sft}
     assert by_pair["p1"]["source"] == "rewrite" and by_pair["p3"]["target_ids"] == [9, 9]  # original: its own ids

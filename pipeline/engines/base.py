@@ -2,8 +2,10 @@
 
 A request is chat messages (rendered with the model's own chat template) plus an optional
 ``prefill``: the start of the assistant's answer, which the output continues (the rewriter's
-priming). A bad request (too long for the model, refused by the server) gives a result with
-``status`` ``too_long`` or ``error``; it never fails the batch.
+priming). Or it is raw ``prompt_ids`` (local engines only): token ids the model continues as a
+plain LM, no template (a base policy continuing a prefix: rollouts). A bad request (too long
+for the model, refused by the server) gives a result with ``status`` ``too_long`` or
+``error``; it never fails the batch.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ class Sampling:
 @dataclass(frozen=True)
 class Request:
     id: str
-    messages: tuple[dict, ...]
+    messages: tuple[dict, ...] = ()
     prefill: str = ""
+    prompt_ids: tuple[int, ...] | None = None  # set: continue these ids as they are (messages unused)
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Result:
     id: str
     status: Status = "ok"
     texts: list[str] = field(default_factory=list)  # n samples, without the prefill
+    token_ids: list[list[int]] = field(default_factory=list)  # n samples' generated ids (local engines)
     finish_reasons: list[str] = field(default_factory=list)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None

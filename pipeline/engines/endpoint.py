@@ -68,6 +68,8 @@ class EndpointEngine(Engine):
         return payload
 
     async def _one(self, client: httpx.AsyncClient, gate: asyncio.Semaphore, request: Request, sampling: Sampling) -> Result:
+        if request.prompt_ids is not None:  # chat completions cannot take raw ids; never send empty messages
+            return Result(request.id, "error", error="an endpoint takes chat messages, not raw prompt_ids")
         try:
             return await self._attempts(client, gate, request, sampling)
         except Exception as exc:  # one bad request never fails the batch

@@ -64,6 +64,8 @@ class VLLMEngine(Engine):
         logger.info(f"vLLM engine ready in {self.start_s:.1f} s ({self.model_id}, max_model_len={max_model_len})")
 
     def prompt_ids(self, request: Request) -> list[int]:
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
         text = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(text + request.prefill, add_special_tokens=False)
 
@@ -110,6 +112,7 @@ class VLLMEngine(Engine):
             return
         for (result, _), out in zip(runnable, outputs):
             result.texts = [c.text for c in out.outputs]
+            result.token_ids = [list(c.token_ids) for c in out.outputs]
             result.finish_reasons = [c.finish_reason or "" for c in out.outputs]
             result.completion_tokens = sum(len(c.token_ids) for c in out.outputs)
 

