@@ -83,6 +83,10 @@ def assets(model: bool, corpus: bool) -> None:
 
 
 def _summary_line(name: str, card: dict, out: Path) -> str:
+    if name == "train":
+        from trainer.job import summary_line
+
+        return f"{summary_line(card)}\n    -> {out}"
     s = card["summary"]
     if name == "shard":
         skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
@@ -113,7 +117,13 @@ def _run(names: list[str], manifest_path, overrides, executor, force, dry_run, w
     from stages.registry import run_stages
 
     m = _load(manifest_path, overrides, executor)
-    cards = run_stages(m, names, force=force, dry_run=dry_run, wait=wait, log=click.echo)
+    then = None
+    if "train" in names:  # not a batch stage: the trainer ends the chain (afterok on Slurm)
+        from trainer.job import train_job
+
+        names = [n for n in names if n != "train"]
+        then = train_job(m, upstream_pending=bool(names), log=click.echo)
+    cards = run_stages(m, names, force=force, dry_run=dry_run, wait=wait, log=click.echo, then=then)
     for name, card in cards.items():
         click.echo(_summary_line(name, card, m.stage_dir(name)))
 

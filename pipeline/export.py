@@ -176,7 +176,8 @@ def export_hf(litgpt_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | 
     _check_llama(config, config_path)
     tokenizer_files = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
     if not any(p.name in ("tokenizer.json", "tokenizer.model") for p in tokenizer_files):
-        raise ExportError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model; pass tokenizer_dir= a directory with one")
+        raise ExportError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model; pass tokenizer_dir= a directory "
+                          "with one")
 
     state = _hf_state_dict(config, _load_lit_weights(litgpt_dir / "lit_model.pth"))
     embed, head = state["model.embed_tokens.weight"], state.get("lm_head.weight")

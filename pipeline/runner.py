@@ -10,6 +10,9 @@ runs, failure reporting and Slurm job chains behave the same everywhere:
   ``sip run --stages shard,rewrite`` queues the whole chain at once. Job ids are kept in
   ``_logs/slurm_jobs.json`` so a second submission while they are still queued is refused
   instead of racing them.
+
+A chain may end with a :class:`~pipeline.slurm_job.CommandJob` (training): run in-process
+locally, or one sbatch job ``afterok`` on the last stage's card job on Slurm.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from pipeline.executor import make_executor, sbatch_script, wait_for_jobs
 from pipeline.manifest import Manifest
+from pipeline.slurm_job import CommandJob
 from pipeline.stage import StageConflict, StageDir, StageFailed
 
 JOBS_FILE = "slurm_jobs.json"
@@ -123,9 +127,34 @@ def _wait_slurm(job: StageJob, executor, card_job) -> dict:
     return card
 
 
+def _dry_run_command(manifest: Manifest, job: CommandJob, after: str | None, log: Callable[[str], None]) -> None:
+    ex = manifest.executor.for_stage(job.name)
+    log(f"{job.name}: one job on {ex.type} -> {job.directory}")
+    if job.plan is not None:
+        log(job.plan())
+    if ex.type == "slurm":
+        # The upstream job id exists only once it is submitted: show where it goes.
+        log(job.script(f"afterok:<{after} card job id>" if after else None))
+
+
+def _run_command(manifest: Manifest, job: CommandJob, submitted: list, log: Callable[[str], None]) -> dict | None:
+    """Run a command job here, or submit it after the last submitted stage; returns its summary
+    when it ran here, or None when it was queued (``submitted`` gets it)."""
+    if manifest.executor.for_stage(job.name).type != "slurm":
+        if submitted:  # it runs here, after jobs that run there
+            _wait_slurm(*submitted[-1])
+        return job.run_local()
+    after = [str(submitted[-1][2].job_id)] if submitted else []
+    job_id = job.submit(after)
+    log(f"{job.name}: submitted Slurm job {job_id}" + (f" (afterok {after[0]})" if after else "")
+        + f"; output in {job.logs}")
+    submitted.append((job, job_id, None))
+    return None
+
+
 def run_chain(
     manifest: Manifest,
-    jobs: list[StageJob],
+    jobs: list[StageJob | CommandJob],
     *,
     force: bool = False,
     dry_run: bool = False,
@@ -134,10 +163,17 @@ def run_chain(
 ) -> dict[str, dict]:
     """Run or resume stages in order; returns the cards of the complete ones (by stage name).
 
-    ``force`` applies to every stage in the chain. Stages already complete are skipped.
+    ``force`` applies to every stage in the chain. Stages already complete are skipped. A
+    :class:`CommandJob` can only end the chain (nothing here makes a datatrove job wait on it).
     """
+    if any(isinstance(job, CommandJob) for job in jobs[:-1]):
+        raise ValueError("a CommandJob can only be the last member of a chain")
     if dry_run:
-        for job in jobs:
+        for i, job in enumerate(jobs):
+            if isinstance(job, CommandJob):
+                queued = [j.stage.stage for j in jobs[:i] if manifest.executor.for_stage(j.stage.stage).type == "slurm"]
+                _dry_run_command(manifest, job, queued[-1] if queued else None, log)
+                continue
             ex = manifest.executor.for_stage(job.stage.stage)
             log(f"{job.stage.stage}: {job.stage.tasks} tasks on {ex.type} -> {job.stage.path}")
             if ex.type == "slurm":
@@ -152,12 +188,20 @@ def run_chain(
     submitted = []
     depends = None
     # Every check first: a conflict in a later stage must not leave earlier stages submitted.
-    for job in jobs:
+    command = jobs[-1] if jobs and isinstance(jobs[-1], CommandJob) else None
+    stage_jobs = jobs[:-1] if command is not None else jobs
+    for job in stage_jobs:
         if manifest.executor.for_stage(job.stage.stage).type == "slurm" and not force:
             _guard_queued(job.stage)
-    for job in jobs:
+    if command is not None and manifest.executor.for_stage(command.name).type == "slurm" and not force:
+        command.guard_queued()
+    for job in stage_jobs:
         job.stage.prepare(force=force)
-    for job in jobs:
+    command_done = None
+    if command is not None:
+        command.prepare(force=force)
+        command_done = command.done()  # raises if its outputs were made with other settings
+    for job in stage_jobs:
         stage = job.stage
         slurm = manifest.executor.for_stage(stage.stage).type == "slurm"
         if (card := _done(stage)) is not None:
@@ -175,13 +219,23 @@ def run_chain(
             f"logs in {stage.logs}")
         submitted.append((job, executor, card_job))
         depends = card_job
+    if command is not None:
+        if (summary := command_done) is not None:
+            log(f"{command.name}: already complete ({command.directory}); nothing to do")
+            cards[command.name] = summary
+        elif (summary := _run_command(manifest, command, submitted, log)) is not None:
+            cards[command.name] = summary
     if wait:
         for i, (job, executor, card_job) in enumerate(submitted):
             try:
-                cards[job.stage.stage] = _wait_slurm(job, executor, card_job)
+                if isinstance(job, CommandJob):
+                    cards[job.name] = job.wait(executor)  # executor: the job id
+                else:
+                    cards[job.stage.stage] = _wait_slurm(job, executor, card_job)
             except StageFailed:
                 # Later stages wait afterok on this one: without kill_invalid_depend they would pend forever.
-                later = [str(j) for _, ex, card in submitted[i + 1:] for j in (ex.job_id, card.job_id)]
+                later = [str(j) for later_job, ex, card in submitted[i + 1:]
+                         for j in ((ex,) if isinstance(later_job, CommandJob) else (ex.job_id, card.job_id))]
                 if later:
                     subprocess.run(["scancel", *later], capture_output=True)
                 raise

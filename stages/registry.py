@@ -6,6 +6,7 @@ from typing import Callable
 
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.runner import StageJob, run_chain
+from pipeline.slurm_job import CommandJob
 from stages.judge import judge_job
 from stages.prefs import prefs_job
 from stages.rewrite import rewrite_job
@@ -31,11 +32,12 @@ def inactive(manifest: Manifest, name: str) -> str | None:
 
 def run_stages(
     manifest: Manifest, names: list[str], *, force: bool = False, dry_run: bool = False, wait: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, then: CommandJob | None = None,
 ) -> dict[str, dict]:
+    """Run the named stages in pipeline order; ``then`` (training) ends the chain, after them."""
     unknown = [n for n in names if n not in JOBS]
     if unknown:
-        raise ManifestError(f"--stages: unknown stage(s) {unknown}; stages in order: {', '.join(JOBS)}")
+        raise ManifestError(f"--stages: unknown stage(s) {unknown}; stages in order: {', '.join(JOBS)}, train")
     ordered = []
     for name in (n for n in JOBS if n in names):
         if reason := inactive(manifest, name):
@@ -44,4 +46,5 @@ def run_stages(
             ordered.append(name)
     # A stage whose upstream is earlier in this chain is planned before that upstream has run.
     jobs = [JOBS[name](manifest, i > 0) for i, name in enumerate(ordered)]
-    return run_chain(manifest, jobs, force=force, dry_run=dry_run, wait=wait, log=log)
+    return run_chain(manifest, jobs + ([then] if then is not None else []), force=force, dry_run=dry_run,
+                     wait=wait, log=log)
