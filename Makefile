@@ -34,9 +34,16 @@ judge: setup
 
 prefs: judge
 
+# Training reads the preferences (and pairs) tables: the stages first, then the trainer
+# (it resumes from the latest checkpoint; a finished run is not trained again).
+.PHONY: train
+train: setup
+	$(SIP) run --stages shard,rewrite,rollout,judge,prefs,train $(SIP_ARGS)
+
 demo: setup assets
-	$(SIP) run --stages shard,rewrite,rollout,judge,prefs $(SIP_ARGS)
+	$(SIP) run --stages shard,rewrite,rollout,judge,prefs,train $(SIP_ARGS)
 	@echo "demo outputs: $$($(PY) -c 'from pipeline.manifest import load_manifest as l; print(l("$(MANIFEST)").output_root)')"
+	@$(PY) -c 'from pipeline.manifest import load_manifest as l; t = l("$(MANIFEST)").stage_dir("train"); print("checkpoint:", t / "final", "(HF:", t / "hf", ") metrics:", t / "metrics")'
 
 test: setup
 	$(PY) -m pytest -q

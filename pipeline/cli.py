@@ -23,9 +23,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     import pyarrow as pa
 
+    from trainer.model import ModelError
+    from trainer.ref_logps import ReferenceMismatch
+    from trainer.source import TableError
+
     return (
         ManifestError, AssetError, CorpusError, ModelNotFound, StageConflict, StageFailed, TokenizerError, PromptError,
-        FileNotFoundError, pa.ArrowInvalid,
+        FileNotFoundError, pa.ArrowInvalid, ModelError, ReferenceMismatch, TableError,
     )
 
 
@@ -182,6 +186,42 @@ def prefs(manifest_path, overrides, executor, force, dry_run, wait) -> None:
 def run_cmd(stage_list, manifest_path, overrides, executor, force, dry_run, wait) -> None:
     """Run several stages in order (skipping complete ones)."""
     _run([s.strip() for s in stage_list.split(",") if s.strip()], manifest_path, overrides, executor, force, dry_run, wait)
+
+
+@main.command()
+@manifest_option
+@set_option
+@executor_option
+@click.option("--force", is_flag=True, help="Delete the train outputs (checkpoints, metrics) and start over.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (phases, steps, tokens; on Slurm the sbatch script); "
+              "train nothing.")
+@click.option("--wait/--no-wait", default=True, help="Slurm: wait for the job to finish.")
+def train(manifest_path, overrides, executor, force, dry_run, wait) -> None:
+    """Train the policy through the manifest's train.phases (resumes from the latest checkpoint).
+
+    With the Slurm executor: one sbatch job, srun starting one task per device."""
+    from trainer.loop import run_train
+
+    m = _load(manifest_path, overrides, executor)
+    if m.executor.for_stage("train").type == "slurm":
+        _run(["train"], manifest_path, overrides, executor, force, dry_run, wait)
+    else:
+        run_train(m, force=force, dry_run=dry_run, log=click.echo)
+
+
+@main.command("ref-logps")
+@manifest_option
+@set_option
+@click.option("--phase", default=None, help="DPO phase name (default: the first DPO phase).")
+@click.option("--checkpoint", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Reference checkpoint (required when the DPO phase is not the first phase).")
+@click.option("--clear", is_flag=True, help="Remove stored reference log-probs instead.")
+def ref_logps(manifest_path, overrides, phase, checkpoint, clear) -> None:
+    """Store a DPO phase's reference log-probs in its preferences table."""
+    from trainer.ref_logps import run_ref_logps
+
+    run_ref_logps(_load(manifest_path, overrides), phase=phase, checkpoint=Path(checkpoint) if checkpoint else None,
+                  clear=clear, log=click.echo)
 
 
 @main.command("judge-check")

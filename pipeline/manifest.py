@@ -395,6 +395,8 @@ def _format_error(source: str, err: dict[str, Any], model: type[BaseModel]) -> s
 def _walk_model(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     current: Any = model
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections (train.phases.0): same model
+            continue
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return None

@@ -50,7 +50,7 @@ def test_ntp_loss_falls_dpo_accuracy_rises_and_outputs_are_litgpt_checkpoints(tm
     data = train_manifest(tmp_path, [
         {"name": "ntp", "objective": "ntp", "steps": 24, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2},
         {"name": "dpo", "objective": "dpo", "steps": 12, "batch_size": 8, "lr": 1e-3, "beta": 0.5},
-    ], checkpoint={"every": 10, "keep_last": 2})
+    ], checkpoint={"every": 10, "keep_last": 2}, export_hf=True)
     manifest = load_manifest(write_manifest(tmp_path / "m.yaml", data))
     lines: list[str] = []
     summary = run_train(manifest, log=lines.append)
@@ -78,6 +78,8 @@ def test_ntp_loss_falls_dpo_accuracy_rises_and_outputs_are_litgpt_checkpoints(tm
     model = GPT(Config.from_file(final / "model_config.yaml"))
     model.load_state_dict(torch.load(final / "lit_model.pth", weights_only=True))  # a plain LitGPT checkpoint
     assert model.config.n_embd == TINY_MODEL["n_embd"]
+    hf_config = json.loads((train_dir / "hf" / "config.json").read_text())  # the final weights, exported for vLLM
+    assert summary["hf"] == str(train_dir / "hf") and hf_config["num_hidden_layers"] == TINY_MODEL["n_layer"]
     state = json.loads((final / "train_state.json").read_text())
     assert state["phase"] == "dpo" and state["phase_step"] == 12 and state["global_step"] == 36
 

@@ -1,0 +1,87 @@
+"""The manifest's train section: defaults, and errors that name the key and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.manifest import ManifestError, load_manifest, parse_manifest
+from tests.conftest import REPO, base_manifest, write_manifest
+from tests.test_train_data import train_manifest
+
+PHASE = {"name": "a", "objective": "ntp", "steps": 3}
+
+
+def _parse(tmp_path, train: dict):
+    data = base_manifest(tmp_path, ["x.jsonl"])
+    data["train"] = train
+    return parse_manifest(data, "m.yaml")
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"model": {"init": "scratch"}, "phases": [PHASE]},
+     r"'train.model': .*config is required with init: scratch"),
+    ({"model": {"init": "policy", "config": "pythia-14m"}, "phases": [PHASE]},
+     r"config is only for init: scratch; the checkpoint of init: 'policy' carries its own model_config.yaml"),
+    ({"model": {"init": "scratch", "config": "x"}, "phases": [{**PHASE, "stps": 3}]},
+     r"unknown key 'train.phases.0.stps' \(did you mean 'steps'\?\); allowed here: batch_size, beta"),
+    ({"model": {"init": "scratch", "config": "x"}, "phases": [{**PHASE, "epochs": 1}]},
+     r"'train.phases.0': .*phase 'a': give exactly one of steps or epochs"),
+    ({"model": {"init": "scratch", "config": "x"}, "phases": [{**PHASE, "objective": "ppo"}]},
+     r"'train.phases.0.objective' is 'ppo'; allowed: 'ntp', 'rf_nll' or 'dpo'"),
+    ({"model": {"init": "scratch", "config": "x"}, "phases": [PHASE, PHASE]},
+     r"phase names must be unique; repeated: a"),
+    ({"model": {"init": "scratch", "config": "x"}, "phases": []}, r"'train.phases': List should have at least 1"),
+    ({"model": {"init": "scratch", "config": "x"}, "phases": [PHASE], "devices": 0},
+     r"'train.devices': .*must be 'auto' or at least 1, got 0"),
+    ({"model": {"init": "scratch", "config": "x"}, "phases": [PHASE], "checkpoint": {"resume": "always"}},
+     r"'train.checkpoint.resume' is 'always'; allowed: 'auto' or 'never'"),
+    ({"model": {"init": "scratch", "config": "x"}, "phases": [PHASE], "precison": "bf16-mixed"},
+     r"unknown key 'train.precison' \(did you mean 'precision'\?\)"),
+])
+def test_bad_train_sections_name_the_key(tmp_path, train, message):
+    with pytest.raises(ManifestError, match=message):
+        _parse(tmp_path, train)
+
+
+def test_defaults_seed_tables_and_absolute_paths(tmp_path):
+    from trainer.plan import table_path
+
+    m = _parse(tmp_path, {"model": {"init": "ckpt"}, "phases": [
+        {"name": "n", "objective": "ntp", "epochs": 1}, {"name": "s", "objective": "rf_nll", "steps": 2},
+        {"name": "d", "objective": "dpo", "steps": 2, "table": "elsewhere/prefs"}]})
+    assert m.train_seed == m.run.seed == 7 and m.train.checkpoint.resume == "auto"
+    assert [table_path(m, p) for p in m.train.phases[:2]] == [m.stage_dir("shard"), m.stage_dir("prefs") / "sft"]
+    m._source = tmp_path / "m.yaml"
+    data = m.absolute_data()
+    assert data["train"]["model"]["init"] == str(tmp_path / "ckpt")
+    assert data["train"]["phases"][2]["table"] == str(tmp_path / "elsewhere" / "prefs")
+    assert data["train"]["phases"][0]["table"] is None
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+def test_shipped_manifests_have_a_train_section(name):
+    m = load_manifest(REPO / "manifests" / name)
+    assert [p.objective for p in m.train.phases][-1] == "dpo"
+
+
+def test_model_config_and_vocabulary_errors(tmp_path):
+    from trainer.model import ModelError, check_vocab, model_config
+
+    data = train_manifest(tmp_path, [PHASE])
+    data["train"]["model"]["config"] = {**data["train"]["model"]["config"], "n_layers": 2}
+    with pytest.raises(ModelError, match=r"train.model.config: unknown litgpt.Config field\(s\) \['n_layers'\]"):
+        model_config(load_manifest(write_manifest(tmp_path / "m.yaml", data)))
+    data["train"]["model"]["config"] = "no-such-model"
+    with pytest.raises(ModelError, match=r"train.model.config: .*no-such-model"):
+        model_config(load_manifest(write_manifest(tmp_path / "m.yaml", data)))
+    data["train"]["model"]["config"] = "pythia-14m"  # vocabulary 50304: bigger than the test tokenizer's, fine
+    manifest = load_manifest(write_manifest(tmp_path / "m.yaml", data))
+    config = model_config(manifest)
+    assert config.block_size >= 64
+    check_vocab(config, tmp_path / "tok")
+    config.padded_vocab_size = 50
+    with pytest.raises(ModelError, match=r"policy tokenizer .* has 96 tokens but the model's vocabulary has 50"):
+        check_vocab(config, tmp_path / "tok")
+    data["train"]["model"] = {"init": str(tmp_path / "tok")}
+    with pytest.raises(ModelError, match=r"train.model.init: .* is not a LitGPT checkpoint directory \(no lit_model"):
+        model_config(load_manifest(write_manifest(tmp_path / "m.yaml", data)))
