@@ -114,6 +114,11 @@ def run_checks(judge: Judge, engine: MeteredEngine, checks, log: Callable[[str],
         rows.append(_pointwise("safe_vs_unsafe", "safety", cfg.safety.mode, meter, scores,
                                [True] * len(checks.safe) + [False] * len(checks.unsafe)))
         log(f"judge-check: safety done ({meter.cost['elapsed_s']} s)")
+        safe = checks.safe[: len(checks.profane)]  # balanced classes
+        with _Meter(judge, engine, "safety") as meter:
+            scores = judge.safety(safe + checks.profane)
+        rows.append(_pointwise("safe_vs_profane", "safety", cfg.safety.mode, meter, scores,
+                               [True] * len(safe) + [False] * len(checks.profane)))
     if cfg.quality:
         for kind in CORRUPTIONS:
             pairs, wins = checks.coherence[kind], []

