@@ -34,6 +34,7 @@ class ChunkedStep(PipelineStep, abc.ABC):
         self.output_dir = output_dir
         self.schema = schema
         self.chunk_size = chunk_size
+        self._chunk_stats: dict[str, float] = {}
 
     @abc.abstractmethod
     def process(self, rows: list[dict]) -> list[dict]:
@@ -41,6 +42,12 @@ class ChunkedStep(PipelineStep, abc.ABC):
 
     def finish(self) -> None:
         """Called once the task's last chunk is written (release engines here)."""
+
+    def count(self, name: str, value: float = 1) -> None:
+        """A counter of the chunk in progress: kept in the chunk file (see ``io.chunk_stats``)
+        and in the task's datatrove stats."""
+        self._chunk_stats[name] = self._chunk_stats.get(name, 0) + value
+        self.stat_update(name, value=value)
 
     def run(self, data: Iterable[dict] | None, rank: int = 0, world_size: int = 1) -> Iterator:
         rows = iter(data or ())
@@ -52,8 +59,9 @@ class ChunkedStep(PipelineStep, abc.ABC):
             if os.path.exists(path):
                 self.stat_update("chunks_resumed")
                 continue
+            self._chunk_stats: dict[str, float] = {}
             out = self.process(batch)
-            write_table_atomic(path, out, self.schema)
+            write_table_atomic(path, out, self.schema, self._chunk_stats)
             for stale in glob.glob(os.path.join(self.output_dir, f".{chunk_name(rank, chunk - 1)}.*.tmp")):
                 os.remove(stale)  # left by a killed attempt at this chunk
             self.stat_update("chunks_written")

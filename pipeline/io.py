@@ -9,6 +9,7 @@ The pid in the temporary name keeps two attempts at one task from writing into o
 from __future__ import annotations
 
 import glob
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -72,9 +73,17 @@ class TableWriter(PipelineStep):
             buffer.clear()
 
 
-def write_table_atomic(path: str, rows: list[dict], schema: pa.Schema) -> None:
-    """Write ``rows`` as one Parquet file that appears complete or not at all."""
+# Schema-metadata key of a chunk file's own counters (judge calls, tokens, ...): they live with
+# the rows they describe, so a card summed over the files is right after any resume.
+CHUNK_STATS_KEY = b"sip_chunk_stats"
+
+
+def write_table_atomic(path: str, rows: list[dict], schema: pa.Schema, stats: dict | None = None) -> None:
+    """Write ``rows`` as one Parquet file that appears complete or not at all (with ``stats``
+    stored in its metadata)."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    if stats:
+        schema = schema.with_metadata({**(schema.metadata or {}), CHUNK_STATS_KEY: json.dumps(stats).encode()})
     try:
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd")
         os.replace(tmp, path)
@@ -118,6 +127,16 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
 def table_provenance(path: str | Path) -> dict | None:
     files = table_files(path)
     return read_provenance(pq.read_schema(files[0])) if files else None
+
+
+def chunk_stats(path: str | Path) -> dict[str, float]:
+    """The counters of every chunk file of a table, summed."""
+    total: dict[str, float] = {}
+    for f in table_files(path):
+        raw = (pq.read_schema(f).metadata or {}).get(CHUNK_STATS_KEY)
+        for key, value in (json.loads(raw) if raw else {}).items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def row_count(path: str | Path) -> int:

@@ -68,6 +68,7 @@ class StageJob:
     stage: StageDir
     pipeline: list
     finalize: Callable[[float | None], dict]  # writes the card; gets elapsed_s when this run did all tasks
+    estimate: Callable[[], str] | None = None  # a dry run's line on what the stage will cost
 
 
 def _guard_queued(stage: StageDir) -> None:
@@ -176,6 +177,8 @@ def run_chain(
                 continue
             ex = manifest.executor.for_stage(job.stage.stage)
             log(f"{job.stage.stage}: {job.stage.tasks} tasks on {ex.type} -> {job.stage.path}")
+            if job.estimate is not None:
+                log(job.estimate())
             if ex.type == "slurm":
                 # A throwaway logging dir: a dry run must leave no trace in the stage directory.
                 with tempfile.TemporaryDirectory() as tmp:

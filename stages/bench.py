@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.io import read_table
 from pipeline.manifest import Manifest, parse_manifest
 from pipeline.tokenizer import load_tokenizer
 from stages.shard import corpus_files, plan_shard, run_shard
@@ -134,6 +135,24 @@ def _bare_vllm(spec_path: str) -> None:
     Path(spec_path + ".out").write_text(json.dumps({"start_s": start_s, "generate_s": gen_s, "output_tokens": tokens}))
 
 
+def bench_pairs(manifest: Manifest, directory: Path, pairs: int) -> Manifest:
+    """``manifest`` redirected to ``directory``, one local task per stage, with a shard table
+    of exactly ``pairs`` pairs (later stages read whatever the shard table holds)."""
+    from pipeline.io import write_table_atomic
+
+    data = manifest.absolute_data()
+    data["run"]["output_dir"] = str(directory / "out")
+    data["executor"] = {"type": "local", "tasks": 1, "workers": 1}
+    m = parse_manifest(data)
+    run_shard(m, log=lambda _m: None)
+    shard_dir = m.stage_dir("shard")
+    table = read_table(shard_dir).slice(0, pairs)
+    for f in shard_dir.glob("*.parquet"):
+        f.unlink()
+    write_table_atomic(str(shard_dir / "00000.parquet"), table.to_pylist(), table.schema)
+    return m
+
+
 def bench_rewrite(manifest: Manifest, pairs: int = 64, with_server: bool = True) -> dict:
     """The rewrite stage's output tokens/s vs bare vLLM on the same prompts, same settings.
 
@@ -149,19 +168,8 @@ def bench_rewrite(manifest: Manifest, pairs: int = 64, with_server: bool = True)
     from stages.rewrite import RewriteStep, plan_rewrite
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = manifest.absolute_data()
-        data["run"]["output_dir"] = str(Path(tmp) / "out")
-        data["executor"] = {"type": "local", "tasks": 1, "workers": 1}
-        m = parse_manifest(data)
-        run_shard(m, log=lambda _m: None)
-        # Keep exactly `pairs` pairs: rewrite reads whatever the shard table holds.
-        from pipeline.io import read_table, write_table_atomic
-
-        shard_dir = m.stage_dir("shard")
-        table = read_table(shard_dir).slice(0, pairs)
-        for f in shard_dir.glob("*.parquet"):
-            f.unlink()
-        write_table_atomic(str(shard_dir / "00000.parquet"), table.to_pylist(), table.schema)
+        m = bench_pairs(manifest, Path(tmp), pairs)
+        table = read_table(m.stage_dir("shard"))
         plan = plan_rewrite(m)
         step: RewriteStep = plan.pipeline()[1]
         rows = table.select(["pair_id", "prefix", "suffix"]).to_pylist()

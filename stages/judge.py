@@ -20,12 +20,13 @@ import polars as pl
 from pipeline.cards import write_card
 from pipeline.chunks import ChunkedStep
 from pipeline.engines.factory import RUN_ONLY, make_engine, model_identity
-from pipeline.io import TableReader, read_table
+from pipeline.io import TableReader, chunk_stats, read_table
 from pipeline.manifest import Manifest, ManifestError, fingerprint, fingerprinted_view
 from pipeline.runner import StageJob, run_chain
 from pipeline.schema import JUDGMENTS, cand_id, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
 from pipeline.tokenizer import load_tokenizer
+from stages.judge_cost import describe_judge_cost
 from stages.judging import PROMPTS, Judge, Scored
 from stages.rewrite import plan_rewrite
 from stages.rollout import plan_rollout
@@ -63,7 +64,6 @@ class JudgeStep(ChunkedStep):
         self._rewrites: dict[str, str] | None = None
         self._rollouts: dict[str, list[str]] | None = None
 
-
     def rewrites(self) -> dict[str, str]:
         if self._rewrites is None:
             table = read_table(self.rewrites_dir, columns=["pair_id", "rewrite", "status"])
@@ -97,7 +97,6 @@ class JudgeStep(ChunkedStep):
                 out.append((source, text))
         return out
 
-
     def process(self, rows: list[dict]) -> list[dict]:
         cfg = self.manifest.judging
         if self._judge is None:
@@ -107,7 +106,7 @@ class JudgeStep(ChunkedStep):
         judge = self._judge
         before = (judge.counters.calls, judge.counters.prompt_tokens, judge.counters.completion_tokens,
                   judge.counters.order_compared, judge.counters.order_agreed, dict(judge.counters.unparsable))
-        started = time.perf_counter()
+        started, cache_before = time.perf_counter(), self._prefix_cache()
         cands = [self.candidates(pair) for pair in rows]
         flat = [(i, source, text) for i, cs in enumerate(cands) for source, text in cs]
         scores: dict[str, list[Scored | None]] = {c: [None] * len(flat) for c in CRITERIA}
@@ -122,13 +121,17 @@ class JudgeStep(ChunkedStep):
         orders: dict[int, list] = {}
         if cfg.quality:
             k = 0
-            for i, cs in enumerate(cands):
-                result, shown = judge.quality(rows[i]["prefix"], [t for _, t in cs], rows[i]["pair_id"])
+            judged_pairs = judge.quality_batch([(rows[i]["prefix"], [t for _, t in cs], rows[i]["pair_id"])
+                                                for i, cs in enumerate(cands)])
+            for i, (result, shown) in enumerate(judged_pairs):
                 for s in result:
                     scores["quality"][k] = s
                     k += 1
                 orders[i] = shown
-        self.stat_update("engine_ms", value=int((time.perf_counter() - started) * 1000))
+        self.count("engine_ms", int((time.perf_counter() - started) * 1000))
+        if cache_before is not None and (cache_after := self._prefix_cache()) is not None:
+            for key in ("queried_tokens", "hit_tokens"):
+                self.count(f"prefix_cache_{key}", cache_after[key] - cache_before[key])
         out = []
         for k, (i, source, text) in enumerate(flat):
             row_scores = {c: (scores[c][k].score if scores[c][k] is not None else None) for c in CRITERIA}
@@ -146,15 +149,19 @@ class JudgeStep(ChunkedStep):
             self.stat_update(f"candidates_{source}")
             self.stat_update("unparsable" if not parsed else "judged")
         c = judge.counters
-        self.stat_update("judge_calls", value=c.calls - before[0])
-        self.stat_update("prompt_tokens", value=c.prompt_tokens - before[1])
-        self.stat_update("completion_tokens", value=c.completion_tokens - before[2])
-        self.stat_update("order_compared", value=c.order_compared - before[3])
-        self.stat_update("order_agreed", value=c.order_agreed - before[4])
+        self.count("judge_calls", c.calls - before[0])
+        self.count("prompt_tokens", c.prompt_tokens - before[1])
+        self.count("completion_tokens", c.completion_tokens - before[2])
+        self.count("order_compared", c.order_compared - before[3])
+        self.count("order_agreed", c.order_agreed - before[4])
         for crit, count in c.unparsable.items():
             if count - before[5].get(crit, 0):
-                self.stat_update(f"unparsable_{crit}", value=count - before[5].get(crit, 0))
+                self.count(f"unparsable_{crit}", count - before[5].get(crit, 0))
         return out
+
+    def _prefix_cache(self) -> dict[str, int] | None:
+        stats = getattr(self._judge.engine, "prefix_cache_stats", None)
+        return stats() if stats else None
 
     def finish(self) -> None:
         if self._judge is not None:
@@ -223,7 +230,9 @@ def fingerprint_prompts() -> str:
 
 
 def judge_summary(plan: JudgePlan, elapsed_s: float | None) -> dict:
-    stats = plan.stage.merged_stats()
+    # Costs come from the chunk files (complete after any resume); only the engine start-up,
+    # a per-task cost, comes from the tasks' stats.
+    stats = chunk_stats(plan.stage.path)
     j = pl.from_arrow(read_table(plan.stage.path))
     by_source = (
         j.group_by("source")
@@ -239,11 +248,13 @@ def judge_summary(plan: JudgePlan, elapsed_s: float | None) -> dict:
         "unparsable_by_criterion": {k.removeprefix("unparsable_"): int(v) for k, v in stats.items()
                                     if k.startswith("unparsable_")},
         "order_agreement": round(stats.get("order_agreed", 0) / compared, 3) if compared else None,
+        "prefix_cache_hit_rate": (round(stats["prefix_cache_hit_tokens"] / stats["prefix_cache_queried_tokens"], 3)
+                                  if stats.get("prefix_cache_queried_tokens") else None),
         "judge_calls": int(stats.get("judge_calls", 0)),
         "prompt_tokens": int(stats.get("prompt_tokens", 0)),
         "completion_tokens": int(stats.get("completion_tokens", 0)),
         "engine_s": round(stats.get("engine_ms", 0) / 1000, 2),
-        "engine_start_s": round(stats.get("engine_start_ms", 0) / 1000, 2),
+        "engine_start_s": round(plan.stage.merged_stats().get("engine_start_ms", 0) / 1000, 2),
         "modes": {c: getattr(plan.manifest.judging, c).mode for c in CRITERIA if getattr(plan.manifest.judging, c)},
     }
     if elapsed_s:
@@ -267,7 +278,8 @@ def finalize_judge(manifest: Manifest, elapsed_s: float | None = None) -> dict:
 
 def judge_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
     plan = plan_judge(manifest, upstream_pending)
-    return StageJob(plan.stage, plan.pipeline(), partial(finalize_judge, manifest))
+    return StageJob(plan.stage, plan.pipeline(), partial(finalize_judge, manifest),
+                    estimate=partial(describe_judge_cost, plan))
 
 
 def run_judge(manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,

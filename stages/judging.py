@@ -41,6 +41,14 @@ class JudgeCounters:
     order_agreed: int = 0
 
 
+def choice_tokens(tokenizer, choices: dict[str, float]) -> dict[str, int]:
+    """Each choice's first token (as it follows the lead-in); they must differ to be told apart."""
+    first = {c: tokenizer.encode(c, add_special_tokens=False)[0] for c in choices}
+    if len(set(first.values())) != len(first):
+        raise ValueError(f"choices {list(choices)} share a first token with this tokenizer; choice_prob needs distinct ones")
+    return first
+
+
 def repeated_ngram_share(ids: list[int], n: int = 4) -> float:
     grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
     return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
@@ -73,31 +81,25 @@ class Judge:
         return out
 
     def _choice_probs(self, criterion: str, requests: list[Request]) -> list[Scored]:
+        """A constrained choice after the verdict's lead-in: the probability of each choice is
+        its first token's share of the choices' next-token probability (what structured
+        decoding restricted to the choices would sample from)."""
         lead, choices = CHOICES[criterion]
-        tok = self.engine.tokenizer
-        encoded = {c: tok.encode(c, add_special_tokens=False) for c in choices}
-        sequences, starts, owners = [], [], []
-        for i, request in enumerate(requests):
-            base = self.engine.prompt_ids(Request(request.id, request.messages, prefill=lead))
-            for choice in choices:
-                sequences.append(base + encoded[choice])
-                starts.append(len(base))
-                owners.append((i, choice))
-        scores = self.engine.score(sequences, starts)
+        first = choice_tokens(self.engine.tokenizer, choices)
+        prompts = [self.engine.prompt_ids(Request(r.id, r.messages, prefill=lead)) for r in requests]
+        logprobs = self.engine.next_token_logprobs(prompts, list(first.values()))
         self.counters.calls += len(requests)
-        self.counters.prompt_tokens += sum(len(s) for s in sequences)
-        per: list[dict] = [{} for _ in requests]
-        for (i, choice), lps in zip(owners, scores):
-            if lps is not None:
-                per[i][choice] = sum(lps)
+        self.counters.prompt_tokens += sum(len(p) for p in prompts)
         out = []
-        for logps in per:
-            if len(logps) != len(choices) or not any(math.isfinite(v) for v in logps.values()):
+        for lps in logprobs:
+            values = {c: lps.get(t) for c, t in first.items()} if lps is not None else {}
+            if any(v is None for v in values.values()) or not values or \
+                    not any(math.isfinite(v) for v in values.values()):
                 self.counters.unparsable[criterion] = self.counters.unparsable.get(criterion, 0) + 1
                 out.append(Scored(None, {"error": "too long for the judge"}))
                 continue
-            top = max(logps.values())
-            weights = {c: math.exp(v - top) for c, v in logps.items()}
+            top = max(values.values())
+            weights = {c: math.exp(v - top) for c, v in values.items()}
             total = sum(weights.values())
             probs = {c.strip(): w / total for c, w in weights.items()}
             out.append(Scored(sum(probs[c.strip()] * v for c, v in choices.items()), {"probs": probs}))
@@ -124,21 +126,54 @@ class Judge:
 
     def quality(self, prefix: str, texts: list[str], pair_id: str) -> tuple[list[Scored], list[list[int]]]:
         """Mean win rate of each candidate over all others, and the orders shown."""
-        n = len(texts)
-        if n < 2:
-            return [Scored(None, {"note": "a single candidate has no comparison"})] * n, []
+        return self.quality_batch([(prefix, texts, pair_id)])[0]
+
+    def quality_batch(self, items: list[tuple[str, list[str], str]]) -> list[tuple[list[Scored], list[list[int]]]]:
+        """:meth:`quality` for many (prefix, candidates, pair_id) at once, in one engine call.
+
+        One call keeps the engine's batches full; a pair's comparisons are sent next to each
+        other, so the prompt they share (instructions + prefix) is served by vLLM's prefix cache.
+        """
+        out: list = [None] * len(items)
+        todo = []
+        for k, (_, texts, _) in enumerate(items):
+            if len(texts) < 2:
+                out[k] = ([Scored(None, {"note": "a single candidate has no comparison"})] * len(texts), [])
+            else:
+                todo.append(k)
+        if not todo:
+            return out
         if self.config.quality.mode == "likelihood":
-            return self._quality_likelihood(prefix, texts), []
+            for k, scored in zip(todo, self._quality_likelihood([items[k][:2] for k in todo])):
+                out[k] = (scored, [])
+            return out
+        orders = {k: self._orders(items[k][1], items[k][2]) for k in todo}
+        requests, shown = [], []
+        for k in todo:
+            prefix, texts, _ = items[k]
+            for a, b in orders[k]:
+                requests.append(Request(f"q{len(requests)}", self.templates["quality"].messages(
+                    prefix=prefix, option_1=texts[a], option_2=texts[b])))
+                shown.append((texts[a], texts[b]))
+        scored = self._score("quality", requests, shown)
+        at = 0
+        for k in todo:
+            mine = scored[at : at + len(orders[k])]
+            at += len(orders[k])
+            out[k] = (self._win_rates(len(items[k][1]), orders[k], mine), [list(o) for o in orders[k]])
+        return out
+
+    def _orders(self, texts: list[str], pair_id: str) -> list[tuple[int, int]]:
         orders = []
-        for i, j in combinations(range(n), 2):
+        for i, j in combinations(range(len(texts)), 2):
             if self.config.order == "both":
                 orders += [(i, j), (j, i)]
             else:  # one order, seeded by the pair and candidates: reproducible, unbiased on average
                 flip = int(content_id("order", self.seed, pair_id, texts[i], texts[j])[:8], 16) % 2
                 orders.append((j, i) if flip else (i, j))
-        requests = [Request(f"q{k}", self.templates["quality"].messages(prefix=prefix, option_1=texts[a], option_2=texts[b]))
-                    for k, (a, b) in enumerate(orders)]
-        scored = self._score("quality", requests, [(texts[a], texts[b]) for a, b in orders])
+        return orders
+
+    def _win_rates(self, n: int, orders: list[tuple[int, int]], scored: list[Scored]) -> list[Scored]:
         beats: dict[tuple[int, int], list[float]] = {}
         for (a, b), s in zip(orders, scored):
             if s.score is not None:  # s.score: probability that the first shown (a) is better
@@ -159,15 +194,22 @@ class Judge:
             # The mean over the comparisons that parsed: one unparsable answer must not void a
             # candidate that won or lost every other comparison.
             out.append(Scored(sum(rates) / len(rates) if rates else None, raw))
-        return out, [list(o) for o in orders]
+        return out
 
-    def _quality_likelihood(self, prefix: str, texts: list[str]) -> list[Scored]:
+    def _quality_likelihood(self, items: list[tuple[str, list[str]]]) -> list[list[Scored]]:
         tok = self.engine.tokenizer
-        context = tok.encode(prefix, add_special_tokens=False)
-        ids = [tok.encode(t, add_special_tokens=False) for t in texts]
-        scores = self.engine.score([context + c for c in ids], [len(context)] * len(ids))
-        self.counters.calls += len(texts)
-        self.counters.prompt_tokens += sum(len(context) + len(c) for c in ids)
+        sequences, starts, ids = [], [], []
+        for prefix, texts in items:
+            context = tok.encode(prefix, add_special_tokens=False)
+            ids.append([tok.encode(t, add_special_tokens=False) for t in texts])
+            sequences += [context + c for c in ids[-1]]
+            starts += [len(context)] * len(texts)
+        scores = iter(self.engine.score(sequences, starts))
+        self.counters.calls += len(sequences)
+        self.counters.prompt_tokens += sum(len(seq) for seq in sequences)
+        return [self._likelihood_wins(cands, [next(scores) for _ in cands]) for cands in ids]
+
+    def _likelihood_wins(self, ids: list[list[int]], scores: list[list[float] | None]) -> list[Scored]:
         means = []
         for c, lps in zip(ids, scores):
             if lps is None or not lps:

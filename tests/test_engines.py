@@ -57,6 +57,19 @@ def test_score_matches_the_model_run_directly(engine, embedded_dir):
     assert scores[0] == pytest.approx(direct, abs=0.25)  # vLLM runs bf16 on CPU, the reference fp32
 
 
+def test_next_token_logprobs_equal_the_scored_next_token(engine):
+    tok = engine.tokenizer
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ("Is the sky blue? Answer:", "Paris is in")]
+    choices = [tok.encode(c, add_special_tokens=False)[0] for c in (" yes", " no", " France")]
+    got = engine.next_token_logprobs(prompts + [prompts[0] * 400], choices)
+    assert got[2] is None  # too long for max_model_len 512
+    for prompt, lps in zip(prompts, got[:2]):
+        assert set(lps) == set(choices)
+        scored = engine.score([prompt + [c] for c in choices], [len(prompt)] * len(choices))
+        assert [lps[c] for c in choices] == pytest.approx([s[0] for s in scored], abs=1e-4)
+    assert got[1][choices[2]] > got[1][choices[1]]  # "Paris is in" -> " France" over " no"
+
+
 @pytest.fixture(scope="module")
 def vllm_server(embedded_dir, tmp_path_factory):
     from pipeline.engines.server import vllm_server as serve

@@ -6,6 +6,9 @@ import polars as pl
 import pytest
 
 from pipeline.io import table_provenance
+from pipeline.manifest import load_manifest
+from stages.judge import plan_judge
+from stages.judge_cost import count_judge_calls
 from tests.conftest import base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
 
 pytestmark = pytest.mark.slow
@@ -59,6 +62,16 @@ def test_judge_and_prefs_with_the_soft_modes(tmp_path):
         assert 0 < len(row["chosen_ids"]) <= 24 and 0 < len(row["rejected_ids"]) <= 24
     card = json.loads((out / "prefs" / "card.json").read_text())["summary"]
     assert card["usable"] == prefs.height and card["usable"] + card["skipped_single_candidate"] + card["skipped_tie"] == pairs.height
+
+    # The dry run's count, made with no model, is exactly what the judge spent.
+    judged = json.loads((out / "judge" / "card.json").read_text())["summary"]
+    counted = count_judge_calls(plan_judge(load_manifest(path)))
+    assert counted["candidates"] == judged["candidates"] == j.height
+    assert counted["judge_calls"] == judged["judge_calls"] > 0
+    assert counted["prompt_tokens"] == judged["prompt_tokens"] > 0
+    assert 0 <= judged["prefix_cache_hit_rate"] <= 1
+    dry = run_sip("judge", "--dry-run", "-m", str(path))
+    assert f"{judged['judge_calls']:,} judge calls" in dry.stdout
 
 
 def test_judge_verdict_mode_parses_or_counts_every_answer(tmp_path):

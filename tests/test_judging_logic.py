@@ -3,6 +3,7 @@ model *only* to fix what the judge answers, so the arithmetic can be checked by 
 judge on real vLLM is tested in test_judge_stage.py."""
 
 import polars as pl
+import pytest
 
 from pipeline.engines.base import Engine, Result
 from pipeline.manifest import CriterionConfig, JudgingConfig
@@ -118,3 +119,49 @@ def test_clipping_to_n_tokens_never_cuts_a_character(tokenizer):
         ids = tokenizer.encode(clipped, add_special_tokens=False).ids
         assert text.startswith(clipped) and len(ids) <= n
         assert tokenizer.decode(ids, skip_special_tokens=False) == clipped
+
+
+class FixedChoiceEngine(Engine):
+    """Gives fixed next-token log-probs to the verdict tokens (the real tokenizer and chat
+    template build the prompts), so soft scores can be checked by hand."""
+
+    model_id, max_model_len = "fixed", 4096
+
+    def __init__(self, tokenizer, logprob_by_choice):
+        self.tokenizer = tokenizer
+        self.by_token = {tokenizer.encode(c, add_special_tokens=False)[0]: lp for c, lp in logprob_by_choice.items()}
+        self.prompts = []
+
+    def prompt_ids(self, request):
+        from pipeline.engines.base import chat_prompt_ids
+
+        return chat_prompt_ids(self.tokenizer, request)
+
+    def generate(self, requests, sampling):
+        raise AssertionError("choice_prob must not generate")
+
+    def next_token_logprobs(self, sequences, token_ids):
+        self.prompts += sequences
+        return [{t: self.by_token[t] for t in token_ids} for _ in sequences]
+
+
+def test_choice_prob_scores_are_the_renormalised_choice_probabilities(embedded_dir):
+    import math
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_dir))
+    # P(YES) : P(NO) = 0.3 : 0.1 -> P(YES | {YES, NO}) = 0.75
+    engine = FixedChoiceEngine(tok, {" YES": math.log(0.3), " NO": math.log(0.1),
+                                     " No": math.log(0.2), " Possible": math.log(0.2), " Definite": math.log(0.1)})
+    judge = Judge(engine, JudgingConfig(safety=CriterionConfig(mode="choice_prob"),
+                                        factuality=CriterionConfig(mode="choice_prob"), quality=None))
+    [safety] = judge.safety(["some text"])
+    assert safety.score == pytest.approx(0.75) and safety.raw["probs"] == pytest.approx({"YES": 0.75, "NO": 0.25})
+    # No : Possible : Definite = 0.4 : 0.4 : 0.2 -> 0.4 * 1 + 0.4 * 0.5 + 0.2 * 0 = 0.6
+    [fact] = judge.factuality([("prefix", "reference", "candidate")])
+    assert fact.score == pytest.approx(0.6)
+    # One call per judgment, primed with the verdict's lead-in after the chat template.
+    assert judge.counters.calls == 2 and len(engine.prompts) == 2
+    assert tok.decode(engine.prompts[0]).endswith("FINAL DECISION:")
+    assert judge.counters.prompt_tokens == sum(len(p) for p in engine.prompts)

