@@ -54,6 +54,11 @@ test-fast: setup
 bench: setup
 	$(SIP) bench shard -m $(MANIFEST) --set corpus.limit=null
 
+# The trainer's steps vs a bare LitGPT loop (ntp and dpo); BENCH_ARGS e.g. "--steps 20 --batch-size 8".
+.PHONY: bench-train
+bench-train: setup
+	$(SIP) bench train -m $(MANIFEST) $(BENCH_ARGS)
+
 bench-rewrite: setup
 	$(SIP) bench rewrite -m $(MANIFEST)
 

@@ -269,6 +269,28 @@ def bench_shard(manifest_path: str, overrides: tuple[str, ...], processes: int, 
     click.echo(json.dumps(run_bench(_load(manifest_path, overrides), processes, copies=copies), indent=1))
 
 
+@bench.command("train")
+@manifest_option
+@set_option
+@click.option("--objectives", default="ntp,dpo", show_default=True, help="Comma-separated: ntp, dpo.")
+@click.option("--model", default=None, help="Default: the manifest's train.model (else the policy). Or 'policy', a "
+              "LitGPT config name, a YAML mapping of litgpt.Config fields, or a LitGPT checkpoint directory.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: the manifest phase's.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Default: train.max_seq_len.")
+@click.option("--warmup", type=click.IntRange(min=1), default=2, show_default=True, help="Untimed steps first.")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Timed steps.")
+def bench_train_cmd(manifest_path, overrides, objectives, model, batch_size, seq_len, warmup, steps) -> None:
+    """Trainer tokens/s and peak memory vs a bare LitGPT + AdamW loop on the same model and batches."""
+    from trainer.bench import BenchError, bench_train
+
+    try:
+        report = bench_train(_load(manifest_path, overrides), objectives=tuple(o.strip() for o in objectives.split(",")),
+                             model=model, batch_size=batch_size, seq_len=seq_len, warmup=warmup, steps=steps)
+    except BenchError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(json.dumps(report, indent=1))
+
+
 @bench.command("rewrite")
 @manifest_option
 @set_option
