@@ -44,6 +44,11 @@ _LLAMA_REQUIREMENTS = {
     "lm_head_bias": False,
     "rotary_percentage": 1.0,
     "rope_interleave": False,
+    "rope_condense_ratio": 1,  # LitGPT's position interpolation; not a llama config key
+    "rope_indices": None,
+    "rope_local_base_freq": None,
+    "norm_1": True,
+    "norm_2": True,
     "scale_embeddings": False,
     "norm_qk": False,
     "post_attention_norm": False,

@@ -114,11 +114,14 @@ def test_tiny_random_llama_exports_with_litgpt_logits(tmp_path, embedded_dir):
     assert torch.allclose(hf_logits(hf, IDS), lit_logits(lit, IDS), atol=1e-5)
 
 
-def test_llama3_rope_scaling_maps_to_the_same_logits(tmp_path, embedded_dir):
-    rope = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_seq_len": 64}
+@pytest.mark.parametrize("rope, rope_type", [
+    ({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_seq_len": 64}, "llama3"),
+    ({"factor": 4.0}, "linear"),
+])
+def test_rope_scaling_maps_to_the_same_logits(tmp_path, embedded_dir, rope, rope_type):
     lit = tiny_litgpt(tmp_path / "lit", embedded_dir, rope_adjustments=rope)
     hf = export_hf(lit, tmp_path / "hf")
-    assert json.loads((hf / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    assert json.loads((hf / "config.json").read_text())["rope_parameters"]["rope_type"] == rope_type
     long_ids = torch.randint(0, 49152, (1, 200), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(hf_logits(hf, long_ids), lit_logits(lit, long_ids), atol=1e-4)
 
@@ -147,9 +150,14 @@ def test_tiny_random_llama_loads_and_generates_in_vllm(tmp_path, embedded_dir):
     assert len(out[0].outputs[0].token_ids) == 24
 
 
-def test_unmappable_architecture_is_refused_naming_the_key(tmp_path, embedded_dir):
-    lit = tiny_litgpt(tmp_path / "lit", embedded_dir, parallel_residual=True, shared_attention_norm=True)
-    with pytest.raises(ExportError, match=r"parallel_residual=True .*llama-style"):
+@pytest.mark.parametrize("overrides, key", [
+    ({"parallel_residual": True, "shared_attention_norm": True}, "parallel_residual=True"),
+    ({"rope_condense_ratio": 2}, "rope_condense_ratio=2"),
+    ({"mlp_class_name": "GptNeoxMLP"}, "mlp_class_name='GptNeoxMLP'"),
+])
+def test_unmappable_architecture_is_refused_naming_the_key(tmp_path, embedded_dir, overrides, key):
+    lit = tiny_litgpt(tmp_path / "lit", embedded_dir, **overrides)
+    with pytest.raises(ExportError, match=rf"{key} has no exact Hugging Face mapping.*llama-style"):
         export_hf(lit, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
