@@ -29,7 +29,7 @@ from pipeline.chunks import ChunkedStep
 from pipeline.engines.base import Engine, Request, Result, Sampling
 from pipeline.io import TableReader, read_table
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
-from pipeline.policy import policy_hf_dir, policy_identity
+from pipeline.policy import check_context, policy_hf_dir, policy_identity
 from pipeline.runner import StageJob, run_chain
 from pipeline.schema import ROLLOUT_STATUSES, ROLLOUTS, cand_id, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
@@ -143,6 +143,7 @@ def plan_rollout(manifest: Manifest, upstream_pending: bool = False) -> RolloutP
     """``upstream_pending``: the shard stage is queued in the same chain (not done yet)."""
     if manifest.rollouts.count == 0:
         raise StageFailed("rollout: rollouts.count is 0, so there is no rollout stage; set rollouts.count to K > 0")
+    check_context(manifest)
     shard = plan_shard(manifest)
     if not upstream_pending:
         shard.stage.check_upstream_of(STAGE)
