@@ -42,6 +42,7 @@ def test_warmup_cosine_schedule_by_hand():
     assert warmup_cosine(0, 1, 0.5)(0) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_ntp_loss_falls_dpo_accuracy_rises_and_outputs_are_litgpt_checkpoints(tmp_path, one_thread):
     from litgpt import GPT, Config
 
