@@ -99,7 +99,6 @@ class _Trainer:
             self.state = saved["loop"]
             ckpt.restore_rng(saved["rng"])
             self.log(f"train: resumed from {resume} (phase '{self.state['phase']}', step {self.state['phase_step']})")
-        self.total_steps = sum(p.steps for p in plans)
         self.log(describe(self.m, plans) + f"\n  model: {self.policy.params / 1e6:.2f}M parameters on {fabric.device}")
         last = {}
         for plan in plans[self.state["phase_index"]:]:
@@ -118,7 +117,9 @@ class _Trainer:
         if self.t.export_hf and fabric.global_rank == 0:
             summary["hf"] = str(export_final_hf(final, self.out / "hf", self.policy.tokenizer_dir))
         if fabric.global_rank == 0:
-            (self.out / SUMMARY).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            tmp = self.out / f".{SUMMARY}.tmp"  # the summary marks the run done: it appears whole or not at all
+            tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            tmp.replace(self.out / SUMMARY)
             self.log(f"train: done in {format_duration(summary['elapsed_s'])}; checkpoint {final}; "
                      f"metrics {self.out / 'metrics'}" + (f"; HF {summary['hf']}" if "hf" in summary else ""))
         return summary
