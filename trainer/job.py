@@ -39,9 +39,9 @@ def train_resources(manifest: Manifest) -> SlurmResources:
 def train_job(manifest: Manifest, upstream_pending: bool = False, log: Callable[[str], None] = print) -> CommandJob:
     """The chain member that trains. ``upstream_pending``: an earlier stage of the same chain
     writes the tables, so they are not read (checked, described) before it has run."""
-    from trainer.loop import run_train
-
     require_train(manifest)
+    executor = manifest.executor.for_stage("train")
+    resources = train_resources(manifest) if executor.type == "slurm" else SlurmResources()  # refuses early
     out = manifest.stage_dir("train")
     view = train_view(manifest)
     if not upstream_pending:
@@ -60,18 +60,22 @@ def train_job(manifest: Manifest, upstream_pending: bool = False, log: Callable[
                                 "elsewhere.")
         return summary
 
-    executor = manifest.executor.for_stage("train")
+    def run_local() -> dict:
+        from trainer.loop import run_train  # torch and Fabric: only when training here
+
+        return run_train(manifest, log=log)
+
     slurm = executor.slurm
     return CommandJob(
         name="train",
         directory=out,
         # --executor local: the job itself must train, not submit another job.
         command=["sip", "train", "-m", "{manifest}", "--executor", "local"],
-        resources=train_resources(manifest) if executor.type == "slurm" else SlurmResources(),
+        resources=resources,
         job_name=f"sip-{manifest.run.name}-train",
         venv_activate=str(manifest.resolve_path(slurm.venv)) if slurm.venv else default_venv(),
         manifest_data=manifest.absolute_data(),
-        run_local=lambda: run_train(manifest, log=log),
+        run_local=run_local,
         done=done,
         plan=None if upstream_pending else (lambda: describe(manifest, plans)),
     )
