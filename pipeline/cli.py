@@ -279,13 +279,16 @@ def bench_shard(manifest_path: str, overrides: tuple[str, ...], processes: int, 
 @click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Default: train.max_seq_len.")
 @click.option("--warmup", type=click.IntRange(min=1), default=2, show_default=True, help="Untimed steps first.")
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Timed steps.")
-def bench_train_cmd(manifest_path, overrides, objectives, model, batch_size, seq_len, warmup, steps) -> None:
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs per side, alternating which goes first; the best of each is reported.")
+def bench_train_cmd(manifest_path, overrides, objectives, model, batch_size, seq_len, warmup, steps, repeats) -> None:
     """Trainer tokens/s and peak memory vs a bare LitGPT + AdamW loop on the same model and batches."""
     from trainer.bench import BenchError, bench_train
 
     try:
         report = bench_train(_load(manifest_path, overrides), objectives=tuple(o.strip() for o in objectives.split(",")),
-                             model=model, batch_size=batch_size, seq_len=seq_len, warmup=warmup, steps=steps)
+                             model=model, batch_size=batch_size, seq_len=seq_len, warmup=warmup, steps=steps,
+                             repeats=repeats)
     except BenchError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(json.dumps(report, indent=1))
