@@ -98,6 +98,10 @@ class CommandJob:
             f"#SBATCH --job-name={self.job_name}",
             *self.resources.sbatch_lines(),
             f"#SBATCH --output={self.logs}/slurm-%j.out",
+            "#SBATCH --open-mode=append",  # a requeued run adds to the same output file
+            # Preempted or failed node: Slurm queues the job again and the command resumes
+            # (the trainer continues from its latest checkpoint).
+            "#SBATCH --requeue",
             *([f"#SBATCH --dependency={dependency}", "#SBATCH --kill-on-invalid-dep=yes"] if dependency else []),
             "set -euo pipefail",
             f"source {shlex.quote(self.venv_activate)}",
