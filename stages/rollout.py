@@ -44,11 +44,12 @@ _RUN_ONLY = ("rollouts.chunk_size", "rollouts.gpu_memory_utilization")
 def rollout_rows(pair: dict, result: Result, k: int, tokenizer, model: str) -> list[dict]:
     """The K rows of one pair. Texts are decoded from the sampled ids, never re-tokenized."""
     base = {"pair_id": pair["pair_id"], "model": model, "prompt_tokens": result.prompt_tokens}
-    if result.status == "ok" and len(result.token_ids) != k:
-        result.status, result.error = "error", f"the engine returned {len(result.token_ids)} samples, expected {k}"
-    if result.status != "ok":
+    status, error = result.status, result.error
+    if status == "ok" and len(result.token_ids) != k:
+        status, error = "error", f"the engine returned {len(result.token_ids)} samples, expected {k}"
+    if status != "ok":
         return [{**base, "sample": s, "cand_id": None, "text": None, "token_ids": [], "finish_reason": None,
-                 "status": result.status, "error": result.error, "completion_tokens": 0} for s in range(k)]
+                 "status": status, "error": error, "completion_tokens": 0} for s in range(k)]
     rows = []
     for s, (ids, reason) in enumerate(zip(result.token_ids, result.finish_reasons)):
         text = tokenizer.decode(ids, skip_special_tokens=True)

@@ -101,6 +101,25 @@ def test_rollout_count_zero_is_skipped_and_not_a_judge_upstream(tmp_path):
     assert plan.rollouts_dir is None and "upstream.rollout" not in plan.stage.view
 
 
+def test_rollout_rows_decode_the_sampled_ids_and_give_k_rows_whatever_happened(tokenizer):
+    from pipeline.engines.base import Result
+    from stages.rollout import rollout_rows
+
+    ids = tokenizer.encode(" a sampled end", add_special_tokens=False).ids
+    blank = tokenizer.encode("  ", add_special_tokens=False).ids
+    ok = Result("p", texts=["x", "y"], token_ids=[ids + [2], blank], finish_reasons=["stop", "length"], prompt_tokens=5)
+    rows = rollout_rows({"pair_id": "p"}, ok, 2, tokenizer, "m")
+    assert [(r["sample"], r["status"], r["text"]) for r in rows] == [(0, "ok", " a sampled end"), (1, "empty", "  ")]
+    assert rows[0]["token_ids"] == ids + [2] and rows[0]["cand_id"] == cand_id("p", " a sampled end")  # eos kept in ids
+    too_long = Result("p", status="too_long", error="100 prompt + 16 new tokens > max_model_len 64", prompt_tokens=100)
+    short = Result("p", texts=["x"], token_ids=[ids], finish_reasons=["length"])
+    for result, status in ((too_long, "too_long"), (short, "error")):
+        rows = rollout_rows({"pair_id": "p"}, result, 2, tokenizer, "m")
+        assert [(r["sample"], r["status"], r["text"], r["token_ids"]) for r in rows] == [(0, status, None, []),
+                                                                                      (1, status, None, [])]
+    assert "expected 2" in rows[0]["error"]
+
+
 # ---------------------------------------------------------------- candidates and preferences
 def write_rollouts(directory, rows):
     directory.mkdir(parents=True, exist_ok=True)
