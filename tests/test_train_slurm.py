@@ -108,3 +108,22 @@ def test_run_with_train_trains_in_process_on_the_local_executor(tmp_path):
     assert "train: 2 steps, " in proc.stdout and "checkpoint" in proc.stdout
     assert (tmp_path / "out" / "train" / "final" / "lit_model.pth").is_file()
     assert not (tmp_path / "out" / "train" / "_logs").exists()  # nothing of Slurm's
+
+
+@pytest.mark.slurm
+def test_resubmitting_while_the_train_job_is_queued_is_refused(tmp_path, slurm_cluster):
+    data = train_manifest(tmp_path, NTP)
+    data["executor"] = SLURM
+    path = write_manifest(tmp_path / "m.yaml", data)
+    # A job that is certainly still queued stands in for an earlier submission.
+    held = subprocess.run(["sbatch", "--parsable", "--hold", "--wrap", "sleep 60", "-o", "/dev/null"],
+                          capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    try:
+        logs = tmp_path / "out" / "train" / "_logs"
+        logs.mkdir(parents=True)
+        (logs / "slurm_jobs.json").write_text(json.dumps({"train": held}))
+        proc = run_sip("train", "-m", str(path), check=False)
+        assert proc.returncode == 2 and f"Slurm job {held} from an earlier submission is still queued" in proc.stderr
+        assert not (logs / "launch_script.slurm").exists()  # nothing was submitted
+    finally:
+        subprocess.run(["scancel", held], check=False)
