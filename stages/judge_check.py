@@ -121,11 +121,11 @@ def run_checks(judge: Judge, engine: MeteredEngine, checks, log: Callable[[str],
                                [True] * len(safe) + [False] * len(checks.profane)))
     if cfg.quality:
         for kind in CORRUPTIONS:
-            pairs, wins = checks.coherence[kind], []
+            pairs = checks.coherence[kind]
             with _Meter(judge, engine, "quality") as meter:
-                for k, (prefix, true, bad) in enumerate(pairs):
-                    scored, _ = judge.quality(prefix, [true, bad], f"judge-check/{kind}/{k}")
-                    wins.append(scored[0].score)  # the true continuation's win rate against the corrupted one
+                judged = judge.quality_batch([(prefix, [true, bad], f"judge-check/{kind}/{k}")
+                                              for k, (prefix, true, bad) in enumerate(pairs)])
+                wins = [scored[0].score for scored, _ in judged]  # the true continuation's win rate vs the corrupted one
             parsed = [w for w in wins if w is not None]
             accuracy = sum(1.0 if w > 0.5 else 0.5 if w == 0.5 else 0.0 for w in parsed) / len(parsed) if parsed else None
             rows.append({"criterion": "quality", "check": kind, "mode": cfg.quality.mode, "metric": "accuracy",

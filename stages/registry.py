@@ -23,6 +23,13 @@ JOBS: dict[str, Callable[[Manifest, bool], StageJob]] = {
 }
 
 
+# The stages whose tables each stage reads.
+UPSTREAMS: dict[str, tuple[str, ...]] = {
+    "shard": (), "rewrite": ("shard",), "rollout": ("shard",), "judge": ("shard", "rewrite", "rollout"),
+    "prefs": ("judge",),
+}
+
+
 def inactive(manifest: Manifest, name: str) -> str | None:
     """Why a stage has no work under this manifest (it is then skipped, not failed), or None."""
     if name == "rollout" and manifest.rollouts.count == 0:
@@ -44,7 +51,12 @@ def run_stages(
             log(f"{name}: {reason}; nothing to do")
         else:
             ordered.append(name)
-    # A stage whose upstream is earlier in this chain is planned before that upstream has run.
+    # A stage whose upstream is earlier in this chain is planned before that upstream has run;
+    # an upstream outside the chain must already be complete, with the settings planned now.
+    for name in ordered[1:]:
+        for up in UPSTREAMS[name]:
+            if up not in ordered and not inactive(manifest, up):
+                JOBS[up](manifest, True).stage.check_upstream_of(name)
     jobs = [JOBS[name](manifest, i > 0) for i, name in enumerate(ordered)]
     return run_chain(manifest, jobs + ([then] if then is not None else []), force=force, dry_run=dry_run,
                      wait=wait, log=log)
