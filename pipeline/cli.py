@@ -306,6 +306,17 @@ def bench_rewrite_cmd(manifest_path: str, overrides: tuple[str, ...], pairs: int
     click.echo(json.dumps(bench_rewrite(_load(manifest_path, overrides), pairs, server), indent=1))
 
 
+@bench.command("judge")
+@manifest_option
+@set_option
+@click.option("--pairs", default=48, show_default=True)
+def bench_judge_cmd(manifest_path: str, overrides: tuple[str, ...], pairs: int) -> None:
+    """Judge stage candidates/s and prompt tokens/s vs bare vLLM making the same calls."""
+    from stages.bench_judge import bench_judge
+
+    click.echo(json.dumps(bench_judge(_load(manifest_path, overrides), pairs), indent=1))
+
+
 def _entry() -> None:
     try:
         main(standalone_mode=False)
