@@ -32,6 +32,24 @@ def metrics_rows(train_dir) -> list[dict]:
     return rows
 
 
+def tensorboard_scalar_tags(directory) -> set[str]:
+    """Scalar tags in the TensorBoard event files under ``directory`` (TFRecord framing:
+    length u64, its crc u32, the Event proto, its crc u32)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    tags = set()
+    for path in directory.rglob("events.out.tfevents.*"):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            tags |= {v.tag for v in event.summary.value}
+            at += 12 + length + 4
+    return tags
+
+
 def test_warmup_cosine_schedule_by_hand():
     from trainer.schedule import warmup_cosine
 
@@ -69,6 +87,7 @@ def test_ntp_loss_falls_dpo_accuracy_rises_and_outputs_are_litgpt_checkpoints(tm
     assert float(dpo[-1]["dpo_margin"]) > 0
     assert {"chosen_rate_original", "chosen_rate_rewrite", "tokens_per_s", "peak_mem_gb", "lr"} <= set(dpo[-1])
     assert any("ETA" in line for line in lines)
+    assert {"loss", "lr", "dpo_accuracy"} <= tensorboard_scalar_tags(train_dir / "tensorboard")
 
     # Checkpoints: every 10 steps and at each phase end (10, 20, 24, 30, 36), the last 2 kept.
     names = sorted(p.name for p in (train_dir / "checkpoints").iterdir())

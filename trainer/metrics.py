@@ -1,4 +1,4 @@
-"""Training metrics: Fabric loggers (CSV always, TensorBoard when installed), throughput, memory, MFU.
+"""Training metrics: Fabric loggers (CSV, and TensorBoard via tensorboardX or tensorboard), throughput, memory, MFU.
 
 Each process start (first run or resume) writes ``<train>/metrics/version_<n>/metrics.csv``;
 a resumed run's rows continue the step numbering of the run it resumes.
