@@ -124,7 +124,7 @@ class JudgingConfig(_Section):
         default=0.5, ge=0, le=1,
         description="likelihood: a candidate whose share of repeated 4-grams exceeds this scores as worst.",
     )
-    chunk_size: int = Field(default=16, gt=0, description="Pairs per checkpointed chunk.")
+    chunk_size: int = Field(default=64, gt=0, description="Pairs per checkpointed chunk (one engine batch per criterion).")
     self_check: bool = Field(
         default=False,
         description="Run `sip judge-check` (small) once when the judge stage finishes; its report goes into the card.",
