@@ -5,8 +5,9 @@ Same model, same batches, same optimizer settings, one objective at a time (ntp,
 - **sip**: ``run_train`` on a one-phase manifest, timed by the trainer's own metrics (its
   ``tokens_per_s`` windows, ``log_every = warmup`` so the first window, with its one-time
   costs, is left out; reference log-probs and the final checkpoint fall outside the windows);
-- **bare**: ``litgpt.model.GPT`` + ``torch.optim.AdamW`` in a plain loop: forward, the loss
-  written out with torch, backward, gradient clipping, step, on batches built before timing.
+- **bare**: the same ``litgpt.model.GPT`` (the trainer's starting weights) + ``torch.optim.AdamW``
+  in a plain loop: forward, the loss written out with torch, backward, gradient clipping, step,
+  on batches built before timing.
 
 Each side runs in a fresh process (``python -m trainer.bench SPEC``), so peak memory (peak
 RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU) is its own. The tables are synthetic
@@ -122,10 +123,9 @@ def _bare_side(manifest: Manifest, warmup: int) -> dict:
     """A plain LitGPT + AdamW loop over the same rows (the trainer's seeded order)."""
     import torch
     import torch.nn.functional as F
-    from litgpt.model import GPT
 
     from pipeline.io import read_table
-    from trainer.model import init_checkpoint_dir, model_config
+    from trainer.model import build_model, init_checkpoint_dir, model_config
     from trainer.plan import table_path
     from trainer.source import TableSource
 
@@ -133,12 +133,9 @@ def _bare_side(manifest: Manifest, warmup: int) -> dict:
     if t.precision not in BARE_PRECISIONS:
         raise ManifestError(f"train.precision {t.precision!r}: the bare loop supports {', '.join(BARE_PRECISIONS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = model_config(manifest)
-    torch.manual_seed(manifest.train_seed)
-    model = GPT(config)
-    if (init := init_checkpoint_dir(manifest)) is not None:
-        state = torch.load(init / "lit_model.pth", map_location="cpu", mmap=True, weights_only=True)
-        model.load_state_dict(state.get("model", state))
+    # The trainer's starting weights (a litgpt.model.GPT): the same numbers flow through both
+    # loops; a different init can change CPU speed (denormals), not only the loss.
+    model = build_model(model_config(manifest), manifest.train_seed, init_checkpoint_dir(manifest))
     model = model.to(device, dtype=torch.bfloat16 if t.precision == "bf16-true" else torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, betas=phase.betas, weight_decay=phase.weight_decay)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16-mixed")
