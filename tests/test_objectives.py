@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.data import collate
-from trainer.objectives import dpo_loss, ntp_loss, sequence_logprobs, token_logprobs
+from trainer.objectives import dpo_loss, ntp_loss, sequence_logprobs, target_logprobs
 
 
 def test_collate_pads_right_masks_targets_and_trims_the_prefix_from_the_left():
@@ -72,4 +72,8 @@ def test_ntp_equals_litgpts_own_loss_on_a_tiny_model():
     theirs = chunked_cross_entropy(logits[:, :-1], targets, chunk_size=0)
     ours = ntp_loss(logits, batch["input_ids"], batch["target_mask"])
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
-    assert token_logprobs(logits, batch["input_ids"]).shape == (2, 6)
+    every = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    only_targets = target_logprobs(logits, batch["input_ids"], batch["target_mask"])
+    mask = batch["target_mask"][:, 1:]
+    torch.testing.assert_close(only_targets[mask], every[mask])
+    assert only_targets.shape == (2, 6) and (only_targets[~mask] == 0).all()
