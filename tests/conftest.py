@@ -129,3 +129,10 @@ def slurm_cluster():
             pytest.fail("Slurm is not running; CI must start it with scripts/slurm.sh start")
         pytest.skip("no Slurm cluster here (start one with `make slurm-up`)")
     return True
+
+
+def slurm_job_times(job_id: str) -> tuple[str, str]:
+    """(StartTime, EndTime) of a Slurm job, from scontrol (no accounting database needed)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    fields = dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
+    return fields["StartTime"], fields["EndTime"]

@@ -6,7 +6,7 @@ import subprocess
 import polars as pl
 import pytest
 
-from tests.conftest import base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
+from tests.conftest import base_manifest, run_sip, slurm_job_times, wiki_documents, write_jsonl, write_manifest
 
 
 @pytest.mark.slurm
@@ -53,12 +53,6 @@ def test_resubmitting_while_earlier_jobs_are_queued_is_refused(tmp_path, slurm_c
         subprocess.run(["scancel", held], check=False)
 
 
-def _job_times(job_id: str) -> tuple[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
-    fields = dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
-    return fields["StartTime"], fields["EndTime"]
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_shard_then_rewrite_as_one_afterok_chain(tmp_path, slurm_cluster):
@@ -84,4 +78,4 @@ def test_shard_then_rewrite_as_one_afterok_chain(tmp_path, slurm_cluster):
     shard_jobs = json.loads((out / "shard" / "_logs" / "slurm_jobs.json").read_text())
     rewrite_jobs = json.loads((out / "rewrite" / "_logs" / "slurm_jobs.json").read_text())
     # The rewrite array started only after the shard stage's card job had ended (afterok chain).
-    assert _job_times(rewrite_jobs["tasks"] + "_0")[0] >= _job_times(shard_jobs["card"])[1]
+    assert slurm_job_times(rewrite_jobs["tasks"] + "_0")[0] >= slurm_job_times(shard_jobs["card"])[1]

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
+from tests.conftest import base_manifest, run_sip, slurm_job_times, wiki_documents, write_jsonl, write_manifest
 from tests.test_train_data import train_manifest
 
 NTP = [{"name": "ntp", "objective": "ntp", "steps": 2, "batch_size": 2}]
@@ -17,12 +17,6 @@ SLURM = {"type": "slurm", "tasks": 1, "slurm": {"time": "00:10:00", "cpus_per_ta
 TINY_LLAMA = {"n_layer": 2, "n_head": 4, "n_query_groups": 2, "n_embd": 64, "intermediate_size": 172,
               "vocab_size": 49152, "padded_vocab_size": 49152, "bias": False, "norm_class_name": "RMSNorm",
               "mlp_class_name": "LLaMAMLP", "parallel_residual": False, "rotary_percentage": 1.0}
-
-
-def _job_times(job_id: str) -> tuple[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
-    fields = dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
-    return fields["StartTime"], fields["EndTime"]
 
 
 @pytest.mark.slurm
@@ -42,7 +36,7 @@ def test_shard_then_train_on_slurm_as_one_afterok_chain_with_a_task_per_device(t
     train_job = json.loads((train_dir / "_logs" / "slurm_jobs.json").read_text())["train"]
     assert f"train: submitted Slurm job {train_job} (afterok {card_job})" in proc.stdout
     assert "train: 2 steps" in proc.stdout
-    assert _job_times(train_job)[0] >= _job_times(card_job)[1]  # training started after the shard card
+    assert slurm_job_times(train_job)[0] >= slurm_job_times(card_job)[1]  # training started after the shard card
 
     script = (train_dir / "_logs" / "launch_script.slurm").read_text()
     assert "#SBATCH --ntasks-per-node=2" in script and "--gpus-per-node" not in script
