@@ -153,6 +153,22 @@ def bench_pairs(manifest: Manifest, directory: Path, pairs: int) -> Manifest:
     return m
 
 
+def run_stage_process(manifest: Manifest, stage: str, directory: Path) -> tuple[float, dict]:
+    """Run ``sip <stage>`` in a fresh process (as a user would); its wall time and card summary."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    manifest_path = directory / f"{stage}-manifest.yaml"
+    manifest_path.write_text(yaml.safe_dump(manifest.absolute_data()))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pipeline.cli", stage, "-m", str(manifest_path)],
+                   capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - started
+    return wall, json.loads((manifest.stage_dir(stage) / "card.json").read_text())["summary"]
+
+
 def bench_rewrite(manifest: Manifest, pairs: int = 64, with_server: bool = True) -> dict:
     """The rewrite stage's output tokens/s vs bare vLLM on the same prompts, same settings.
 
@@ -207,15 +223,7 @@ def bench_rewrite(manifest: Manifest, pairs: int = 64, with_server: bool = True)
             server = {"generate_s": round(http_s, 2), "output_tokens": http_tokens,
                       "output_tokens_per_s": round(http_tokens / http_s, 1)}
 
-        manifest_path = Path(tmp) / "m.yaml"
-        import yaml
-
-        manifest_path.write_text(yaml.safe_dump(m.absolute_data()))
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "rewrite", "-m", str(manifest_path)],
-                       capture_output=True, text=True, check=True)
-        stage_wall = time.perf_counter() - started
-        summary = json.loads((m.stage_dir("rewrite") / "card.json").read_text())["summary"]
+        stage_wall, summary = run_stage_process(m, "rewrite", Path(tmp))
 
     stage_s = summary["elapsed_s"] - summary["engine_start_s"]
     bare_tps = bare["output_tokens"] / bare["generate_s"]

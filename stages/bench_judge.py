@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from pipeline.manifest import Manifest
 
 
@@ -53,7 +51,7 @@ def _bare_judge(spec_path: str) -> None:
 
 def bench_judge(manifest: Manifest, pairs: int = 48) -> dict:
     from pipeline.models import resolve_model_dir
-    from stages.bench import bench_pairs
+    from stages.bench import bench_pairs, run_stage_process
     from stages.judge import plan_judge
     from stages.judge_cost import count_judge_calls
     from stages.registry import run_stages
@@ -75,13 +73,7 @@ def bench_judge(manifest: Manifest, pairs: int = 48) -> dict:
         subprocess.run([sys.executable, "-m", "stages.bench_judge", str(spec_path)], capture_output=True, check=True)
         bare = json.loads(Path(f"{spec_path}.out").read_text())
 
-        manifest_path = Path(tmp) / "m.yaml"
-        manifest_path.write_text(yaml.safe_dump(m.absolute_data()))
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "judge", "-m", str(manifest_path)],
-                       capture_output=True, text=True, check=True)
-        stage_wall = time.perf_counter() - started
-        summary = json.loads((m.stage_dir("judge") / "card.json").read_text())["summary"]
+        stage_wall, summary = run_stage_process(m, "judge", Path(tmp))
 
     stage_s = summary["elapsed_s"] - summary["engine_start_s"]
     tokens, judged = counted["prompt_tokens"], summary["candidates"]
