@@ -43,3 +43,21 @@ def load_tokenizer(directory: str) -> Tokenizer:
 def tokenizer_id(directory: str) -> str:
     """Content hash of the tokenizer: part of every pair id, so ids change if the tokenizer does."""
     return hashlib.sha256(tokenizer_file(directory).read_bytes()).hexdigest()[:16]
+
+
+def char_boundaries(offsets: list[tuple[int, int]]) -> list[bool]:
+    """``b[i]``: token i starts a new character (it does not continue the previous token's)."""
+    return [i == 0 or offsets[i][0] >= offsets[i - 1][1] for i in range(len(offsets))] + [True]
+
+
+def clip_to_tokens(text: str, tokenizer, n: int) -> str:
+    """The longest prefix of ``text`` that is at most ``n`` policy tokens, cut where a token
+    starts a new character (never inside one), so the judged text is what gets trained on."""
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    if len(enc.ids) <= n:
+        return text
+    bounds = char_boundaries(enc.offsets)
+    k = n
+    while k > 0 and not bounds[k]:
+        k -= 1
+    return text[: enc.offsets[k][0]] if k > 0 else ""

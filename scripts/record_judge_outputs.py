@@ -95,7 +95,7 @@ def main() -> None:
     from pipeline.assets import embedded_model
     from pipeline.engines.base import Request, Sampling
     from pipeline.engines.vllm_engine import VLLMEngine
-    from stages.judging import PROMPTS
+    from stages.criteria import PROMPTS
     from pipeline.prompts import PromptTemplate
 
     rows = cases()

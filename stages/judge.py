@@ -25,28 +25,15 @@ from pipeline.manifest import Manifest, ManifestError, fingerprint, fingerprinte
 from pipeline.runner import StageJob, run_chain
 from pipeline.schema import JUDGMENTS, cand_id, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import clip_to_tokens, load_tokenizer
 from stages.judge_cost import describe_judge_cost
-from stages.judging import PROMPTS, Judge, Scored
+from stages.criteria import PROMPTS, Judge, Scored
 from stages.rewrite import plan_rewrite
 from stages.rollout import plan_rollout
-from stages.shard import char_boundaries, plan_shard
+from stages.shard import plan_shard
 
 STAGE = "judge"
 CRITERIA = ("safety", "quality", "factuality")
-
-
-def clip_to_tokens(text: str, tokenizer, n: int) -> str:
-    """The longest prefix of ``text`` that is at most ``n`` policy tokens, cut where a token
-    starts a new character (never inside one), so the judged text is what gets trained on."""
-    enc = tokenizer.encode(text, add_special_tokens=False)
-    if len(enc.ids) <= n:
-        return text
-    bounds = char_boundaries(enc.offsets)
-    k = n
-    while k > 0 and not bounds[k]:
-        k -= 1
-    return text[: enc.offsets[k][0]] if k > 0 else ""
 
 
 class JudgeStep(ChunkedStep):

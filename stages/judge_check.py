@@ -1,6 +1,6 @@
 """Judge self-check (`sip judge-check`): how well the manifest's judge, in the manifest's
 modes, separates labelled texts (stages/judge_check_data.py), with the stage's own judge code
-(:class:`stages.judging.Judge`).
+(:class:`stages.criteria.Judge`).
 
 Per check: n, the metric (ROC AUC of pointwise scores, or the pairwise accuracy of the true
 continuation against a corrupted one; ties count half), the parse rate (judge answers that
@@ -21,7 +21,7 @@ from pipeline.manifest import Manifest, ManifestError
 from pipeline.models import policy_tokenizer_dir
 from pipeline.tokenizer import load_tokenizer
 from stages.judge_check_data import CORRUPTIONS, build_checks
-from stages.judging import Judge
+from stages.criteria import Judge
 
 DEFAULT_LIMIT = 40  # 40 safe + 40 unsafe texts, 40 pairs per corruption kind
 SELF_CHECK_LIMIT = 8  # what the judge stage runs at finalize with judging.self_check: true

