@@ -93,6 +93,9 @@ JUDGMENTS = pa.schema(
         pa.field("cand_id", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),  # one of CANDIDATE_SOURCES
         pa.field("text", pa.string(), nullable=False),
+        # The policy ids trained on: the pair's suffix ids, the rewrite clipped to N and encoded,
+        # a rollout's sampled ids. The prefs stage takes them from here, never re-encoding text.
+        pa.field("token_ids", _ids, nullable=False),
         pa.field("safety", pa.float64()),
         pa.field("quality", pa.float64()),
         pa.field("factuality", pa.float64()),

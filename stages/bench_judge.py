@@ -1,7 +1,7 @@
 """`sip bench judge`: the judge stage against bare vLLM doing the same calls, same run.
 
 The bare side replays the exact engine calls the stage makes (recorded by running the
-stage's own code with :class:`stages.judge_cost.CallCounter`: same token ids, same sampling
+stage's own code with :class:`pipeline.engines.counter.CallCounter`: same token ids, same sampling
 settings), each kind of call as one ``LLM.generate`` over all its prompts, in a fresh process
 with the same engine arguments. The stage side is ``sip judge`` in a fresh process; its time
 is its tasks' wall time minus engine start-up (reading, candidates, prompts, parsing, chunk
@@ -53,7 +53,7 @@ def bench_judge(manifest: Manifest, pairs: int = 48) -> dict:
     from pipeline.models import resolve_model_dir
     from stages.bench import bench_pairs, run_stage_process
     from stages.judge import plan_judge
-    from stages.judge_cost import count_judge_calls
+    from stages.judge import count_judge_calls
     from stages.registry import run_stages
 
     with tempfile.TemporaryDirectory() as tmp:

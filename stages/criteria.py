@@ -40,6 +40,16 @@ class JudgeCounters:
     order_compared: int = 0
     order_agreed: int = 0
 
+    def snapshot(self) -> dict[str, int]:
+        """The counters under the names the judge stage keeps per chunk file."""
+        return {"judge_calls": self.calls, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "order_compared": self.order_compared,
+                "order_agreed": self.order_agreed, **{f"unparsable_{c}": v for c, v in self.unparsable.items()}}
+
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """What was spent since ``before`` (a :meth:`snapshot`)."""
+        return {k: v - before.get(k, 0) for k, v in self.snapshot().items()}
+
 
 def choice_tokens(tokenizer, choices: dict[str, float]) -> dict[str, int]:
     """Each choice's first token (as it follows the lead-in); they must differ to be told apart."""

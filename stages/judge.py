@@ -1,9 +1,10 @@
 """Judge stage: score every pair's candidates (METHOD.md "Judge") into the judgments table.
 
-Candidates per pair: the original suffix, the rewrite (when its status is ok), clipped to N
-policy tokens (what the policy would be trained on), and, when ``rollouts.count`` > 0, the
-policy's ok rollouts (already at most N tokens; their text is their ids decoded, never
-re-tokenized). Identical texts are judged once, under the first source that gave them.
+The stage is plumbing around the scoring core (``stages/scoring.py``): it reads each task's
+pairs, looks up their ok rewrites and (when ``rollouts.count`` > 0) ok rollouts in the
+upstream tables, and writes one judgments row per candidate, with the token ids it is trained
+on, in chunk files that a crash never duplicates. What a candidate is, how it is scored and
+what its reward is are the scoring core's, shared with the prefs stage and the online phase.
 """
 
 from __future__ import annotations
@@ -13,147 +14,129 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 
 from pipeline.cards import write_card
 from pipeline.chunks import ChunkedStep
+from pipeline.engines.counter import CallCounter
 from pipeline.engines.factory import RUN_ONLY, make_engine, model_identity
-from pipeline.io import TableReader, chunk_stats, read_table
+from pipeline.io import TableReader, chunk_stats, read_table, table_files
+from pipeline.models import resolve_model_dir
 from pipeline.manifest import Manifest, ManifestError, fingerprint, fingerprinted_view
-from pipeline.runner import StageJob, run_chain
-from pipeline.schema import JUDGMENTS, cand_id, provenance, with_provenance
+from pipeline.runner import StageJob
+from pipeline.schema import JUDGMENTS, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
-from pipeline.tokenizer import clip_to_tokens, load_tokenizer
-from stages.judge_cost import describe_judge_cost
-from stages.criteria import PROMPTS, Judge, Scored
+from pipeline.tokenizer import load_tokenizer
+from stages.criteria import PROMPTS, Judge
 from stages.rewrite import plan_rewrite
 from stages.rollout import plan_rollout
+from stages.scoring import CRITERIA, CandidateSet, Judged, assemble_candidates, score_pairs
 from stages.shard import plan_shard
 
 STAGE = "judge"
-CRITERIA = ("safety", "quality", "factuality")
+PAIR_COLUMNS = ["pair_id", "prefix", "suffix", "suffix_ids"]  # what a pair's candidates need
 
 
-class JudgeStep(ChunkedStep):
-    name = "judge"
-    type = "⚖️ - JUDGE"
+class UpstreamCandidates:
+    """A task's view of the rewrites and rollouts tables: pair -> its :class:`CandidateSet`.
 
-    def __init__(self, manifest: Manifest, output_dir: str, schema, rewrites_dir: str, tokenizer_dir: str,
-                 rollouts_dir: str | None = None):
-        super().__init__(output_dir, schema, manifest.judging.chunk_size)
-        self.manifest = manifest
+    The tables are read once per task, lazily (a resumed task with nothing left reads none).
+    """
+
+    def __init__(self, rewrites_dir: str, tokenizer_dir: str, suffix_tokens: int, rollouts_dir: str | None = None):
         self.rewrites_dir = rewrites_dir
         self.tokenizer_dir = tokenizer_dir
+        self.suffix_tokens = suffix_tokens
         self.rollouts_dir = rollouts_dir  # None: no rollout candidates (rollouts.count is 0)
-        self._judge: Judge | None = None
         self._rewrites: dict[str, str] | None = None
-        self._rollouts: dict[str, list[str]] | None = None
+        self._rollouts: dict[str, list[tuple[str, list[int]]]] | None = None
 
     def rewrites(self) -> dict[str, str]:
+        """pair_id -> its ok rewrite (unclipped)."""
         if self._rewrites is None:
             table = read_table(self.rewrites_dir, columns=["pair_id", "rewrite", "status"])
             self._rewrites = {p: r for p, r, s in zip(*(table.column(c).to_pylist() for c in ("pair_id", "rewrite", "status")))
                               if s == "ok" and r}
         return self._rewrites
 
-    def rollouts(self) -> dict[str, list[str]]:
-        """pair_id -> its ok rollout texts, by sample index."""
+    def rollouts(self) -> dict[str, list[tuple[str, list[int]]]]:
+        """pair_id -> its ok rollouts as (text, sampled ids), by sample index."""
         if self._rollouts is None:
             self._rollouts = {}
             if self.rollouts_dir is not None:
-                table = pl.from_arrow(read_table(self.rollouts_dir, columns=["pair_id", "sample", "text", "status"]))
-                for pair_id, texts in (table.filter(pl.col("status") == "ok").sort("pair_id", "sample")
-                                       .group_by("pair_id", maintain_order=True).agg("text").iter_rows()):
-                    self._rollouts[pair_id] = texts
+                table = pl.from_arrow(read_table(self.rollouts_dir,
+                                                 columns=["pair_id", "sample", "text", "token_ids", "status"]))
+                for pair_id, texts, ids in (table.filter(pl.col("status") == "ok").sort("pair_id", "sample")
+                                            .group_by("pair_id", maintain_order=True).agg("text", "token_ids").iter_rows()):
+                    self._rollouts[pair_id] = list(zip(texts, ids))
         return self._rollouts
 
-    def candidates(self, pair: dict) -> list[tuple[str, str]]:
-        tok, n = load_tokenizer(self.tokenizer_dir), self.manifest.shard.suffix_tokens
-        others = []
-        if (rewrite := self.rewrites().get(pair["pair_id"])) is not None:
-            others.append(("rewrite", clip_to_tokens(rewrite, tok, n)))
-        # Rollouts are not clipped: their ids are at most N, and re-encoding their text could
-        # tokenize differently and cut what the policy actually sampled.
-        others += [("rollout", text) for text in self.rollouts().get(pair["pair_id"], [])]
-        out, seen = [("original", pair["suffix"])], {pair["suffix"]}
-        for source, text in others:  # each distinct text once, under the first source that gave it
-            if text.strip() and text not in seen:
-                seen.add(text)
-                out.append((source, text))
-        return out
+    def for_pair(self, pair: dict) -> CandidateSet:
+        """``pair``: a pairs-table row with ``pair_id``, ``prefix``, ``suffix``, ``suffix_ids``."""
+        return assemble_candidates(pair, self.rewrites().get(pair["pair_id"]), self.rollouts().get(pair["pair_id"], []),
+                                   load_tokenizer(self.tokenizer_dir), self.suffix_tokens)
+
+
+def judgment_rows(judged: list[Judged], samples: int) -> list[dict]:
+    """Judgments-table rows of one pair's scored candidates."""
+    return [{
+        "pair_id": j.candidate.pair_id, "cand_id": j.candidate.cand_id, "source": j.candidate.source,
+        "text": j.candidate.text, "token_ids": list(j.candidate.token_ids), **j.scores, "reward": j.reward,
+        "judge_raw": json.dumps(j.raw, default=str), "parse_status": "ok" if j.parsed else "unparsable",
+        "shown_order": json.dumps(j.shown_order) if j.shown_order else None, "judge_samples": samples,
+    } for j in judged]
+
+
+class JudgeStep(ChunkedStep):
+    """Plumbing around the scoring core: a chunk of pairs -> their judgments rows, with the
+    chunk's judge costs kept in its file (see ``ChunkedStep.count``)."""
+
+    name = "judge"
+    type = "⚖️ - JUDGE"
+
+    def __init__(self, manifest: Manifest, output_dir: str, schema, upstream: UpstreamCandidates):
+        super().__init__(output_dir, schema, manifest.judging.chunk_size)
+        self.manifest = manifest
+        self.upstream = upstream
+        self.judge: Judge | None = None  # started on the first chunk that needs it
 
     def process(self, rows: list[dict]) -> list[dict]:
-        cfg = self.manifest.judging
-        if self._judge is None:
+        if self.judge is None:
             engine = make_engine(self.manifest, self.manifest.judge, "judge")
             self.stat_update("engine_start_ms", value=int(getattr(engine, "start_s", 0) * 1000))
-            self._judge = Judge(engine, cfg, self.manifest.run.seed)
-        judge = self._judge
-        before = (judge.counters.calls, judge.counters.prompt_tokens, judge.counters.completion_tokens,
-                  judge.counters.order_compared, judge.counters.order_agreed, dict(judge.counters.unparsable))
+            self.judge = Judge(engine, self.manifest.judging, self.manifest.run.seed)
+        counters = self.judge.counters
+        before = counters.snapshot()
         started, cache_before = time.perf_counter(), self._prefix_cache()
-        cands = [self.candidates(pair) for pair in rows]
-        flat = [(i, source, text) for i, cs in enumerate(cands) for source, text in cs]
-        scores: dict[str, list[Scored | None]] = {c: [None] * len(flat) for c in CRITERIA}
-        if cfg.safety:
-            scores["safety"] = judge.safety([t for _, _, t in flat])
-        if cfg.factuality:
-            todo = [k for k, (_, source, _) in enumerate(flat) if source != "original"]
-            judged = judge.factuality([(rows[flat[k][0]]["prefix"], rows[flat[k][0]]["suffix"], flat[k][2]) for k in todo])
-            scores["factuality"] = [Scored(1.0, {"note": "the reference itself"})] * len(flat)
-            for k, s in zip(todo, judged):
-                scores["factuality"][k] = s
-        orders: dict[int, list] = {}
-        if cfg.quality:
-            k = 0
-            judged_pairs = judge.quality_batch([(rows[i]["prefix"], [t for _, t in cs], rows[i]["pair_id"])
-                                                for i, cs in enumerate(cands)])
-            for i, (result, shown) in enumerate(judged_pairs):
-                for s in result:
-                    scores["quality"][k] = s
-                    k += 1
-                orders[i] = shown
+        sets = [self.upstream.for_pair(pair) for pair in rows]
+        judged = score_pairs(self.judge, sets)
         self.count("engine_ms", int((time.perf_counter() - started) * 1000))
         if cache_before is not None and (cache_after := self._prefix_cache()) is not None:
             for key in ("queried_tokens", "hit_tokens"):
                 self.count(f"prefix_cache_{key}", cache_after[key] - cache_before[key])
         out = []
-        for k, (i, source, text) in enumerate(flat):
-            row_scores = {c: (scores[c][k].score if scores[c][k] is not None else None) for c in CRITERIA}
-            applicable = [c for c in CRITERIA if getattr(cfg, c) and not (c == "quality" and len(cands[i]) < 2)]
-            parsed = all(row_scores[c] is not None for c in applicable)
-            reward = sum(getattr(cfg, c).weight * row_scores[c] for c in applicable) if parsed else None
-            raw = {c: scores[c][k].raw for c in CRITERIA if scores[c][k] is not None}
-            out.append({
-                "pair_id": rows[i]["pair_id"], "cand_id": cand_id(rows[i]["pair_id"], text), "source": source,
-                "text": text, **row_scores, "reward": reward, "judge_raw": json.dumps(raw, default=str),
-                "parse_status": "ok" if parsed else "unparsable",
-                "shown_order": json.dumps(orders.get(i)) if orders.get(i) else None,
-                "judge_samples": cfg.samples,
-            })
-            self.stat_update(f"candidates_{source}")
-            self.stat_update("unparsable" if not parsed else "judged")
-        c = judge.counters
-        self.count("judge_calls", c.calls - before[0])
-        self.count("prompt_tokens", c.prompt_tokens - before[1])
-        self.count("completion_tokens", c.completion_tokens - before[2])
-        self.count("order_compared", c.order_compared - before[3])
-        self.count("order_agreed", c.order_agreed - before[4])
-        for crit, count in c.unparsable.items():
-            if count - before[5].get(crit, 0):
-                self.count(f"unparsable_{crit}", count - before[5].get(crit, 0))
+        for candidate_set, pair_judged in zip(sets, judged):
+            for name, value in (("duplicate", candidate_set.duplicates), ("empty", candidate_set.empty)):
+                if value:
+                    self.count(f"candidates_dropped_{name}", value)
+            for j in pair_judged:
+                self.stat_update(f"candidates_{j.candidate.source}")
+                self.stat_update("judged" if j.parsed else "unparsable")
+            out += judgment_rows(pair_judged, self.manifest.judging.samples)
+        for key, value in counters.since(before).items():
+            if value:
+                self.count(key, value)
         return out
 
     def _prefix_cache(self) -> dict[str, int] | None:
-        stats = getattr(self._judge.engine, "prefix_cache_stats", None)
+        stats = getattr(self.judge.engine, "prefix_cache_stats", None)
         return stats() if stats else None
 
     def finish(self) -> None:
-        if self._judge is not None:
-            self._judge.engine.close()
-            self._judge = None
+        if self.judge is not None:
+            self.judge.engine.close()
+            self.judge = None
 
 
 @dataclass
@@ -166,6 +149,10 @@ class JudgePlan:
     model: dict
     rollouts_dir: Path | None = None
 
+    def upstream(self) -> UpstreamCandidates:
+        return UpstreamCandidates(str(self.rewrites_dir), str(self.tokenizer_dir), self.manifest.shard.suffix_tokens,
+                                  str(self.rollouts_dir) if self.rollouts_dir else None)
+
     def pipeline(self) -> list:
         templates = {c: (PROMPTS / f"judge_{c}.txt").read_text() for c in CRITERIA}
         prov = provenance(
@@ -174,9 +161,8 @@ class JudgePlan:
             settings=self.manifest.judging.model_dump(),
         )
         return [
-            TableReader(str(self.pairs_dir), columns=["pair_id", "prefix", "suffix"]),
-            JudgeStep(self.manifest, str(self.stage.path), with_provenance(JUDGMENTS, prov), str(self.rewrites_dir),
-                      str(self.tokenizer_dir), str(self.rollouts_dir) if self.rollouts_dir else None),
+            TableReader(str(self.pairs_dir), columns=PAIR_COLUMNS),
+            JudgeStep(self.manifest, str(self.stage.path), with_provenance(JUDGMENTS, prov), self.upstream()),
         ]
 
 
@@ -214,6 +200,50 @@ def fingerprint_prompts() -> str:
     import hashlib
 
     return hashlib.sha256("".join((PROMPTS / f"judge_{c}.txt").read_text() for c in CRITERIA).encode()).hexdigest()[:16]
+
+
+def count_judge_calls(plan: JudgePlan) -> dict | str:
+    """Calls and tokens the judge stage of ``plan`` will make (``sip judge --dry-run``), or why
+    they cannot be counted yet (an upstream table is not complete).
+
+    The stage's own candidates and scoring core run over every pair, chunk by chunk as a task
+    would, with a :class:`~pipeline.engines.counter.CallCounter` in place of the judge model.
+    """
+    # Complete upstream stages only (a stage writes its card last): a partial table would undercount.
+    upstream = [("shard", plan.pairs_dir), ("rewrite", plan.rewrites_dir)]
+    if plan.rollouts_dir is not None:
+        upstream.append(("rollout", plan.rollouts_dir))
+    missing = [name for name, path in upstream if not (Path(path) / "card.json").is_file() or not table_files(path)]
+    if missing:
+        return f"calls and tokens are counted once {' and '.join(missing)} have run"
+    manifest, ref = plan.manifest, plan.manifest.judge
+    local = ref.kind != "endpoint"
+    model_dir = resolve_model_dir(manifest, ref.model, "judge.model") if local else None
+    counter = CallCounter(model_dir, plan.model.get("name", ref.model), ref.max_model_len)
+    judge, upstream_candidates = Judge(counter, manifest.judging, manifest.run.seed), plan.upstream()
+    pairs = read_table(plan.pairs_dir, columns=PAIR_COLUMNS).to_pylist()
+    candidates, chunk = 0, manifest.judging.chunk_size
+    for start in range(0, len(pairs), chunk):
+        judged = score_pairs(judge, [upstream_candidates.for_pair(p) for p in pairs[start : start + chunk]])
+        candidates += sum(map(len, judged))
+    return {
+        "engine_calls": counter.calls,
+        "pairs": len(pairs),
+        "candidates": candidates,
+        "judge_calls": judge.counters.calls,
+        "prompt_tokens": judge.counters.prompt_tokens if local else None,
+        "max_completion_tokens": counter.max_completion_tokens,
+    }
+
+
+def describe_judge_cost(plan: JudgePlan) -> str:
+    counted = count_judge_calls(plan)
+    if isinstance(counted, str):
+        return f"judge: {counted}"
+    tokens = f"{counted['prompt_tokens']:,} prompt tokens" if counted["prompt_tokens"] is not None else \
+        "prompt tokens unknown (an endpoint judge's tokenizer is not local)"
+    return (f"judge: {counted['judge_calls']:,} judge calls for {counted['candidates']:,} candidates of "
+            f"{counted['pairs']:,} pairs; {tokens}; at most {counted['max_completion_tokens']:,} completion tokens")
 
 
 def judge_summary(plan: JudgePlan, elapsed_s: float | None) -> dict:
@@ -267,8 +297,3 @@ def judge_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
     plan = plan_judge(manifest, upstream_pending)
     return StageJob(plan.stage, plan.pipeline(), partial(finalize_judge, manifest),
                     estimate=partial(describe_judge_cost, plan))
-
-
-def run_judge(manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
-              log: Callable[[str], None] = print) -> dict | None:
-    return run_chain(manifest, [judge_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)

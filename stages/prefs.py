@@ -1,10 +1,11 @@
 """Preferences stage: judgments -> the preferences table (DPO) and its SFT view (RF-NLL).
 
-Per pair: chosen = highest reward, rejected = lowest (METHOD.md "Training"). Pairs with fewer
-than two judged candidates, or whose best and worst rewards tie (margin <= prefs.min_margin),
-are skipped and counted. Token ids use the policy tokenizer; a suffix is at most N tokens.
-A rollout's ids are the ones the policy sampled (from the rollouts table), never its text
-re-encoded, so DPO trains on exactly what the policy produced and the judge saw.
+Per pair, the scoring core's pick (``stages/scoring.py``): chosen = highest reward, rejected =
+lowest (METHOD.md "Training"). Pairs with fewer than two judged candidates, or whose best and
+worst rewards tie (margin <= prefs.min_margin), are skipped and counted. Token ids are the
+ones the judge scored (the judgments table's ``token_ids``: a rollout's sampled ids, the
+clipped rewrite's encoding), never text re-encoded here, so DPO trains on exactly what the
+judge saw.
 """
 
 from __future__ import annotations
@@ -13,85 +14,72 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
+import pyarrow.parquet as pq
 from datatrove.pipeline.base import PipelineStep
 
 from pipeline.cards import write_card
-from pipeline.io import read_table, write_table_atomic
+from pipeline.io import read_table, table_files, write_table_atomic
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
-from pipeline.runner import StageJob, run_chain
+from pipeline.runner import StageJob
 from pipeline.schema import CANDIDATE_SOURCES, PREFERENCES, SFT, provenance, with_provenance
-from pipeline.stage import StageDir
-from pipeline.tokenizer import load_tokenizer
+from pipeline.stage import StageDir, StageFailed
 from stages.judge import plan_judge
+from stages.scoring import Ranked, pick
 from stages.shard import plan_shard
 
 STAGE = "prefs"
-_SOURCE_ORDER = {"original": 0, "rewrite": 1, "rollout": 2}  # tie-break among equal rewards: deterministic
+JUDGMENT_COLUMNS = ["pair_id", "cand_id", "source", "text", "token_ids", "reward"]
 
 
-def build_preferences(judgments: pl.DataFrame, pairs: pl.DataFrame, tokenizer, n: int, min_margin: float,
-                      rollout_ids: dict[tuple[str, str], list[int]] | None = None):
-    """Returns (preferences rows, sft rows, counts).
+def build_preferences(judgments: pl.DataFrame, pairs: pl.DataFrame, min_margin: float):
+    """Returns (preferences rows, sft rows, counts), one pick per pair of ``pairs``.
 
-    ``rollout_ids``: (pair_id, text) -> the sampled ids of that rollout (see :func:`rollout_ids_of`).
+    Args:
+        judgments: judgments-table rows (:data:`JUDGMENT_COLUMNS`); ``token_ids`` are the ids
+            the judge scored (a rollout's sampled ids, the clipped rewrite's encoding).
+        pairs: pairs-table rows with ``pair_id``, ``prefix``, ``prefix_ids``.
+        min_margin: ``prefs.min_margin`` (see :func:`stages.scoring.pick`).
     """
-    valid = judgments.filter(pl.col("reward").is_not_null()).with_columns(
-        pl.col("source").replace_strict(_SOURCE_ORDER, default=3).alias("_order"))
-    ranked = valid.sort(["pair_id", "reward", "_order", "cand_id"], descending=[False, True, False, False])
-    groups = ranked.group_by("pair_id", maintain_order=True).agg(pl.all())
-    info = {r["pair_id"]: r for r in pairs.iter_rows(named=True)}
-
-    def ids_of(source: str, text: str, pair: dict) -> list[int]:
-        if source == "original":
-            return list(pair["suffix_ids"])
-        if source == "rollout":
-            ids = (rollout_ids or {}).get((pair["pair_id"], text))
-            if ids is None:
-                raise ValueError(f"pair {pair['pair_id']}: a rollout candidate has no row in the rollouts table with "
-                                 f"its text ({text[:60]!r}); the judgments and rollouts tables do not match")
-            return list(ids)
-        return tokenizer.encode(text, add_special_tokens=False).ids[:n]
-
+    by_pair: dict[str, list[Ranked]] = {}
+    for row in judgments.iter_rows(named=True):
+        by_pair.setdefault(row["pair_id"], []).append(Ranked(row["cand_id"], row["source"], row["reward"], row))
     prefs, sft = [], []
     counts = {"pairs": pairs.height, "usable": 0, "skipped_single_candidate": 0, "skipped_tie": 0,
-              "skipped_unjudged": pairs.height - groups.height}
-    for g in groups.iter_rows(named=True):
-        pair = info[g["pair_id"]]
-        best = {k: g[k][0] for k in ("source", "text", "reward")}
-        sft.append({"pair_id": g["pair_id"], "prefix_ids": pair["prefix_ids"],
-                    "target_ids": ids_of(best["source"], best["text"], pair), "source": best["source"],
-                    "reward": best["reward"], "prompt": pair["prefix"], "completion": best["text"]})
-        if len(g["reward"]) < 2:
-            counts["skipped_single_candidate"] += 1
+              "skipped_unjudged": 0}
+    for pair in pairs.sort("pair_id").iter_rows(named=True):
+        chosen = pick(by_pair.get(pair["pair_id"], []), min_margin)
+        if chosen.status == "unjudged":
+            counts["skipped_unjudged"] += 1
             continue
-        worst = {k: g[k][-1] for k in ("source", "text", "reward")}
-        if best["reward"] - worst["reward"] <= min_margin:
-            counts["skipped_tie"] += 1
+        best = chosen.best
+        sft.append({"pair_id": pair["pair_id"], "prefix_ids": pair["prefix_ids"], "target_ids": best["token_ids"],
+                    "source": best["source"], "reward": best["reward"], "prompt": pair["prefix"],
+                    "completion": best["text"]})
+        if chosen.status != "usable":
+            counts[f"skipped_{chosen.status}"] += 1
             continue
         counts["usable"] += 1
+        rejected = chosen.rejected
         prefs.append({
-            "pair_id": g["pair_id"], "prefix_ids": pair["prefix_ids"],
-            "chosen_ids": ids_of(best["source"], best["text"], pair),
-            "rejected_ids": ids_of(worst["source"], worst["text"], pair),
-            "chosen_source": best["source"], "rejected_source": worst["source"],
-            "chosen_reward": best["reward"], "rejected_reward": worst["reward"],
-            "prompt": pair["prefix"], "chosen": best["text"], "rejected": worst["text"],
-            "ref_chosen_logp": None, "ref_rejected_logp": None, "ref_model_sha": None,
+            "pair_id": pair["pair_id"], "prefix_ids": pair["prefix_ids"],
+            "chosen_ids": best["token_ids"], "rejected_ids": rejected["token_ids"],
+            "chosen_source": best["source"], "rejected_source": rejected["source"],
+            "chosen_reward": best["reward"], "rejected_reward": rejected["reward"],
+            "prompt": pair["prefix"], "chosen": best["text"], "rejected": rejected["text"],
         })
     return prefs, sft, counts
 
 
-def rollout_ids_of(rollouts_dir: Path) -> dict[tuple[str, str], list[int]]:
-    """(pair_id, text) -> token ids of the ok rollouts (the lowest sample when two share a text)."""
-    table = pl.from_arrow(read_table(rollouts_dir, columns=["pair_id", "sample", "text", "token_ids", "status"]))
-    out: dict[tuple[str, str], list[int]] = {}
-    for pair_id, text, ids in (table.filter(pl.col("status") == "ok").sort("pair_id", "sample")
-                               .select("pair_id", "text", "token_ids").iter_rows()):
-        out.setdefault((pair_id, text), ids)
-    return out
+def read_judgments(judgments_dir: Path) -> pl.DataFrame:
+    """The judgments columns prefs needs; a table from before candidates carried their ids is
+    refused (re-judging is the only way to know which ids were scored)."""
+    files = table_files(judgments_dir)
+    if files and "token_ids" not in pq.read_schema(files[0]).names:
+        raise StageFailed(f"prefs: the judgments table at {judgments_dir} has no token_ids column (made by an older "
+                          "sip); re-run the judge stage with --force")
+    return pl.from_arrow(read_table(judgments_dir, columns=JUDGMENT_COLUMNS))
 
 
 class PrefsStep(PipelineStep):
@@ -104,11 +92,9 @@ class PrefsStep(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         plan, m = self.plan, self.plan.manifest
-        judgments = pl.from_arrow(read_table(plan.judgments_dir))
-        pairs = pl.from_arrow(read_table(plan.pairs_dir, columns=["pair_id", "prefix", "prefix_ids", "suffix_ids"]))
-        rollouts = rollout_ids_of(plan.rollouts_dir) if plan.rollouts_dir else None
-        prefs, sft, counts = build_preferences(judgments, pairs, load_tokenizer(str(plan.tokenizer_dir)),
-                                               m.shard.suffix_tokens, m.prefs.min_margin, rollouts)
+        judgments = read_judgments(plan.judgments_dir)
+        pairs = pl.from_arrow(read_table(plan.pairs_dir, columns=["pair_id", "prefix", "prefix_ids"]))
+        prefs, sft, counts = build_preferences(judgments, pairs, m.prefs.min_margin)
         for key, value in counts.items():
             self.stat_update(key, value=value)
         prov = provenance(stage=STAGE, table="preferences", manifest_fingerprint=fingerprint(m),
@@ -125,8 +111,6 @@ class PrefsPlan:
     stage: StageDir
     judgments_dir: Path
     pairs_dir: Path
-    tokenizer_dir: Path
-    rollouts_dir: Path | None = None
 
 
 def plan_prefs(manifest: Manifest, upstream_pending: bool = False) -> PrefsPlan:
@@ -136,7 +120,7 @@ def plan_prefs(manifest: Manifest, upstream_pending: bool = False) -> PrefsPlan:
     view = fingerprinted_view(manifest, ("prefs",))
     view["upstream.judge"] = judge.stage.fingerprint
     return PrefsPlan(manifest, StageDir(manifest, STAGE, "preferences", view, {"executor.tasks": 1}),
-                     judge.stage.path, shard.stage.path, shard.tokenizer_dir, judge.rollouts_dir)
+                     judge.stage.path, shard.stage.path)
 
 
 def prefs_summary(plan: PrefsPlan, elapsed_s: float | None) -> dict:
@@ -172,8 +156,3 @@ def prefs_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
     plan = plan_prefs(manifest, upstream_pending)
     # One task: the whole table is small next to the judgments it summarises.
     return StageJob(plan.stage, [PrefsStep(plan)], partial(finalize_prefs, manifest))
-
-
-def run_prefs(manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
-              log: Callable[[str], None] = print) -> dict | None:
-    return run_chain(manifest, [prefs_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)

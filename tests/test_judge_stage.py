@@ -8,7 +8,7 @@ import pytest
 from pipeline.io import table_provenance
 from pipeline.manifest import load_manifest
 from stages.judge import plan_judge
-from stages.judge_cost import count_judge_calls
+from stages.judge import count_judge_calls
 from tests.conftest import base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
 
 pytestmark = pytest.mark.slow

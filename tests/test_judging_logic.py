@@ -76,38 +76,41 @@ def test_repetition_guard():
 
 
 def judgments(rows):
-    cols = ["pair_id", "cand_id", "source", "text", "reward"]
+    cols = ["pair_id", "cand_id", "source", "text", "token_ids", "reward"]
     return pl.DataFrame([dict(zip(cols, r)) for r in rows])
-
-
-class Tok:
-    def encode(self, text, add_special_tokens=False):
-        return type("E", (), {"ids": [ord(c) for c in text]})()
 
 
 def test_preferences_pick_highest_and_lowest_and_skip_ties_and_singletons():
     pairs = pl.DataFrame([{"pair_id": p, "prefix": f"prefix {p}", "prefix_ids": [1, 2], "suffix_ids": [9, 9]}
-                          for p in ("p1", "p2", "p3", "p4")])
+                          for p in ("p1", "p2", "p3", "p4", "p5")])
     j = judgments([
-        ("p1", "c1", "original", "orig", 1.0), ("p1", "c2", "rewrite", "better", 1.5), ("p1", "c3", "rollout", "bad", 0.2),
-        ("p2", "c4", "original", "orig", 1.0), ("p2", "c5", "rewrite", "same", 1.0),  # tie
-        ("p3", "c6", "original", "orig", 0.7),  # single candidate
-        ("p4", "c7", "original", "orig", None), ("p4", "c8", "rewrite", "x", 0.4),  # one unparsable -> single
+        ("p1", "c1", "original", "orig", [9, 9], 1.0), ("p1", "c2", "rewrite", "better", [3, 4, 5], 1.5),
+        ("p1", "c3", "rollout", "bad", [5, 6], 0.2),
+        ("p2", "c4", "original", "orig", [9, 9], 1.0), ("p2", "c5", "rewrite", "same", [7], 1.0),  # tie
+        ("p3", "c6", "original", "orig", [9, 9], 0.7),  # single candidate
+        ("p4", "c7", "original", "orig", [9, 9], None), ("p4", "c8", "rewrite", "x", [8], 0.4),  # one unparsable -> single
+        # p5: never judged
     ])
-    prefs, sft, counts = build_preferences(j, pairs, Tok(), n=3, min_margin=0.0, rollout_ids={("p1", "bad"): [5, 6]})
-    assert counts == {"pairs": 4, "usable": 1, "skipped_single_candidate": 2, "skipped_tie": 1, "skipped_unjudged": 0}
+    prefs, sft, counts = build_preferences(j, pairs, min_margin=0.0)
+    assert counts == {"pairs": 5, "usable": 1, "skipped_single_candidate": 2, "skipped_tie": 1, "skipped_unjudged": 1}
     [p] = prefs
     assert (p["chosen_source"], p["rejected_source"], p["chosen"], p["rejected"]) == ("rewrite", "rollout", "better", "bad")
     assert p["chosen_reward"] >= p["rejected_reward"]
-    assert p["chosen_ids"] == [ord(c) for c in "bet"]  # clipped to N=3 policy tokens
-    assert p["rejected_ids"] == [5, 6]  # a rollout keeps its sampled ids
+    assert p["chosen_ids"] == [3, 4, 5]  # the ids the judge scored, as the judgments table holds them
+    assert p["rejected_ids"] == [5, 6]
     assert p["prompt"] == "prefix p1" and p["prefix_ids"] == [1, 2]
     by_pair = {r["pair_id"]: r for r in sft}
-    assert by_pair["p1"]["source"] == "rewrite" and by_pair["p3"]["target_ids"] == [9, 9]  # original: its own ids
+    assert by_pair["p1"]["source"] == "rewrite" and by_pair["p3"]["target_ids"] == [9, 9]
     # Equal rewards: the tie-break is deterministic (original before rewrite).
     assert by_pair["p2"]["source"] == "original"
-    assert len(sft) == 4
+    assert len(sft) == 4 and [r["pair_id"] for r in sft] == sorted(by_pair)
 
+
+def test_a_margin_below_min_margin_is_a_tie():
+    pairs = pl.DataFrame([{"pair_id": "p", "prefix": "x", "prefix_ids": [1], "suffix_ids": [2]}])
+    j = judgments([("p", "a", "original", "o", [2], 1.0), ("p", "b", "rewrite", "r", [3], 1.2)])
+    assert build_preferences(j, pairs, min_margin=0.25)[2]["skipped_tie"] == 1
+    assert build_preferences(j, pairs, min_margin=0.1)[2]["usable"] == 1
 
 
 def test_clipping_to_n_tokens_never_cuts_a_character(tokenizer):

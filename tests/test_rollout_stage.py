@@ -10,11 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io import table_provenance
-from pipeline.manifest import parse_manifest
-from pipeline.schema import JUDGMENTS, REWRITES, ROLLOUT_STATUSES, ROLLOUTS, cand_id
-from stages.judge import JudgeStep, plan_judge
-from stages.prefs import build_preferences, rollout_ids_of
-from tests.conftest import base_manifest, kill_after_first_chunk, llm_manifest, run_sip, wiki_documents
+from pipeline.schema import REWRITES, ROLLOUT_STATUSES, ROLLOUTS, cand_id
+from stages.judge import UpstreamCandidates, plan_judge
+from stages.prefs import build_preferences
+from tests.conftest import kill_after_first_chunk, llm_manifest, run_sip, wiki_documents
 
 K, N = 2, 16
 MAX_MODEL_LEN = 100  # prefixes over MAX_MODEL_LEN - N tokens do not fit: too_long rows
@@ -129,50 +128,40 @@ def write_rollouts(directory, rows):
     return directory
 
 
-def test_judge_candidates_take_ok_rollouts_and_judge_each_text_once(tmp_path, embedded_dir):
-    manifest = parse_manifest({**base_manifest(tmp_path / "out", ["x.jsonl"]), "judge": {"model": "embedded"},
-                               "rollouts": {"count": 4}})
+def test_judge_candidates_take_ok_rollouts_with_their_sampled_ids_and_judge_each_text_once(tmp_path, embedded_dir):
     (tmp_path / "rw").mkdir()
     pq.write_table(pa.Table.from_pylist([{"pair_id": "p", "rewrite": " a better end.", "status": "ok", "error": None,
                                           "model": "m", "prompt_sha": "s", "prompt_tokens": 1, "completion_tokens": 1,
                                           "finish_reason": "stop"}], schema=REWRITES), tmp_path / "rw" / "0.parquet")
     rollouts = write_rollouts(tmp_path / "ro", [
         {"pair_id": "p", "sample": 0, "text": " the original end.", "token_ids": [1], "status": "ok"},  # = original
-        {"pair_id": "p", "sample": 1, "text": " a policy end.", "token_ids": [2], "status": "ok"},
+        {"pair_id": "p", "sample": 1, "text": " a policy end.", "token_ids": [2, 7], "status": "ok"},
         {"pair_id": "p", "sample": 2, "text": " a policy end.", "token_ids": [3], "status": "ok"},  # = sample 1
         {"pair_id": "p", "sample": 3, "text": "  ", "token_ids": [4], "status": "empty"},
         {"pair_id": "q", "sample": 0, "text": None, "token_ids": [], "status": "too_long"},
     ])
-    step = JudgeStep(manifest, str(tmp_path / "j"), JUDGMENTS, str(tmp_path / "rw"), str(embedded_dir), str(rollouts))
-    assert step.candidates({"pair_id": "p", "suffix": " the original end."}) == [
+    upstream = UpstreamCandidates(str(tmp_path / "rw"), str(embedded_dir), 16, str(rollouts))
+    p = upstream.for_pair({"pair_id": "p", "prefix": "x", "suffix": " the original end.", "suffix_ids": [9, 9]})
+    assert [(c.source, c.text) for c in p.candidates] == [
         ("original", " the original end."), ("rewrite", " a better end."), ("rollout", " a policy end.")]
-    assert step.candidates({"pair_id": "q", "suffix": " q's end."}) == [("original", " q's end.")]
+    assert p.candidates[0].token_ids == (9, 9) and p.candidates[2].token_ids == (2, 7)  # the first sample's ids
+    assert p.duplicates == 2
+    q = upstream.for_pair({"pair_id": "q", "prefix": "x", "suffix": " q's end.", "suffix_ids": [5]})
+    assert [(c.source, c.text) for c in q.candidates] == [("original", " q's end.")]
 
 
-class CharTokenizer:
-    def encode(self, text, add_special_tokens=False):
-        return SimpleNamespace(ids=[ord(c) for c in text])
-
-
-def test_prefs_choose_a_rollout_with_the_ids_the_policy_sampled(tmp_path):
-    rollouts = write_rollouts(tmp_path / "ro", [
-        {"pair_id": "p", "sample": 0, "text": "won", "token_ids": [7, 8], "status": "ok"},
-        {"pair_id": "p", "sample": 1, "text": "won", "token_ids": [9], "status": "ok"},  # same text: first sample's ids
-    ])
+def test_prefs_choose_a_rollout_with_the_ids_the_judge_scored():
     pairs = pl.DataFrame([{"pair_id": "p", "prefix": "pre", "prefix_ids": [1], "suffix_ids": [5, 5]}])
     judgments = pl.DataFrame([
-        {"pair_id": "p", "cand_id": "a", "source": "original", "text": "orig", "reward": 0.5},
-        {"pair_id": "p", "cand_id": "b", "source": "rewrite", "text": "rw", "reward": 0.1},
-        {"pair_id": "p", "cand_id": "c", "source": "rollout", "text": "won", "reward": 1.5},
+        {"pair_id": "p", "cand_id": "a", "source": "original", "text": "orig", "token_ids": [5, 5], "reward": 0.5},
+        {"pair_id": "p", "cand_id": "b", "source": "rewrite", "text": "rw", "token_ids": [6], "reward": 0.1},
+        {"pair_id": "p", "cand_id": "c", "source": "rollout", "text": "won", "token_ids": [7, 8], "reward": 1.5},
     ])
-    prefs, sft, counts = build_preferences(judgments, pairs, CharTokenizer(), n=4, min_margin=0.0,
-                                           rollout_ids=rollout_ids_of(rollouts))
+    prefs, sft, counts = build_preferences(judgments, pairs, min_margin=0.0)
     [p] = prefs
     assert (p["chosen_source"], p["rejected_source"]) == ("rollout", "rewrite")
-    assert p["chosen_ids"] == [7, 8]  # sampled ids, not the text re-encoded ([119, 111, 110])
+    assert p["chosen_ids"] == [7, 8] and p["rejected_ids"] == [6]
     assert sft[0]["source"] == "rollout" and sft[0]["target_ids"] == [7, 8]
-    with pytest.raises(ValueError, match="no row in the rollouts table"):
-        build_preferences(judgments, pairs, CharTokenizer(), n=4, min_margin=0.0, rollout_ids={})
 
 
 @pytest.mark.slow
