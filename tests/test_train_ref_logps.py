@@ -205,3 +205,14 @@ def test_a_phase_resumed_mid_way_refuses_a_reference_it_cannot_recompute(tmp_pat
                                                 r"settings than hold now:\n  preferences\.content: '[0-9a-f]+' -> "
                                                 r"'[0-9a-f]+'\nThe reference"):
         run_train(manifest, log=QUIET)
+
+
+def test_a_table_that_repeats_a_pair_id_cannot_be_keyed_and_is_refused(tmp_path):
+    from trainer.ref_logps import ReferenceMismatch, check_unique_pairs
+
+    write_tables(tmp_path, rows=6)
+    table = read_table(tmp_path / "prefs")
+    check_unique_pairs(table, tmp_path / "prefs")
+    twice = pa.concat_tables([table, table.slice(2, 1)])
+    with pytest.raises(ReferenceMismatch, match=r"prefs: 1 pair_id\(s\) occur more than once \(e\.g\. pair-0002\)"):
+        check_unique_pairs(twice, tmp_path / "prefs")

@@ -79,9 +79,9 @@ def check_unique_pairs(table: pa.Table, path: Path) -> None:
     Raises:
         ReferenceMismatch: naming the table and a repeated id.
     """
-    counts = pc.value_counts(table["pair_id"])
-    repeated = [c["values"] for c in counts.to_pylist() if c["counts"] > 1]
-    if repeated:
+    if pc.count_distinct(table["pair_id"]).as_py() != table.num_rows:
+        counts = pc.value_counts(table["pair_id"])
+        repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist()
         raise ReferenceMismatch(f"{path}: {len(repeated)} pair_id(s) occur more than once (e.g. {repeated[0]}), so "
                                 "reference log-probs cannot be keyed by pair_id; the corpus holds a document id "
                                 "twice (see the shard card's duplicate_pair_ids): make the ids unique and rebuild")
