@@ -121,9 +121,18 @@ PREFERENCES = pa.schema(
         pa.field("prompt", pa.string(), nullable=False),
         pa.field("chosen", pa.string(), nullable=False),
         pa.field("rejected", pa.string(), nullable=False),
-        pa.field("ref_chosen_logp", pa.float64()),
-        pa.field("ref_rejected_logp", pa.float64()),
-        pa.field("ref_model_sha", pa.string()),
+    ]
+)
+
+# A DPO phase's reference log-probs: written by the trainer beside (never into) the preferences
+# table, one file per reference fingerprint (trainer/ref_logps.py). Joined to the preferences
+# by pair_id. Provenance: ``models.reference`` (checkpoint, model_sha) and, under
+# ``settings``, every input of the fingerprint (``stage_fingerprint`` is the fingerprint).
+REF_LOGPS = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("ref_chosen_logp", pa.float64(), nullable=False),  # sum of the chosen ids' log-probs, nats
+        pa.field("ref_rejected_logp", pa.float64(), nullable=False),
     ]
 )
 

@@ -58,8 +58,7 @@ def write_tables(output_dir: Path, rows: int = 48, prefix_len: int = 12, suffix_
         prefs.append({"pair_id": pid, "prefix_ids": prefix, "chosen_ids": suffix, "rejected_ids": rejected,
                       "chosen_source": ("original", "rewrite")[i % 2], "rejected_source": "rollout",
                       "chosen_reward": 2.0, "rejected_reward": 0.5, "prompt": _text(prefix), "chosen": _text(suffix),
-                      "rejected": _text(rejected), "ref_chosen_logp": None, "ref_rejected_logp": None,
-                      "ref_model_sha": None})
+                      "rejected": _text(rejected)})
     for sub, name, schema, data in (("shard", "pairs", PAIRS, pairs), ("prefs/sft", "sft", SFT, sft),
                                     ("prefs", "preferences", PREFERENCES, prefs)):
         directory = output_dir / sub

@@ -103,42 +103,20 @@ def test_ntp_loss_falls_dpo_accuracy_rises_and_outputs_are_litgpt_checkpoints(tm
     state = json.loads((final / "train_state.json").read_text())
     assert state["phase"] == "dpo" and state["phase_step"] == 12 and state["global_step"] == 36
 
-    # The reference log-probs went into the preferences table with the reference's hash.
-    prefs = pq.read_table(manifest.stage_dir("prefs") / "00000.parquet")
-    shas = set(prefs["ref_model_sha"].to_pylist())
-    assert len(shas) == 1 and None not in shas and prefs["ref_chosen_logp"].null_count == 0
-    assert json.loads(prefs.schema.metadata[b"sip"])["reference_logps"] == {"model_sha": shas.pop()}
+    # The reference log-probs are a table of their own under the train output, keyed by the
+    # reference fingerprint; the preferences table has no column for them.
+    from trainer.ref_logps import stored_sets
+
+    [ref] = stored_sets(train_dir / "ref_logps")
+    assert ref.phase == "dpo" and ref.keys["train.max_seq_len"] == 64
+    assert pq.read_table(ref.path / "00000.parquet").num_rows == 48
+    prefs_columns = pq.read_schema(manifest.stage_dir("prefs") / "00000.parquet").names
+    assert not {"ref_chosen_logp", "ref_rejected_logp", "ref_model_sha"} & set(prefs_columns)
 
     # A finished run is not trained again.
     again: list[str] = []
     assert run_train(manifest, log=again.append)["steps"] == summary["steps"] == 36
     assert any("already complete" in line for line in again)
-
-
-def test_reference_logps_command_matches_the_trainer_and_a_foreign_sha_is_refused(tmp_path, one_thread):
-    from trainer.loop import run_train
-    from trainer.ref_logps import ReferenceMismatch, run_ref_logps, write_reference
-
-    data = train_manifest(tmp_path, [{"name": "dpo", "objective": "dpo", "steps": 2, "batch_size": 8, "lr": 1e-3}])
-    manifest = load_manifest(write_manifest(tmp_path / "m.yaml", data))
-    stored = run_ref_logps(manifest, log=lambda _m: None)
-    table = manifest.stage_dir("prefs")
-    before = pq.read_table(table / "00000.parquet")
-    assert stored["rows"] == before.num_rows == 48 and before["ref_rejected_logp"].null_count == 0
-    # The trainer's reference (the scratch init) is the model the command scored: used as stored.
-    lines: list[str] = []
-    run_train(manifest, log=lines.append)
-    assert not any("computing reference" in line for line in lines)
-    assert pq.read_table(table / "00000.parquet")["ref_chosen_logp"].to_pylist() == before["ref_chosen_logp"].to_pylist()
-
-    # Log-probs of another model are refused, naming both hashes and the way out.
-    n = before.num_rows
-    write_reference(table, before["ref_chosen_logp"].to_numpy(), before["ref_rejected_logp"].to_numpy(), "0123abcd")
-    with pytest.raises(ReferenceMismatch, match=rf"ref_model_sha is 0123abcd, but phase 'dpo' starts from model "
-                                                rf"{stored['ref_model_sha']}.*sip ref-logps"):
-        run_train(manifest, force=True, log=lambda _m: None)
-    run_ref_logps(manifest, clear=True, log=lambda _m: None)
-    assert pq.read_table(table / "00000.parquet")["ref_model_sha"].null_count == n
 
 
 def test_only_renamed_checkpoints_count_and_leftovers_of_a_killed_save_are_removed(tmp_path):

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import torch
 
+# The truncation rule of :func:`collate`, by name. It is an input of the reference fingerprint
+# (trainer/ref_logps.py): log-probs stored under one rule are never used under another, so a
+# change to how ``collate`` trims must come with a new name here.
+TRUNCATION = "prefix-left-per-row"
+
 
 def collate(
     prefixes: list[list[int]], targets: list[list[int]], *, pad_id: int, max_len: int | None = None,

@@ -1,14 +1,15 @@
 """The offline training loop: the manifest's phases (ntp, rf_nll, dpo) over the precomputed tables.
 
 ``run_train(manifest)`` is the entry point of ``sip train`` (and of Slurm jobs and benchmarks).
-The loop state (phase, step in phase, data position, tokens, the DPO reference's hash) is
-saved in every checkpoint with the model, optimizer, scheduler and RNG states, so a resumed
+The loop state (phase, step in phase, data position, tokens, the DPO reference's hash and
+fingerprint keys) is saved in every checkpoint with the model, optimizer, scheduler and RNG states, so a resumed
 run continues exactly where the checkpoint was taken: same rows, same learning rates, same
 losses as a run that was never interrupted.
 
 Outputs under ``manifest.stage_dir("train")``: ``checkpoints/step-N/`` (the last k),
-``metrics/version_n/metrics.csv``, ``final/`` (the last checkpoint), ``hf/`` (its Hugging Face
-export) and ``train_summary.json``.
+``metrics/version_n/metrics.csv``, ``ref_logps/<fingerprint>/`` (DPO reference log-probs,
+trainer/ref_logps.py), ``final/`` (the last checkpoint), ``hf/`` (its Hugging Face export) and
+``train_summary.json``.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.manifest import Manifest, diff_views
+from pipeline.io import table_files
+from pipeline.manifest import Manifest, diff_views, fingerprint
 from pipeline.stage import StageConflict
 from trainer import checkpoint as ckpt
 from trainer.metrics import Window, available_flops, format_duration, make_loggers, peak_memory_gb
 from trainer.model import ModelError, state_sha
 from trainer.plan import PhasePlan, describe, plan_phases, require_train, train_view
-from trainer.ref_logps import ReferenceMismatch, check_reference, compute_reference, write_reference
+from trainer.ref_logps import (REF_DIR, ReferenceMismatch, check_unique_pairs, compute_reference, differences,
+                               fingerprint_of, join_reference, reference_keys, reference_root, stored_sets, write_set)
 from trainer.runtime import PAD_ID, full_model_state, make_fabric, setup_policy
 from trainer.schedule import warmup_cosine
 from trainer.source import TableSource, load_table, max_token_id
@@ -43,7 +46,8 @@ def run_train(manifest: Manifest, *, force: bool = False, dry_run: bool = False,
     """Train the policy through the manifest's phases; returns the run summary.
 
     Resumes from the latest checkpoint (``train.checkpoint.resume: auto``); a finished run
-    returns its summary without training again; ``force`` deletes the outputs first.
+    returns its summary without training again; ``force`` deletes the outputs first, except the
+    stored reference log-probs (keyed by everything that changes them, they cannot be stale).
     """
     require_train(manifest)
     out = manifest.stage_dir("train")
@@ -51,7 +55,9 @@ def run_train(manifest: Manifest, *, force: bool = False, dry_run: bool = False,
         log(describe(manifest, plan_phases(manifest)))
         return {"dry_run": True}
     if force and out.exists():
-        shutil.rmtree(out)
+        for path in out.iterdir():
+            if path.name != REF_DIR:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     view = train_view(manifest)
     if (out / SUMMARY).is_file():
         summary = json.loads((out / SUMMARY).read_text())
@@ -90,7 +96,7 @@ class _Trainer:
         self.policy = setup_policy(fabric, self.m, load_init=resume is None)
         self._check_token_ids(plans)
         self.state = {"phase_index": 0, "phase": plans[0].name, "phase_step": 0, "global_step": 0, "samples": 0,
-                      "tokens": 0, "ref_sha": None, "view": self.view}
+                      "tokens": 0, "ref_sha": None, "ref_keys": None, "view": self.view}
         saved = None
         if resume is not None:
             model_state, saved = ckpt.load_checkpoint(resume)
@@ -103,7 +109,8 @@ class _Trainer:
         last = {}
         for plan in plans[self.state["phase_index"]:]:
             if plan.index > self.state["phase_index"]:
-                self.state.update(phase_index=plan.index, phase=plan.name, phase_step=0, samples=0, ref_sha=None)
+                self.state.update(phase_index=plan.index, phase=plan.name, phase_step=0, samples=0, ref_sha=None,
+                                  ref_keys=None)
             if self.state["phase_step"] < plan.steps:
                 last[plan.name] = self._phase(plan, saved if self.state["phase_step"] > 0 else None)
             saved = None
@@ -200,24 +207,40 @@ class _Trainer:
         return value, stats
 
     def _reference(self, plan: PhasePlan, source: TableSource) -> tuple[np.ndarray, np.ndarray]:
-        """The phase's reference log-probs: checked against the phase's starting model, or computed."""
+        """The phase's reference log-probs, aligned to the table's rows by pair_id: the stored set
+        of the phase's reference fingerprint, computed first when there is none."""
         fabric, name = self.fabric, plan.name
         if self.state["ref_sha"] is None:  # the phase starts now: the current policy is its reference
             weights = full_model_state(fabric, self.policy.model)
             self.state["ref_sha"] = fabric.broadcast(state_sha(weights) if fabric.global_rank == 0 else None)
-        sha = self.state["ref_sha"]
-        if not check_reference(source.table, plan.table, sha, name):
-            if self.state["phase_step"] > 0:
-                raise ReferenceMismatch(f"{plan.table}: the reference log-probs of phase '{name}' (model {sha}) were "
+        sha, started = self.state["ref_sha"], self.state["phase_step"] > 0
+        keys = reference_keys(sha, self.policy.config, self.t.max_seq_len, self.t.precision, source.table, plan.table)
+        if started and self.state.get("ref_keys") and self.state["ref_keys"] != keys:
+            raise ReferenceMismatch(
+                f"phase '{name}' started with reference log-probs made under other settings than hold now:\n  "
+                + "\n  ".join(diff_views(self.state["ref_keys"], keys)) + f"\nThe reference (model {sha}) cannot be "
+                "recomputed from a later checkpoint: restore what changed, or train again with --force")
+        root = reference_root(self.out)
+        directory = root / fingerprint_of(keys)
+        if not table_files(directory):
+            if started:
+                raise ReferenceMismatch(f"{directory}: the reference log-probs of phase '{name}' (model {sha}) were "
                                         "removed after the phase started; they cannot be recomputed from a later "
                                         "checkpoint: train the phase again with --force")
-            self.log(f"train: computing reference log-probs of {source.rows} pairs (model {sha})")
+            check_unique_pairs(source.table, plan.table)
+            self.log(f"train: computing reference log-probs of {source.rows} pairs (model {sha}) into {directory}; "
+                     + differences(keys, stored_sets(root)))
             chosen, rejected = compute_reference(fabric, self.policy.model, source, plan.config.batch_size, PAD_ID)
             if fabric.global_rank == 0:
-                write_reference(plan.table, chosen, rejected, sha)
+                start = ckpt.latest_checkpoint(self.root)
+                write_set(root, keys, source.table["pair_id"].to_pylist(), chosen, rejected,
+                          checkpoint=str(start) if start else f"train.model.init: {self.t.model.init}",
+                          phase=name, table_path=plan.table, manifest_fingerprint=fingerprint(self.m))
             fabric.barrier()
-            source.table = load_table(plan.table, "preferences", name)
-        return (source.table["ref_chosen_logp"].to_numpy(), source.table["ref_rejected_logp"].to_numpy())
+        else:
+            self.log(f"train: reference log-probs of phase '{name}' from {directory}")
+        self.state["ref_keys"] = keys
+        return join_reference(source.table, plan.table, directory)
 
     def _save(self, optimizer, scheduler) -> None:
         path = ckpt.save_checkpoint(self.fabric, self.root, model=self.policy.model, optimizer=optimizer,

@@ -1,71 +1,170 @@
-"""Reference log-probs for DPO, stored in the preferences table (no reference model in memory).
+"""Reference log-probs for DPO: a table of their own beside the preferences, keyed by pair_id.
 
-The reference of a DPO phase is the policy at the start of that phase. Its sequence
-log-probs of every chosen and rejected suffix are computed once (by ``sip ref-logps`` or at
-the start of the phase) and written into the table's ``ref_chosen_logp`` /
-``ref_rejected_logp`` columns, with ``ref_model_sha`` = the content hash of the reference
-weights (:func:`trainer.model.state_sha`). Before training on them the phase checks that hash
-against its own starting weights and refuses stored values that belong to another model.
+The reference of a DPO phase is the policy at the start of that phase. Its sequence log-probs
+of every chosen and rejected suffix are computed once (by ``sip ref-logps``, or when the phase
+starts), so no reference model sits in memory while training. They are stored as a table of
+their own (``pipeline.schema.REF_LOGPS``: ``pair_id``, ``ref_chosen_logp``,
+``ref_rejected_logp``) and joined to the preference rows by ``pair_id``, never by row order.
+The preferences table is never written: a stage's table is written by its stage alone.
+
+Layout, under the train output (``<run.output_dir>/train/``)::
+
+    ref_logps/<fingerprint>/00000.parquet    one set per reference fingerprint
+
+They live with the train output, not beside the prefs stage's table, because the trainer makes
+and owns them: a phase's table may belong to another run (``train.phases[].table``), which this
+run must not write into, and the prefs stage's directory keeps holding only what that stage
+wrote. ``sip train --force`` keeps ``ref_logps/`` (a set can never be stale, see below);
+``sip ref-logps --clear`` removes a phase's sets.
+
+The fingerprint is a hash of everything that changes the values (:func:`reference_keys`):
+
+- ``reference.model_sha``: content hash of the reference weights (:func:`trainer.model.state_sha`);
+- ``reference.model_config``: hash of the ``litgpt.Config`` the weights run in (heads, rope,
+  norm, ...), ``block_size`` left out (it only sizes caches; truncation is the next key);
+- ``train.max_seq_len``: where a prefix loses its left tokens;
+- ``train.truncation``: how :func:`trainer.data.collate` trims (``trainer.data.TRUNCATION``);
+- ``train.precision``: the Fabric precision the forward passes run in;
+- ``logp``: what one value is (:data:`LOGP`);
+- ``preferences.stage_fingerprint``: the prefs stage fingerprint, from the table's provenance;
+- ``preferences.content``: a digest of the rows covered (``pair_id``, ``prefix_ids``,
+  ``chosen_ids``, ``rejected_ids``, in ``pair_id`` order): a table rebuilt under the same
+  settings with other picks (a judge on a GPU is not bitwise deterministic) is another table.
+
+Left out, because they move a value by float rounding at most: batch size, devices, strategy,
+the padding id (padding sits after every real token).
+
+A set made under other settings is never used: another fingerprint is another directory, so
+the phase computes its own and logs which keys differ from the sets it found. A phase resumed
+mid-way cannot recompute (its starting weights are gone): when its set is missing, or the keys
+it started with no longer hold, it refuses, naming the keys.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import torch
+import xxhash
 
-from pipeline.io import table_files
-from pipeline.schema import PROVENANCE_KEY, read_provenance
+from pipeline.io import part_name, read_table, table_files, table_provenance, write_table_atomic
+from pipeline.manifest import diff_views, hash_view
+from pipeline.schema import REF_LOGPS, provenance, with_provenance
+from trainer.data import TRUNCATION
 from trainer.steps import pair_logps
+
+REF_DIR = "ref_logps"
+LOGP = "sum of the target tokens' log-probs given the prefix (nats)"
+_CONTENT_COLUMNS = ("prefix_ids", "chosen_ids", "rejected_ids")
 
 
 class ReferenceMismatch(ValueError):
-    """Stored reference log-probs that belong to another model than the phase's reference."""
+    """Stored reference log-probs that cannot serve a phase: incomplete, or made under other settings."""
 
 
-def stored_reference(table: pa.Table, path: Path) -> str | None:
-    """The sha of the reference whose log-probs ``table`` holds; None when it holds none.
-
-    Raises:
-        ReferenceMismatch: the table mixes rows with and without log-probs, or several shas.
-    """
-    shas = set(table["ref_model_sha"].to_pylist())
-    if shas == {None}:
-        return None
-    nulls = table["ref_chosen_logp"].null_count + table["ref_rejected_logp"].null_count
-    if len(shas) != 1 or nulls:
-        raise ReferenceMismatch(f"{path}: reference log-probs are incomplete or from several models "
-                                f"({sorted(map(str, shas))}); run `sip ref-logps --clear` and train again")
-    return shas.pop()
+def reference_root(train_dir: Path) -> Path:
+    """Where the sets live: ``<train output>/ref_logps``."""
+    return Path(train_dir) / REF_DIR
 
 
-def check_reference(table: pa.Table, path: Path, expected_sha: str, phase: str) -> bool:
-    """True when ``table`` holds log-probs of ``expected_sha``; False when it holds none.
+def check_unique_pairs(table: pa.Table, path: Path) -> None:
+    """Reference log-probs are keyed by ``pair_id``: a table that repeats one cannot be keyed.
 
     Raises:
-        ReferenceMismatch: naming both hashes and how to recompute.
+        ReferenceMismatch: naming the table and a repeated id.
     """
-    found = stored_reference(table, path)
-    if found is None:
-        return False
-    if found != expected_sha:
-        raise ReferenceMismatch(
-            f"{path}: ref_model_sha is {found}, but phase '{phase}' starts from model {expected_sha}: the stored "
-            "reference log-probs belong to another model. Recompute them with `sip ref-logps -m MANIFEST` "
-            "(add --checkpoint DIR for the phase's starting checkpoint), or clear them with "
-            "`sip ref-logps -m MANIFEST --clear` so the phase computes them when it starts"
-        )
-    return True
+    if pc.count_distinct(table["pair_id"]).as_py() != table.num_rows:
+        counts = pc.value_counts(table["pair_id"])
+        repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist()
+        raise ReferenceMismatch(f"{path}: {len(repeated)} pair_id(s) occur more than once (e.g. {repeated[0]}), so "
+                                "reference log-probs cannot be keyed by pair_id; the corpus holds a document id "
+                                "twice (see the shard card's duplicate_pair_ids): make the ids unique and rebuild")
+
+
+def table_digest(table: pa.Table) -> str:
+    """Digest (32 hex) of the rows' ``pair_id`` and token ids, independent of row and file order."""
+    ordered = table.select(["pair_id", *_CONTENT_COLUMNS]).take(pc.sort_indices(table["pair_id"]))
+    digest = xxhash.xxh3_128()
+    digest.update("\x1f".join(ordered["pair_id"].to_pylist()).encode())
+    for name in _CONTENT_COLUMNS:
+        column = ordered[name].combine_chunks()
+        digest.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        digest.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def config_hash(model_config) -> str:
+    """Hash of a ``litgpt.Config`` without ``block_size`` (which only sizes the rope and mask caches)."""
+    fields = {k: v for k, v in dataclasses.asdict(model_config).items() if k != "block_size"}
+    return hash_view(fields)
+
+
+def reference_keys(model_sha: str, model_config, max_seq_len: int, precision: str, table: pa.Table,
+                   table_path: Path) -> dict:
+    """Everything that changes a set's values (the module docstring says why each is there).
+
+    Args:
+        model_sha: :func:`trainer.model.state_sha` of the reference weights.
+        model_config: the ``litgpt.Config`` they run in.
+        max_seq_len: ``train.max_seq_len`` (tokens).
+        precision: ``train.precision``.
+        table: the preferences rows (with ``pair_id`` and the id columns).
+        table_path: where the table was read (its provenance gives the stage fingerprint).
+    """
+    prov = table_provenance(table_path) or {}
+    return {
+        "reference.model_sha": model_sha,
+        "reference.model_config": config_hash(model_config),
+        "train.max_seq_len": max_seq_len,
+        "train.truncation": TRUNCATION,
+        "train.precision": precision,
+        "logp": LOGP,
+        "preferences.stage_fingerprint": prov.get("stage_fingerprint"),
+        "preferences.content": table_digest(table),
+    }
+
+
+def fingerprint_of(keys: dict) -> str:
+    return hash_view(keys)
+
+
+@dataclass
+class StoredSet:
+    path: Path  # the set's directory, named by its fingerprint
+    keys: dict
+    phase: str | None  # the phase it was made for (what ``--clear`` goes by)
+
+
+def stored_sets(root: Path) -> list[StoredSet]:
+    """The complete sets under ``root`` (a directory without a renamed file holds none)."""
+    found = []
+    for directory in sorted(p for p in Path(root).glob("*") if p.is_dir() and not p.name.startswith(".")):
+        if table_files(directory):
+            prov = table_provenance(directory) or {}
+            found.append(StoredSet(directory, prov.get("settings", {}), prov.get("phase")))
+    return found
+
+
+def differences(keys: dict, sets: list[StoredSet], limit: int = 3) -> str:
+    """How ``keys`` differ from each stored set, fewest differences first (for the log)."""
+    diffs = sorted(((len(d), s.path.name, d) for s in sets if (d := diff_views(s.keys, keys))), key=lambda x: x[:2])
+    if not diffs:
+        return "no stored set found"
+    lines = [f"{name} differs in {'; '.join(d)}" for _n, name, d in diffs[:limit]]
+    if len(diffs) > limit:
+        lines.append(f"and {len(diffs) - limit} more set(s)")
+    return "stored set(s): " + " | ".join(lines)
 
 
 @torch.no_grad()
 def compute_reference(fabric, model, source, batch_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sequence log-probs of every row's chosen and rejected suffix, in table order.
+    """Sequence log-probs (nats) of every row's chosen and rejected suffix, in table order: two (rows,) arrays.
 
     Rows are dealt out to ranks (rank r takes rows r, r+W, ...) and gathered back.
     """
@@ -88,47 +187,81 @@ def compute_reference(fabric, model, source, batch_size: int, pad_id: int) -> tu
     return chosen[:rows].cpu().numpy(), rejected[:rows].cpu().numpy()
 
 
-def write_reference(path: Path, chosen: np.ndarray | None, rejected: np.ndarray | None, sha: str | None) -> None:
-    """Rewrite every file of the table with the log-probs set (cleared when ``sha`` is None).
+def write_set(root: Path, keys: dict, pair_ids: list[str], chosen: np.ndarray, rejected: np.ndarray, *,
+              checkpoint: str, phase: str, table_path: Path, manifest_fingerprint: str) -> Path:
+    """Store one set under ``root/<fingerprint>/`` (temporary file, then rename); returns its directory.
 
-    Each file is replaced atomically (temporary file, then rename); the provenance records
-    which reference the values came from.
+    Provenance: ``models.reference`` = checkpoint and model_sha, ``settings`` = ``keys``, the
+    phase and the preferences table it covers.
     """
-    offset = 0
-    for file in table_files(path):
-        table = pq.read_table(file)
-        n = table.num_rows
-        if sha is None:
-            columns = {"ref_chosen_logp": pa.nulls(n, pa.float64()), "ref_rejected_logp": pa.nulls(n, pa.float64()),
-                       "ref_model_sha": pa.nulls(n, pa.string())}
-        else:
-            columns = {"ref_chosen_logp": pa.array(chosen[offset:offset + n], pa.float64()),
-                       "ref_rejected_logp": pa.array(rejected[offset:offset + n], pa.float64()),
-                       "ref_model_sha": pa.array([sha] * n, pa.string())}
-        for name, column in columns.items():
-            index = table.schema.get_field_index(name)
-            table = table.set_column(index, table.schema.field(name), column)
-        prov = read_provenance(table.schema) or {}
-        prov["reference_logps"] = {"model_sha": sha} if sha else None
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               PROVENANCE_KEY: json.dumps(prov, sort_keys=True).encode()})
-        tmp = file.parent / f".{file.name}.{os.getpid()}.tmp"
-        try:
-            pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, file)
-        finally:
-            tmp.unlink(missing_ok=True)
-        offset += n
+    fingerprint = fingerprint_of(keys)
+    directory = Path(root) / fingerprint
+    directory.mkdir(parents=True, exist_ok=True)
+    prov = provenance(stage="train", table="ref_logps", manifest_fingerprint=manifest_fingerprint,
+                      stage_fingerprint=fingerprint,
+                      models={"reference": {"checkpoint": checkpoint, "model_sha": keys["reference.model_sha"]}},
+                      settings=keys)
+    prov.update(phase=phase, preferences=str(table_path))
+    rows = [{"pair_id": p, "ref_chosen_logp": float(c), "ref_rejected_logp": float(r)}
+            for p, c, r in zip(pair_ids, chosen, rejected)]
+    write_table_atomic(str(directory / part_name(0)), rows, with_provenance(REF_LOGPS, prov))
+    return directory
+
+
+def join_reference(table: pa.Table, table_path: Path, directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The stored set at ``directory`` as two (rows,) float64 arrays aligned to ``table``'s rows, by ``pair_id``.
+
+    Raises:
+        ReferenceMismatch: the set repeats a pair_id, or lacks (or holds null for) pairs of
+            the table; the message names both tables, the count and an example.
+    """
+    ref = read_table(directory)
+    fix = (f"remove the set with `sip ref-logps -m MANIFEST --clear` (or delete {directory}); the phase then "
+           "computes the log-probs when it starts")
+    if pc.count_distinct(ref["pair_id"]).as_py() != ref.num_rows:
+        raise ReferenceMismatch(f"{directory}: the reference log-probs repeat a pair_id; {fix}")
+    ref = ref.filter(pc.and_(pc.is_valid(ref["ref_chosen_logp"]), pc.is_valid(ref["ref_rejected_logp"])))
+    index = pc.index_in(table["pair_id"], value_set=ref["pair_id"].combine_chunks())
+    if index.null_count:
+        lacking = table["pair_id"].filter(pc.is_null(index))
+        raise ReferenceMismatch(
+            f"the reference log-probs at {directory} lack {index.null_count} of the {table.num_rows} pairs of the "
+            f"preferences table {table_path} (e.g. pair_id {lacking[0].as_py()}); {fix}")
+    rows = index.to_numpy(zero_copy_only=False)
+    return (ref["ref_chosen_logp"].to_numpy()[rows].astype(np.float64),
+            ref["ref_rejected_logp"].to_numpy()[rows].astype(np.float64))
+
+
+def clear_sets(root: Path, phase: str) -> list[Path]:
+    """Remove the sets made for ``phase`` (their provenance says which); returns their directories."""
+    removed = [s.path for s in stored_sets(root) if s.phase == phase]
+    for directory in removed:
+        shutil.rmtree(directory)
+    return removed
 
 
 def run_ref_logps(manifest, *, phase: str | None = None, checkpoint: Path | None = None, clear: bool = False,
                   log=print) -> dict:
-    """``sip ref-logps``: store (or clear) a DPO phase's reference log-probs in its preferences table.
+    """``sip ref-logps``: store (or clear) a DPO phase's reference log-probs under ``<train>/ref_logps/``.
 
-    The reference is the policy at the start of the phase: the init model when the phase is the
-    first one, else the checkpoint the earlier phases ended with (``checkpoint``, required then).
+    Arguments:
+        manifest: the run; its first DPO phase unless ``phase`` names another.
+        phase: a DPO phase name.
+        checkpoint: a train checkpoint directory to score with. The reference is the policy at
+            the start of the phase: the init model when the phase is the first one, else the
+            checkpoint the earlier phases ended with (required then).
+        clear: remove the phase's stored sets instead.
+        log: where progress lines go.
+
+    Returns:
+        ``table`` (the preferences table), ``ref_model_sha``, and ``ref_logps`` (the set's
+        directory), ``fingerprint``, ``rows``; with ``clear``, ``removed`` (directories).
+
+    Raises:
+        ManifestError: no such DPO phase, or a later phase without ``checkpoint``.
+        ReferenceMismatch: the table repeats a pair_id.
     """
-    from pipeline.manifest import ManifestError
+    from pipeline.manifest import ManifestError, fingerprint
     from trainer.checkpoint import load_model_state
     from trainer.model import WEIGHTS_FILE, state_sha
     from trainer.plan import require_train, table_path
@@ -143,14 +276,17 @@ def run_ref_logps(manifest, *, phase: str | None = None, checkpoint: Path | None
         raise ManifestError(f"--phase {phase!r}: no such DPO phase in train.phases (DPO phases: {names})")
     index, config = chosen_phases[0]
     path = table_path(manifest, config)
+    root = reference_root(manifest.stage_dir("train"))
     if clear:
-        write_reference(path, None, None, None)
-        log(f"ref-logps: cleared the reference log-probs of {path}")
-        return {"table": str(path), "ref_model_sha": None}
+        removed = clear_sets(root, config.name)
+        log(f"ref-logps: removed {len(removed)} stored set(s) of phase '{config.name}' from {root}")
+        return {"table": str(path), "ref_model_sha": None, "removed": [str(p) for p in removed]}
     if index > 0 and checkpoint is None:
         raise ManifestError(f"phase '{config.name}' is phase {index + 1}: its reference is the policy after the "
                             "earlier phases; pass --checkpoint DIR (a train checkpoint), or let the trainer compute "
                             "the log-probs when the phase starts")
+    table = load_table(path, "preferences", f"train.phases[{index}].table")
+    check_unique_pairs(table, path)
     fabric = make_fabric(manifest)
     fabric.launch()
     policy = setup_policy(fabric, manifest, load_init=checkpoint is None)
@@ -158,10 +294,16 @@ def run_ref_logps(manifest, *, phase: str | None = None, checkpoint: Path | None
         weights = torch.load(Path(checkpoint) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         load_model_state(fabric, policy.model, weights)
     sha = fabric.broadcast(state_sha(full_model_state(fabric, policy.model)) if fabric.global_rank == 0 else None)
-    source = TableSource(load_table(path, "preferences", f"train.phases[{index}].table"), "preferences", 0,
-                         manifest.train.max_seq_len)
+    t = manifest.train
+    keys = reference_keys(sha, policy.config, t.max_seq_len, t.precision, table, path)
+    source = TableSource(table, "preferences", 0, t.max_seq_len)
     chosen, rejected = compute_reference(fabric, policy.model, source, config.batch_size, PAD_ID)
+    directory = root / fingerprint_of(keys)
     if fabric.global_rank == 0:
-        write_reference(path, chosen, rejected, sha)
-        log(f"ref-logps: {source.rows} pairs of {path} scored by model {sha}")
-    return {"table": str(path), "ref_model_sha": sha, "rows": source.rows}
+        write_set(root, keys, table["pair_id"].to_pylist(), chosen, rejected,
+                  checkpoint=str(checkpoint) if checkpoint else f"train.model.init: {t.model.init}",
+                  phase=config.name, table_path=path, manifest_fingerprint=fingerprint(manifest))
+        log(f"ref-logps: {source.rows} pairs of {path} scored by model {sha}; stored in {directory}")
+    return {"table": str(path), "ref_model_sha": sha, "ref_logps": str(directory), "fingerprint": directory.name,
+            "rows": source.rows}
+

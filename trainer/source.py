@@ -9,7 +9,8 @@ What is trained on, per table:
 - ``pairs`` (objective ``ntp``): the whole window, prefix + original suffix, as target
   (plain next-token pretraining; the window keeps its last ``max_len`` tokens);
 - ``sft`` (``rf_nll``): ``target_ids`` given ``prefix_ids``;
-- ``preferences`` (``dpo``): ``chosen_ids`` and ``rejected_ids`` given ``prefix_ids``.
+- ``preferences`` (``dpo``): ``chosen_ids`` and ``rejected_ids`` given ``prefix_ids``; the
+  reference log-probs are joined to the rows by ``pair_id`` (trainer/ref_logps.py).
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from pipeline.io import read_table, table_files
 COLUMNS = {
     "pairs": ["prefix_ids", "suffix_ids"],
     "sft": ["prefix_ids", "target_ids", "source"],
-    "preferences": ["prefix_ids", "chosen_ids", "rejected_ids", "chosen_source", "rejected_source"],
+    "preferences": ["pair_id", "prefix_ids", "chosen_ids", "rejected_ids", "chosen_source", "rejected_source"],
 }
-REF_COLUMNS = ["ref_chosen_logp", "ref_rejected_logp", "ref_model_sha"]
 
 
 class TableError(ValueError):
@@ -43,7 +43,7 @@ def load_table(path: Path, kind: str, key: str) -> pa.Table:
         table = read_table(path)
     except pa.ArrowInvalid as exc:
         raise TableError(f"{key}: {path} could not be read as Parquet: {exc}") from None
-    wanted = COLUMNS[kind] + (REF_COLUMNS if kind == "preferences" else [])
+    wanted = COLUMNS[kind]
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise TableError(f"{key}: {path} is not a {kind} table: missing column(s) {missing} "
