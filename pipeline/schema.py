@@ -155,6 +155,7 @@ TABLES: dict[str, pa.Schema] = {
     "judgments": JUDGMENTS,
     "preferences": PREFERENCES,
     "sft": SFT,
+    "ref_logps": REF_LOGPS,
 }
 
 
