@@ -177,3 +177,10 @@ def prefs_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
 def run_prefs(manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
               log: Callable[[str], None] = print) -> dict | None:
     return run_chain(manifest, [prefs_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)
+
+
+def summary_line(card: dict) -> str:
+    """The one line ``sip`` prints for a finished prefs stage (its card's summary)."""
+    s = card["summary"]
+    return (f"prefs: {s['usable']} preference pairs of {s['pairs']} (ties {s['skipped_tie']}, single "
+            f"{s['skipped_single_candidate']}); chosen sources {s['chosen_source_rate']}; {s['sft_rows']} SFT rows")

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from pipeline.app.judge_check.checks import roc_auc
+from pipeline.app.judge_check.labelled_sets import CORRUPTIONS, build_checks
 from pipeline.models import policy_tokenizer_dir
-from stages.judge_check import roc_auc
-from stages.judge_check_data import CORRUPTIONS, build_checks
 from tests.conftest import base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
 
 N = 24  # suffix tokens
@@ -141,7 +141,7 @@ def test_sip_judge_check_report_is_complete_and_consistent(tmp_path):
 @pytest.mark.slow
 def test_judge_stage_self_check_goes_into_the_card(tmp_path):
     from pipeline.manifest import load_manifest
-    from stages.judge_check import SELF_CHECK_LIMIT
+    from pipeline.app.judge_check.self_check import SELF_CHECK_LIMIT
 
     path = manifest(tmp_path, {"self_check": True})  # the demo modes: safety choice_prob, quality likelihood
     run_sip("run", "--stages", "shard,rewrite,judge", "-m", str(path), timeout=900)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.manifest import load_manifest
-from tests.conftest import REPO, write_manifest
+from tests.conftest import REPO, SIP, write_manifest
 from tests.test_train_data import train_manifest
 
 
@@ -25,7 +24,7 @@ def test_two_processes_train_save_gather_and_score_like_one(tmp_path):
         {"name": "dpo", "objective": "dpo", "steps": 3, "batch_size": 4, "lr": 1e-3, "beta": 0.5},
     ], checkpoint={"every": 3, "keep_last": 5}, devices=2, strategy="ddp")
     path = write_manifest(tmp_path / "m.yaml", data)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "-m", str(path)], cwd=REPO,
+    proc = subprocess.run([*SIP, "train", "-m", str(path)], cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "devices 2 x nodes 1, strategy ddp" in proc.stdout and "train: done" in proc.stdout
