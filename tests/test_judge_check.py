@@ -54,6 +54,26 @@ def test_roc_auc_by_hand():
     assert roc_auc([], [0.3]) is None
 
 
+def test_a_failed_self_check_leaves_the_judge_stage_to_finalize_again(tmp_path):
+    """The card marks a stage complete: when the self-check after it fails, the card goes again,
+    so the next run finalizes (and checks) again instead of skipping a stage without its check."""
+    from pipeline.app.judge_check.self_check import finalize_with_self_check
+    from pipeline.manifest import ManifestError, parse_manifest
+    from pipeline.stage import StageDir
+
+    m = parse_manifest(base_manifest(tmp_path / "out", [str(tmp_path / "c.jsonl")]))  # no judge section
+    stage = StageDir(m, "judge", "judgments", {}, {"executor.tasks": 1})
+    stage.path.mkdir(parents=True)
+
+    def finalize(_elapsed_s):  # the stage's part: its card
+        (stage.path / "card.json").write_text("{}")
+        return {"summary": {}}
+
+    with pytest.raises(ManifestError, match="no 'judge' section"):
+        finalize_with_self_check(finalize, stage)
+    assert not (stage.path / "card.json").exists()
+
+
 def check_report(report: dict, limit: int, modes: dict) -> None:
     """Complete (every check of every configured criterion) and internally consistent."""
     names = [(r["criterion"], r["check"]) for r in report["checks"]]
