@@ -184,6 +184,7 @@ def test_exporting_again_replaces_the_directory(tmp_path, embedded_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "lit"]
 
 
+@pytest.mark.slow  # trains a step in a fresh process
 def test_sip_train_whose_export_fails_prints_one_error_line(tmp_path):
     """A model that trains but has no exact HF mapping (biases): `sip train` exits 2 with the
     export's message on one `Error:` line, no traceback."""
