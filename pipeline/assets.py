@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pipeline.errors import SipError
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -55,7 +57,7 @@ CORPUS_VERSION = "demo-v1"
 CORPUS_PARTS = 64
 
 
-class AssetError(RuntimeError):
+class AssetError(SipError, RuntimeError):
     """An embedded asset that could not be fetched or built, with what to do about it."""
 
 

@@ -22,6 +22,7 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 from loguru import logger
 
+from pipeline.errors import SipError
 from pipeline.progress import Progress
 
 TEXT_SUFFIXES = (".txt",)
@@ -30,7 +31,7 @@ _READ_ERRORS = (EOFError, OSError, zlib.error)
 _WARNINGS_PER_FILE = 20  # a corrupt file should not flood the logs; the stats keep the full count
 
 
-class CorpusError(ValueError):
+class CorpusError(SipError, ValueError):
     """A corpus that cannot be read at all, with the file or key that is wrong."""
 
 
@@ -88,7 +89,7 @@ def resolve_corpus(
 
     Raises:
         CorpusError: a pattern matched no readable file, a file's format is unknown, or a
-            Parquet file lacks ``text_key``.
+            Parquet file cannot be read or lacks ``text_key``.
     """
     found: dict[str, str] = {}
     for pattern in patterns:
@@ -114,9 +115,14 @@ def resolve_corpus(
     )
     for file in ordered:
         if file.format == "parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            names = pq.read_schema(file.path).names
+            try:
+                names = pq.read_schema(file.path).names
+            except pa.ArrowInvalid as exc:
+                raise CorpusError(f"{file.path}: not a readable Parquet file ({exc}); fix or remove it, or narrow "
+                                  "corpus.paths") from None
             if text_key not in names:
                 raise CorpusError(f"{file.path}: no column '{text_key}' (corpus.text_key); columns: {names}")
     if limit is None:

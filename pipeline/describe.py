@@ -6,10 +6,16 @@ import json
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import SipError
 from pipeline.io import table_files
 from pipeline.schema import read_provenance, table_of
+
+
+class InspectError(SipError, ValueError):
+    """A path that holds no readable Parquet table, naming it and what was expected."""
 
 
 def _short(value, width: int = 100):
@@ -19,12 +25,24 @@ def _short(value, width: int = 100):
 
 
 def describe(path: Path, rows: int = 3) -> str:
+    """Schema, provenance, row count and the first ``rows`` rows of a table file or stage directory.
+
+    Raises:
+        InspectError: ``path`` holds no ``*.parquet`` file, or a file is not Parquet.
+    """
     files = table_files(path)
     if not files:
-        raise FileNotFoundError(f"no Parquet files at {path}")
+        raise InspectError(f"{path}: no Parquet files; give a table file or a stage directory (e.g. "
+                           "<run.output_dir>/shard)")
+    counts = []
+    for f in files:
+        try:
+            counts.append(pq.ParquetFile(f).metadata.num_rows)
+        except pa.ArrowInvalid as exc:
+            raise InspectError(f"{f}: not a Parquet file ({exc}); give a table file or a stage directory") from None
     schema = pq.read_schema(files[0])
     prov = read_provenance(schema)
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    total = sum(counts)
     out = [
         f"table: {table_of(schema) or 'unknown (not a sip table)'}",
         f"files: {len(files)}  rows: {total}",

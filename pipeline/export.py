@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import SipError
+
 WEIGHTS_FILE = "model.safetensors"
 # Tokenizer and chat files a Hugging Face tokenizer may consist of; copied when present.
 TOKENIZER_FILES = (
@@ -29,7 +31,7 @@ TOKENIZER_FILES = (
 )
 
 
-class ExportError(ValueError):
+class ExportError(SipError, ValueError):
     """A checkpoint that cannot be exported, naming the file or config key and what was expected."""
 
 

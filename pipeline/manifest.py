@@ -16,8 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import SipError
 
-class ManifestError(ValueError):
+
+class ManifestError(SipError, ValueError):
     """A manifest that cannot be used, with a message naming the file and key."""
 
 

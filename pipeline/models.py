@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import assets
+from pipeline.errors import SipError
 from pipeline.manifest import Manifest
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(SipError, ValueError):
     pass
 
 

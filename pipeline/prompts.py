@@ -8,10 +8,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import SipError
+
 _SECTION = re.compile(r"^### (system|user)\s*$", re.MULTILINE)
 
 
-class PromptError(ValueError):
+class PromptError(SipError, ValueError):
     pass
 
 

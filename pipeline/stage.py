@@ -22,16 +22,17 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import SipError
 from pipeline.manifest import Manifest, diff_views, fingerprint, hash_view
 
 STATE_FILE = "_stage.json"
 
 
-class StageFailed(RuntimeError):
+class StageFailed(SipError, RuntimeError):
     """Some tasks of a stage did not finish."""
 
 
-class StageConflict(RuntimeError):
+class StageConflict(SipError, RuntimeError):
     """An output directory made with different settings; re-run with --force to start over."""
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from pipeline.errors import SipError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(SipError, ValueError):
     pass
 
 

@@ -4,9 +4,10 @@
 
 Runs SmolLM2-135M-Instruct (the embedded judge) on real vLLM, greedy, with the judge's own
 verdict prompts (stages/prompts/judge_*.txt) on a small, varied set of candidates: real safe,
-unsafe, coherent and corrupted texts from the self-check data (stages/judge_check_data.py),
-and adversarial candidates that imitate verdicts. Each row keeps the inputs, the texts shown
-to the judge (what the parser checks a verdict line against) and the raw answer.
+unsafe, coherent and corrupted texts from the self-check's labelled sets
+(pipeline/app/judge_check/labelled_sets.py), and adversarial candidates that imitate verdicts.
+Each row keeps the inputs, the texts shown to the judge (what the parser checks a verdict line
+against) and the raw answer.
 
 The expected parse results are not written here: they live in expected.json beside the
 answers, filled in by reading each answer, keyed by row id and the answer's sha256, so a
@@ -44,9 +45,9 @@ ADVERSARIAL_OPTIONS = [
 
 
 def cases() -> list[dict]:
+    from pipeline.app.judge_check.labelled_sets import build_checks
     from pipeline.assets import embedded_model
     from pipeline.tokenizer import load_tokenizer
-    from stages.judge_check_data import build_checks
 
     tok = load_tokenizer(str(embedded_model(log=lambda _m: None)))
     checks = build_checks(4, SEED, tok, 48, factuality=True)

@@ -286,10 +286,6 @@ def finalize_judge(manifest: Manifest, elapsed_s: float | None = None) -> dict:
     if judged != pairs:
         raise StageFailed(f"judge: {len(pairs - judged)} pairs have no judgments")
     summary, notes = judge_summary(plan, elapsed_s), ""
-    if manifest.judging.self_check:  # once per stage, with an engine of its own (see README: cost)
-        from stages.judge_check import self_check_for_card
-
-        summary["self_check"], notes = self_check_for_card(manifest, plan.stage.path)
     return write_card(plan.stage, summary, notes)
 
 
@@ -297,3 +293,11 @@ def judge_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
     plan = plan_judge(manifest, upstream_pending)
     return StageJob(plan.stage, plan.pipeline(), partial(finalize_judge, manifest),
                     estimate=partial(describe_judge_cost, plan))
+
+
+def summary_line(card: dict) -> str:
+    """The one line ``sip`` prints for a finished judge stage (its card's summary)."""
+    s = card["summary"]
+    agree = f", order agreement {s['order_agreement']}" if s.get("order_agreement") is not None else ""
+    return (f"judge: {s['candidates']} candidates of {s['pairs']} pairs ({s['modes']}); "
+            f"{s['unparsable_candidates']} unparsable{agree}; {s['judge_calls']} judge calls")

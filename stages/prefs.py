@@ -156,3 +156,10 @@ def prefs_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
     plan = plan_prefs(manifest, upstream_pending)
     # One task: the whole table is small next to the judgments it summarises.
     return StageJob(plan.stage, [PrefsStep(plan)], partial(finalize_prefs, manifest))
+
+
+def summary_line(card: dict) -> str:
+    """The one line ``sip`` prints for a finished prefs stage (its card's summary)."""
+    s = card["summary"]
+    return (f"prefs: {s['usable']} preference pairs of {s['pairs']} (ties {s['skipped_tie']}, single "
+            f"{s['skipped_single_candidate']}); chosen sources {s['chosen_source_rate']}; {s['sft_rows']} SFT rows")

@@ -142,18 +142,19 @@ class RewritePlan:
     template: PromptTemplate
     model: dict
 
-    def pipeline(self) -> list:
+    def step(self) -> RewriteStep:
+        """The stage's rewrite step (its requests and sampling settings are what a benchmark replays)."""
         prov = provenance(
             stage=STAGE, table="rewrites", manifest_fingerprint=fingerprint(self.manifest),
             stage_fingerprint=self.stage.fingerprint, models={"rewriter": self.model},
             prompts={"rewrite": self.template.text}, settings=self.manifest.rewrite.model_dump(),
             sampling={"temperature": self.manifest.rewrite.temperature, "top_p": self.manifest.rewrite.top_p},
         )
-        return [
-            TableReader(str(self.pairs_dir), columns=["pair_id", "prefix", "suffix"]),
-            RewriteStep(self.manifest, str(self.stage.path), with_provenance(REWRITES, prov), self.template,
-                        self.model.get("served_name") or self.model.get("name") or "model"),
-        ]
+        return RewriteStep(self.manifest, str(self.stage.path), with_provenance(REWRITES, prov), self.template,
+                           self.model.get("served_name") or self.model.get("name") or "model")
+
+    def pipeline(self) -> list:
+        return [TableReader(str(self.pairs_dir), columns=["pair_id", "prefix", "suffix"]), self.step()]
 
 
 def plan_rewrite(manifest: Manifest, upstream_pending: bool = False) -> RewritePlan:
@@ -232,3 +233,11 @@ def run_rewrite(
     log: Callable[[str], None] = print,
 ) -> dict | None:
     return run_chain(manifest, [rewrite_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)
+
+
+def summary_line(card: dict) -> str:
+    """The one line ``sip`` prints for a finished rewrite stage (its card's summary)."""
+    s = card["summary"]
+    counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items() if v)
+    rate = f"; {s['completion_tokens_per_engine_s']} output tokens/s" if "completion_tokens_per_engine_s" in s else ""
+    return f"rewrite: {s['rows']} rows ({counts}){rate}; engine start {s['engine_start_s']} s"

@@ -215,3 +215,12 @@ def rollout_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
 def run_rollout(manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
                 log: Callable[[str], None] = print) -> dict | None:
     return run_chain(manifest, [rollout_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)
+
+
+def summary_line(card: dict) -> str:
+    """The one line ``sip`` prints for a finished rollout stage (its card's summary)."""
+    s = card["summary"]
+    counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items() if v)
+    rate = f"; {s['completion_tokens_per_engine_s']} output tokens/s" if "completion_tokens_per_engine_s" in s else ""
+    return (f"rollout: {s['rows']} rollouts of {s['pairs']} pairs ({counts}){rate}; "
+            f"engine start {s['engine_start_s']} s")

@@ -262,3 +262,11 @@ def run_shard(
 ) -> dict | None:
     """Run (or resume) the shard stage; returns the card when the stage is complete."""
     return run_chain(manifest, [shard_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)
+
+
+def summary_line(card: dict) -> str:
+    """The one line ``sip`` prints for a finished shard stage (its card's summary)."""
+    s = card["summary"]
+    skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
+    rate = f" in {s['elapsed_s']} s ({s['documents_per_s']} docs/s, {s['tokens_per_s']:.0f} tokens/s)" if "elapsed_s" in s else ""
+    return f"shard: {s['pairs']} pairs from {s['documents_read']} documents{rate}; skipped: {skipped}"

@@ -14,6 +14,20 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The `sip` command as a fresh process: this interpreter and this checkout's code, whatever
+# `sip` script is on the PATH.
+SIP = (sys.executable, "-m", "pipeline.app.cli")
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model is fastest on one thread, and the suite shares the machine's cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +72,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def run_sip(*args: str, check: bool = True, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [*SIP, *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ}, **kwargs,
     )
     if check and proc.returncode != 0:
@@ -99,7 +113,7 @@ def llm_manifest(root: Path, docs: list[dict], **sections) -> Path:
 def kill_after_first_chunk(stage: str, manifest: Path, stage_dir: Path, timeout_s: float = 600) -> dict[str, int]:
     """Start `sip <stage>`, SIGKILL its whole process group once the first chunk file appears,
     and return the chunk files present then ({name: mtime_ns})."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", stage, "-m", str(manifest)], cwd=REPO,
+    proc = subprocess.Popen([*SIP, stage, "-m", str(manifest)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline, killed = time.monotonic() + timeout_s, False
     try:

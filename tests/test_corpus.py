@@ -87,6 +87,9 @@ def test_corpus_level_errors_are_clear(tmp_path):
     (tmp_path / "data.bin").write_bytes(b"\0")
     with pytest.raises(CorpusError, match="set corpus.format"):
         resolve_corpus([str(tmp_path / "data.bin")])
+    (tmp_path / "broken.parquet").write_text('{"text": "not parquet"}\n')
+    with pytest.raises(CorpusError, match=r"broken.parquet: not a readable Parquet file .*corpus.paths"):
+        resolve_corpus([str(tmp_path / "broken.parquet")])
 
 
 def test_limit_counts_records_in_file_order(tmp_path):

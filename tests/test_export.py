@@ -182,3 +182,20 @@ def test_exporting_again_replaces_the_directory(tmp_path, embedded_dir):
     export_hf(lit, tmp_path / "hf")
     assert not (hf / "stale.txt").exists() and (hf / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "lit"]
+
+
+@pytest.mark.slow  # trains a step in a fresh process
+def test_sip_train_whose_export_fails_prints_one_error_line(tmp_path):
+    """A model that trains but has no exact HF mapping (biases): `sip train` exits 2 with the
+    export's message on one `Error:` line, no traceback."""
+    from tests.conftest import run_sip, write_manifest
+    from tests.test_train_data import TINY_MODEL, train_manifest
+
+    data = train_manifest(tmp_path, [{"name": "ntp", "objective": "ntp", "steps": 1, "batch_size": 2}],
+                          export_hf=True, model={"init": "scratch", "config": {**TINY_MODEL, "bias": True}})
+    proc = run_sip("train", "-m", str(write_manifest(tmp_path / "m.yaml", data)), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "bias=True has no exact Hugging Face mapping" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "out" / "train" / "final").is_dir()  # the training itself finished

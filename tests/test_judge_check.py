@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from pipeline.app.judge_check.checks import roc_auc
+from pipeline.app.judge_check.labelled_sets import CORRUPTIONS, build_checks
 from pipeline.models import policy_tokenizer_dir
-from stages.judge_check import roc_auc
-from stages.judge_check_data import CORRUPTIONS, build_checks
 from tests.conftest import base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
 
 N = 24  # suffix tokens
@@ -52,6 +52,26 @@ def test_roc_auc_by_hand():
     assert roc_auc([0.1], [0.9]) == 0.0
     assert roc_auc([0.5, 0.9], [0.5]) == 0.75  # a tie counts half
     assert roc_auc([], [0.3]) is None
+
+
+def test_a_failed_self_check_leaves_the_judge_stage_to_finalize_again(tmp_path):
+    """The card marks a stage complete: when the self-check after it fails, the card goes again,
+    so the next run finalizes (and checks) again instead of skipping a stage without its check."""
+    from pipeline.app.judge_check.self_check import finalize_with_self_check
+    from pipeline.manifest import ManifestError, parse_manifest
+    from pipeline.stage import StageDir
+
+    m = parse_manifest(base_manifest(tmp_path / "out", [str(tmp_path / "c.jsonl")]))  # no judge section
+    stage = StageDir(m, "judge", "judgments", {}, {"executor.tasks": 1})
+    stage.path.mkdir(parents=True)
+
+    def finalize(_elapsed_s):  # the stage's part: its card
+        (stage.path / "card.json").write_text("{}")
+        return {"summary": {}}
+
+    with pytest.raises(ManifestError, match="no 'judge' section"):
+        finalize_with_self_check(finalize, stage)
+    assert not (stage.path / "card.json").exists()
 
 
 def check_report(report: dict, limit: int, modes: dict) -> None:
@@ -141,7 +161,7 @@ def test_sip_judge_check_report_is_complete_and_consistent(tmp_path):
 @pytest.mark.slow
 def test_judge_stage_self_check_goes_into_the_card(tmp_path):
     from pipeline.manifest import load_manifest
-    from stages.judge_check import SELF_CHECK_LIMIT
+    from pipeline.app.judge_check.self_check import SELF_CHECK_LIMIT
 
     path = manifest(tmp_path, {"self_check": True})  # the demo modes: safety choice_prob, quality likelihood
     run_sip("run", "--stages", "shard,rewrite,judge", "-m", str(path), timeout=900)

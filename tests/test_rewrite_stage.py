@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import polars as pl
@@ -12,7 +11,7 @@ import pytest
 
 from pipeline.io import table_provenance
 from pipeline.schema import REWRITE_STATUSES
-from tests.conftest import REPO, base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
+from tests.conftest import REPO, SIP, base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +64,7 @@ def test_prompts_too_long_for_the_model_become_too_long_rows(tmp_path):
 def test_kill_during_rewrite_then_resume_redoes_at_most_one_chunk(tmp_path):
     path = rewrite_manifest(tmp_path, "kill", wiki_documents(16, words=60))
     stage = tmp_path / "kill" / "rewrite"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "rewrite", "-m", str(path)], cwd=REPO,
+    proc = subprocess.Popen([*SIP, "rewrite", "-m", str(path)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:

@@ -3,13 +3,12 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import polars as pl
 import pytest
 
-from tests.conftest import REPO, base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
+from tests.conftest import REPO, SIP, base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
 
 TASKS = 16
 
@@ -27,7 +26,7 @@ def test_kill_then_resume_gives_the_rows_of_an_uninterrupted_run(tmp_path):
 
     completions = tmp_path / "killed" / "shard" / "_logs" / "completions"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "shard", "-m", str(killed)],
+        [*SIP, "shard", "-m", str(killed)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     deadline = time.monotonic() + 120

@@ -88,6 +88,9 @@ def test_cli_shard_inspect_and_errors(tmp_path, corpus):
     assert "pairs from 60 documents" in proc.stdout and "docs/s" in proc.stdout
     shown = run_sip("inspect", str(tmp_path / "out" / "shard"), "-n", "1").stdout
     assert "table: pairs" in shown and "manifest_fingerprint" in shown and "prefix_ids: list<element: int32>" in shown
+    for not_a_table in (tmp_path / "out", path):  # a directory without Parquet files; a YAML file
+        proc = run_sip("inspect", str(not_a_table), check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"Error: {not_a_table}: ") and "Traceback" not in proc.stderr
     bad = write_manifest(tmp_path / "bad.yaml", base_manifest(tmp_path / "o2", [str(tmp_path / "none*.jsonl")]))
     proc = run_sip("shard", "-m", str(bad), check=False)
     assert proc.returncode == 2 and "matched no files" in proc.stderr and "Traceback" not in proc.stderr

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.manifest import load_manifest
-from tests.conftest import REPO, write_manifest
+from tests.conftest import REPO, SIP, write_manifest
 from tests.test_train_data import train_manifest
 
 
@@ -26,7 +25,7 @@ def test_two_processes_train_save_gather_and_score_like_one(tmp_path):
     path = write_manifest(tmp_path / "m.yaml", data)
     prefs_file = tmp_path / "out" / "prefs" / "00000.parquet"
     prefs_bytes = prefs_file.read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "-m", str(path)], cwd=REPO,
+    proc = subprocess.run([*SIP, "train", "-m", str(path)], cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "devices 2 x nodes 1, strategy ddp" in proc.stdout and "train: done" in proc.stdout

@@ -15,15 +15,6 @@ from tests.conftest import write_manifest
 from tests.test_train_data import TINY_MODEL, train_manifest
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny model is fastest on one thread, and the suite shares the machine's cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def metrics_rows(train_dir) -> list[dict]:
     rows = []
     for path in sorted((train_dir / "metrics").glob("version_*/metrics.csv")):

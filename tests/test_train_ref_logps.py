@@ -19,7 +19,7 @@ from pipeline.manifest import load_manifest
 from pipeline.schema import PREFERENCES, REF_LOGPS, read_provenance, with_provenance
 from tests.conftest import write_manifest
 from tests.test_train_data import TINY_MODEL, train_manifest, write_tables
-from tests.test_train_loop import metrics_rows, one_thread  # noqa: F401 (a fixture)
+from tests.test_train_loop import metrics_rows
 
 DPO = {"name": "dpo", "objective": "dpo", "steps": 2, "batch_size": 8, "lr": 1e-3, "beta": 0.5}
 QUIET = lambda _m: None  # noqa: E731

@@ -8,11 +8,10 @@ import random
 import re
 import signal
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, write_manifest
+from tests.conftest import REPO, SIP, write_manifest
 from tests.test_train_data import train_manifest
 
 PHASES = [
@@ -23,7 +22,7 @@ STEP_LINE = re.compile(r"^train \[(\w+) (\d)/2\] step (\d+)/")
 
 
 def _command(manifest):
-    return [sys.executable, "-m", "pipeline.cli", "train", "-m", str(manifest)]
+    return [*SIP, "train", "-m", str(manifest)]
 
 
 def _env():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import SipError
 from pipeline.manifest import Manifest, TrainConfig
 from pipeline.tokenizer import load_tokenizer
 
@@ -20,7 +21,7 @@ WEIGHTS_FILE = "lit_model.pth"
 CONFIG_FILE = "model_config.yaml"
 
 
-class ModelError(ValueError):
+class ModelError(SipError, ValueError):
     """A model reference or config that cannot be used, naming the manifest key."""
 
 

@@ -56,6 +56,7 @@ import xxhash
 from pipeline.io import part_name, read_table, table_files, table_provenance, write_table_atomic
 from pipeline.manifest import diff_views, hash_view
 from pipeline.schema import REF_LOGPS, provenance, with_provenance
+from pipeline.errors import SipError
 from trainer.data import TRUNCATION
 from trainer.steps import pair_logps
 
@@ -64,7 +65,7 @@ LOGP = "sum of the target tokens' log-probs given the prefix (nats)"
 _CONTENT_COLUMNS = ("prefix_ids", "chosen_ids", "rejected_ids")
 
 
-class ReferenceMismatch(ValueError):
+class ReferenceMismatch(SipError, ValueError):
     """Stored reference log-probs that cannot serve a phase: incomplete, or made under other settings."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.errors import SipError
 from pipeline.io import read_table, table_files
 
 COLUMNS = {
@@ -30,7 +31,7 @@ COLUMNS = {
 }
 
 
-class TableError(ValueError):
+class TableError(SipError, ValueError):
     """A training table that is missing, empty or not the kind a phase needs."""
 
 

@@ -1,25 +1,44 @@
-"""The batch stages in pipeline order, and running several of them as one chain."""
+"""The batch stages in pipeline order, their one-line summaries, and running several as one chain."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
+from pipeline.app.judge_check.self_check import finalize_with_self_check
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.runner import StageJob, run_chain
 from pipeline.slurm_job import CommandJob
-from stages.judge import judge_job
-from stages.prefs import prefs_job
-from stages.rewrite import rewrite_job
-from stages.rollout import rollout_job
-from stages.shard import shard_job
+from stages import judge, prefs, rewrite, rollout, shard
+from trainer import job as train
+
+
+def judge_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
+    """The judge stage; with ``judging.self_check`` its card also gets the judge self-check,
+    run wherever the card is written (in-process, or the card job on Slurm)."""
+    job = judge.judge_job(manifest, upstream_pending)
+    if manifest.judging.self_check:
+        job.finalize = partial(finalize_with_self_check, job.finalize, job.stage)
+    return job
+
 
 # name -> builder(manifest, upstream_pending) ; in pipeline order
 JOBS: dict[str, Callable[[Manifest, bool], StageJob]] = {
-    "shard": shard_job,
-    "rewrite": rewrite_job,
-    "rollout": rollout_job,  # after rewrite, so `make judge` runs it; judge needs it when count > 0
+    "shard": shard.shard_job,
+    "rewrite": rewrite.rewrite_job,
+    "rollout": rollout.rollout_job,  # after rewrite, so `make judge` runs it; judge needs it when count > 0
     "judge": judge_job,
-    "prefs": prefs_job,
+    "prefs": prefs.prefs_job,
+}
+
+# name -> the line `sip` prints for its card (the train job's summary for "train")
+SUMMARY_LINES: dict[str, Callable[[dict], str]] = {
+    "shard": shard.summary_line,
+    "rewrite": rewrite.summary_line,
+    "rollout": rollout.summary_line,
+    "judge": judge.summary_line,
+    "prefs": prefs.summary_line,
+    "train": train.summary_line,
 }
 
 
@@ -41,7 +60,15 @@ def run_stages(
     manifest: Manifest, names: list[str], *, force: bool = False, dry_run: bool = False, wait: bool = True,
     log: Callable[[str], None] = print, then: CommandJob | None = None,
 ) -> dict[str, dict]:
-    """Run the named stages in pipeline order; ``then`` (training) ends the chain, after them."""
+    """Run the named stages in pipeline order; ``then`` (training) ends the chain, after them.
+
+    Returns:
+        The cards of the complete stages (and ``then``'s summary), by name.
+
+    Raises:
+        ManifestError: an unknown stage name.
+        StageFailed: a stage left out of ``names`` that a named one reads is not complete.
+    """
     unknown = [n for n in names if n not in JOBS]
     if unknown:
         raise ManifestError(f"--stages: unknown stage(s) {unknown}; stages in order: {', '.join(JOBS)}, train")

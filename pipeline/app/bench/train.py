@@ -9,8 +9,8 @@ Same model, same batches, same optimizer settings, one objective at a time (ntp,
   in a plain loop: forward, the loss written out with torch, backward, gradient clipping, step,
   on batches built before timing.
 
-Each side runs in a fresh process (``python -m trainer.bench SPEC``), so peak memory (peak
-RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU) is its own. The tables are synthetic
+Each side runs in a fresh process (:func:`pipeline.app.bench.fresh_process.run_side`), so peak
+memory (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU) is its own. The tables are synthetic
 fixed-length rows of random token ids (throughput does not depend on the text), written
 with the stages' schemas; both sides read them in the trainer's seeded order.
 """
@@ -18,11 +18,8 @@ with the stages' schemas; both sides read them in the trainer's seeded order.
 from __future__ import annotations
 
 import csv
-import json
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,15 +27,18 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from pipeline.app.bench.fresh_process import run_side
+from pipeline.errors import SipError
 from pipeline.io import write_table_atomic
-from pipeline.manifest import Manifest, ManifestError, parse_manifest
+from pipeline.manifest import Manifest, ManifestError, load_manifest, parse_manifest
 from pipeline.schema import PAIRS, PREFERENCES, provenance, with_provenance
 
 OBJECTIVES = ("ntp", "dpo")
 
 
-class BenchError(ValueError):
+class BenchError(SipError, ValueError):
     """Benchmark options that cannot run, naming the option."""
+
 
 BARE_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 
@@ -101,11 +101,14 @@ def _peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _sip_side(manifest: Manifest, warmup: int) -> dict:
-    """run_train; tokens/s from its metrics windows after the first (``log_every = warmup``)."""
+def sip_side(spec: dict) -> dict:
+    """run_train on ``spec["manifest"]``; tokens/s from its metrics windows after the first
+    (``log_every = warmup``)."""
     import torch
 
     from trainer.loop import run_train
+
+    manifest, warmup = load_manifest(spec["manifest"]), spec["warmup"]
 
     started = time.perf_counter()
     run_train(manifest, log=lambda _m: None)
@@ -119,8 +122,9 @@ def _sip_side(manifest: Manifest, warmup: int) -> dict:
             "peak_mem_gb": _peak_memory_gb(device)}
 
 
-def _bare_side(manifest: Manifest, warmup: int) -> dict:
-    """A plain LitGPT + AdamW loop over the same rows (the trainer's seeded order)."""
+def bare_side(spec: dict) -> dict:
+    """A plain LitGPT + AdamW loop over the same rows (the trainer's seeded order), on
+    ``spec["manifest"]`` with ``spec["warmup"]`` untimed steps."""
     import torch
     import torch.nn.functional as F
 
@@ -128,6 +132,8 @@ def _bare_side(manifest: Manifest, warmup: int) -> dict:
     from trainer.model import build_model, init_checkpoint_dir, model_config
     from trainer.plan import table_path
     from trainer.source import TableSource
+
+    manifest, warmup = load_manifest(spec["manifest"]), spec["warmup"]
 
     t, phase = manifest.train, manifest.train.phases[0]
     if t.precision not in BARE_PRECISIONS:
@@ -188,12 +194,8 @@ def _bare_side(manifest: Manifest, warmup: int) -> dict:
 
 
 def _run_side(side: str, manifest_path: Path, warmup: int) -> dict:
-    result = manifest_path.with_suffix(f".{side}.json")
-    proc = subprocess.run([sys.executable, "-m", "trainer.bench", side, str(manifest_path), str(warmup), str(result)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench train: the {side} side failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    out = json.loads(result.read_text())
+    runner = sip_side if side == "sip" else bare_side
+    out = run_side(runner, {"manifest": str(manifest_path), "warmup": warmup}, manifest_path.parent, f"train-{side}")
     out["tokens_per_s"] = out["tokens"] / out["seconds"]
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
@@ -249,11 +251,3 @@ def bench_train(manifest: Manifest, *, objectives: tuple[str, ...] = OBJECTIVES,
                                  "bare": bare, "ratio_sip_over_bare": ratio}
     return report
 
-
-if __name__ == "__main__":  # one side of bench_train, in its own process
-    from pipeline.manifest import load_manifest
-
-    side, manifest_file, warmup_steps, result_file = sys.argv[1:5]
-    loaded = load_manifest(manifest_file)
-    runner = _sip_side if side == "sip" else _bare_side
-    Path(result_file).write_text(json.dumps(runner(loaded, int(warmup_steps))))

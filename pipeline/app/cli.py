@@ -9,29 +9,8 @@ from pathlib import Path
 import click
 import yaml
 
-from pipeline.manifest import Manifest, ManifestError, fingerprint, load_manifest
-
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from pipeline.assets import AssetError
-    from pipeline.corpus import CorpusError
-    from pipeline.models import ModelNotFound
-    from pipeline.prompts import PromptError
-    from pipeline.stage import StageConflict, StageFailed
-    from pipeline.tokenizer import TokenizerError
-
-    import pyarrow as pa
-
-    from trainer.model import ModelError
-    from trainer.ref_logps import ReferenceMismatch
-    from trainer.source import TableError
-
-    return (
-        ManifestError, AssetError, CorpusError, ModelNotFound, StageConflict, StageFailed, TokenizerError, PromptError,
-        FileNotFoundError, pa.ArrowInvalid, ModelError, ReferenceMismatch, TableError,
-    )
-
+from pipeline.errors import SipError
+from pipeline.manifest import Manifest, fingerprint, load_manifest
 
 manifest_option = click.option(
     "-m", "--manifest", "manifest_path", default="manifests/demo.yaml", show_default=True,
@@ -86,39 +65,8 @@ def assets(model: bool, corpus: bool) -> None:
         click.echo(f"model (lit): {a.embedded_litgpt()}")
 
 
-def _summary_line(name: str, card: dict, out: Path) -> str:
-    if name == "train":
-        from trainer.job import summary_line
-
-        return f"{summary_line(card)}\n    -> {out}"
-    s = card["summary"]
-    if name == "shard":
-        skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
-        rate = f" in {s['elapsed_s']} s ({s['documents_per_s']} docs/s, {s['tokens_per_s']:.0f} tokens/s)" if "elapsed_s" in s else ""
-        line = f"shard: {s['pairs']} pairs from {s['documents_read']} documents{rate}; skipped: {skipped}"
-    elif name == "rewrite":
-        counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items() if v)
-        rate = f"; {s['completion_tokens_per_engine_s']} output tokens/s" if "completion_tokens_per_engine_s" in s else ""
-        line = f"rewrite: {s['rows']} rows ({counts}){rate}; engine start {s['engine_start_s']} s"
-    elif name == "rollout":
-        counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items() if v)
-        rate = f"; {s['completion_tokens_per_engine_s']} output tokens/s" if "completion_tokens_per_engine_s" in s else ""
-        line = (f"rollout: {s['rows']} rollouts of {s['pairs']} pairs ({counts}){rate}; "
-                f"engine start {s['engine_start_s']} s")
-    elif name == "judge":
-        agree = f", order agreement {s['order_agreement']}" if s.get("order_agreement") is not None else ""
-        line = (f"judge: {s['candidates']} candidates of {s['pairs']} pairs ({s['modes']}); "
-                f"{s['unparsable_candidates']} unparsable{agree}; {s['judge_calls']} judge calls")
-    elif name == "prefs":
-        line = (f"prefs: {s['usable']} preference pairs of {s['pairs']} (ties {s['skipped_tie']}, single "
-                f"{s['skipped_single_candidate']}); chosen sources {s['chosen_source_rate']}; {s['sft_rows']} SFT rows")
-    else:
-        line = f"{name}: {card['rows']} rows"
-    return f"{line}\n    -> {out} (card: {out / 'README.md'})"
-
-
 def _run(names: list[str], manifest_path, overrides, executor, force, dry_run, wait) -> None:
-    from stages.registry import run_stages
+    from pipeline.app.registry import JOBS, SUMMARY_LINES, run_stages
 
     m = _load(manifest_path, overrides, executor)
     then = None
@@ -129,7 +77,9 @@ def _run(names: list[str], manifest_path, overrides, executor, force, dry_run, w
         then = train_job(m, upstream_pending=bool(names), log=click.echo)
     cards = run_stages(m, names, force=force, dry_run=dry_run, wait=wait, log=click.echo, then=then)
     for name, card in cards.items():
-        click.echo(_summary_line(name, card, m.stage_dir(name)))
+        out = m.stage_dir(name)
+        card_file = f" (card: {out / 'README.md'})" if name in JOBS else ""  # train writes no dataset card
+        click.echo(f"{SUMMARY_LINES[name](card)}\n    -> {out}{card_file}")
 
 
 def stage_options(fn):
@@ -217,7 +167,7 @@ def train(manifest_path, overrides, executor, force, dry_run, wait) -> None:
               help="Reference checkpoint (required when the DPO phase is not the first phase).")
 @click.option("--clear", is_flag=True, help="Remove stored reference log-probs instead.")
 def ref_logps(manifest_path, overrides, phase, checkpoint, clear) -> None:
-    """Store a DPO phase's reference log-probs in its preferences table."""
+    """Store a DPO phase's reference log-probs beside its preferences table (under train/ref_logps/)."""
     from trainer.ref_logps import run_ref_logps
 
     run_ref_logps(_load(manifest_path, overrides), phase=phase, checkpoint=Path(checkpoint) if checkpoint else None,
@@ -233,7 +183,7 @@ def ref_logps(manifest_path, overrides, phase, checkpoint, clear) -> None:
               help="Report file; default: judge_check.json in the judge stage dir (or run.output_dir before it exists).")
 def judge_check(manifest_path: str, overrides: tuple[str, ...], limit: int, json_path: str | None) -> None:
     """How well the manifest's judge separates labelled texts, in its modes (accuracy/AUC, parse rate, cost)."""
-    from stages.judge_check import default_json_path, format_table, run_judge_check, write_report
+    from pipeline.app.judge_check.checks import default_json_path, format_table, run_judge_check, write_report
 
     m = _load(manifest_path, overrides)
     report = run_judge_check(m, limit, log=click.echo)
@@ -264,7 +214,7 @@ def bench() -> None:
 @click.option("--copies", default=1, show_default=True, help="Repeat the corpus this many times (steady state).")
 def bench_shard(manifest_path: str, overrides: tuple[str, ...], processes: int, copies: int) -> None:
     """Shard throughput vs bare batch tokenization of the same documents."""
-    from stages.bench import bench_shard as run_bench
+    from pipeline.app.bench.shard import bench_shard as run_bench
 
     click.echo(json.dumps(run_bench(_load(manifest_path, overrides), processes, copies=copies), indent=1))
 
@@ -283,14 +233,11 @@ def bench_shard(manifest_path: str, overrides: tuple[str, ...], processes: int, 
               help="Runs per side, alternating which goes first; the best of each is reported.")
 def bench_train_cmd(manifest_path, overrides, objectives, model, batch_size, seq_len, warmup, steps, repeats) -> None:
     """Trainer tokens/s and peak memory vs a bare LitGPT + AdamW loop on the same model and batches."""
-    from trainer.bench import BenchError, bench_train
+    from pipeline.app.bench.train import bench_train
 
-    try:
-        report = bench_train(_load(manifest_path, overrides), objectives=tuple(o.strip() for o in objectives.split(",")),
-                             model=model, batch_size=batch_size, seq_len=seq_len, warmup=warmup, steps=steps,
-                             repeats=repeats)
-    except BenchError as exc:
-        raise click.UsageError(str(exc)) from None
+    report = bench_train(_load(manifest_path, overrides), objectives=tuple(o.strip() for o in objectives.split(",")),
+                         model=model, batch_size=batch_size, seq_len=seq_len, warmup=warmup, steps=steps,
+                         repeats=repeats)
     click.echo(json.dumps(report, indent=1))
 
 
@@ -301,7 +248,7 @@ def bench_train_cmd(manifest_path, overrides, objectives, model, batch_size, seq
 @click.option("--server/--no-server", default=True, help="Also time the same requests through `vllm serve` over HTTP.")
 def bench_rewrite_cmd(manifest_path: str, overrides: tuple[str, ...], pairs: int, server: bool) -> None:
     """Rewrite stage output tokens/s vs bare vLLM on the same prompts and settings."""
-    from stages.bench import bench_rewrite
+    from pipeline.app.bench.rewrite import bench_rewrite
 
     click.echo(json.dumps(bench_rewrite(_load(manifest_path, overrides), pairs, server), indent=1))
 
@@ -312,12 +259,14 @@ def bench_rewrite_cmd(manifest_path: str, overrides: tuple[str, ...], pairs: int
 @click.option("--pairs", default=48, show_default=True)
 def bench_judge_cmd(manifest_path: str, overrides: tuple[str, ...], pairs: int) -> None:
     """Judge stage candidates/s and prompt tokens/s vs bare vLLM making the same calls."""
-    from stages.bench_judge import bench_judge
+    from pipeline.app.bench.judge import bench_judge
 
     click.echo(json.dumps(bench_judge(_load(manifest_path, overrides), pairs), indent=1))
 
 
 def _entry() -> None:
+    """The ``sip`` console script: a :class:`~pipeline.errors.SipError` is printed as one
+    ``Error:`` line (no traceback) with exit code 2; click's own errors as click prints them."""
     try:
         main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -325,7 +274,7 @@ def _entry() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except _user_errors() as exc:
+    except SipError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
 

@@ -1,4 +1,5 @@
-"""`sip bench judge`: the judge stage against bare vLLM doing the same calls, same run.
+"""`sip bench judge` (`make bench-judge`): the judge stage against bare vLLM making the same
+calls, in the same run.
 
 The bare side replays the exact engine calls the stage makes (recorded by running the
 stage's own code with :class:`pipeline.engines.counter.CallCounter`: same token ids, same sampling
@@ -10,30 +11,21 @@ writes included). Rates are judged candidates/s and prompt tokens/s.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from pipeline.app.bench.fresh_process import bare_engine_spec, run_side, run_stage_process, start_bare_llm
+from pipeline.app.bench.pairs import bench_pairs
 from pipeline.manifest import Manifest
 
 
-def _bare_judge(spec_path: str) -> None:
-    """Subprocess: the recorded calls through bare ``vllm.LLM``."""
-    spec = json.loads(Path(spec_path).read_text())
-    started = time.perf_counter()
-    from pipeline.engines.vllm_env import configure_vllm_env
-
-    configure_vllm_env()
-    from vllm import LLM, SamplingParams
+def bare_vllm_side(spec: dict) -> dict:
+    """The recorded calls through bare ``vllm.LLM``: generate, next-token log-probs, score."""
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from pipeline.engines.vllm_engine import llm_kwargs
-
-    llm = LLM(**llm_kwargs(spec["model"], **spec["engine"]))
-    start_s = time.perf_counter() - started
+    llm, start_s = start_bare_llm(spec)
     started = time.perf_counter()
     for call in spec["calls"]:
         if call["kind"] == "generate":
@@ -46,32 +38,24 @@ def _bare_judge(spec_path: str) -> None:
         else:  # score
             params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in call["prompts"]], params, use_tqdm=False)
-    Path(spec_path + ".out").write_text(json.dumps({"start_s": start_s, "generate_s": time.perf_counter() - started}))
+    return {"start_s": start_s, "generate_s": time.perf_counter() - started}
 
 
 def bench_judge(manifest: Manifest, pairs: int = 48) -> dict:
-    from pipeline.models import resolve_model_dir
-    from stages.bench import bench_pairs, run_stage_process
+    """The judge stage's candidates/s and prompt tokens/s vs bare vLLM making the same calls.
+
+    The judge's upstream stages (rewrite, rollout) run first on ``pairs`` pairs, untimed.
+    """
+    from pipeline.app.registry import run_stages
     from stages.judge import plan_judge
     from stages.judge import count_judge_calls
-    from stages.registry import run_stages
 
     with tempfile.TemporaryDirectory() as tmp:
         m = bench_pairs(manifest, Path(tmp), pairs)
         run_stages(m, ["rewrite", "rollout"], log=lambda _m: None)  # the judge's upstream (not timed)
         counted = count_judge_calls(plan_judge(m))
-        ref = m.judge
-        spec = {
-            "model": str(resolve_model_dir(m, ref.model, "judge.model")),
-            "engine": {"max_model_len": ref.max_model_len, "dtype": ref.dtype, "seed": m.run.seed,
-                       "gpu_memory_utilization": ref.gpu_memory_utilization,
-                       "tensor_parallel_size": ref.tensor_parallel_size},
-            "calls": counted["engine_calls"],
-        }
-        spec_path = Path(tmp) / "judge_spec.json"
-        spec_path.write_text(json.dumps(spec))
-        subprocess.run([sys.executable, "-m", "stages.bench_judge", str(spec_path)], capture_output=True, check=True)
-        bare = json.loads(Path(f"{spec_path}.out").read_text())
+        spec = {**bare_engine_spec(m, "judge"), "calls": counted["engine_calls"]}
+        bare = run_side(bare_vllm_side, spec, Path(tmp), "bare-vllm-judge")
 
         stage_wall, summary = run_stage_process(m, "judge", Path(tmp))
 
@@ -93,7 +77,3 @@ def bench_judge(manifest: Manifest, pairs: int = 48) -> dict:
                       "process_wall_s_with_imports_and_card": round(stage_wall, 1)},
         "ratio_sip_over_bare": round(bare["generate_s"] / stage_s, 3),
     }
-
-
-if __name__ == "__main__":  # the bare-vLLM side, in its own process
-    _bare_judge(sys.argv[1])

@@ -1,6 +1,6 @@
 """Judge self-check (`sip judge-check`): how well the manifest's judge, in the manifest's
-modes, separates labelled texts (stages/judge_check_data.py), with the stage's own judge code
-(:class:`stages.criteria.Judge`).
+modes, separates labelled texts (:mod:`pipeline.app.judge_check.labelled_sets`), with the
+stage's own judge code (:class:`stages.criteria.Judge`).
 
 Per check: n, the metric (ROC AUC of pointwise scores, or the pairwise accuracy of the true
 continuation against a corrupted one; ties count half), the parse rate (judge answers that
@@ -16,15 +16,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from pipeline.app.judge_check.labelled_sets import CORRUPTIONS, build_checks
 from pipeline.engines.factory import make_engine, model_identity
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.models import policy_tokenizer_dir
 from pipeline.tokenizer import load_tokenizer
-from stages.judge_check_data import CORRUPTIONS, build_checks
 from stages.criteria import Judge
 
 DEFAULT_LIMIT = 40  # 40 safe + 40 unsafe texts, 40 pairs per corruption kind
-SELF_CHECK_LIMIT = 8  # what the judge stage runs at finalize with judging.self_check: true
 PAIRWISE_ORDERED = ("verdict", "choice_prob")  # quality modes that show the two texts in an order
 
 
@@ -216,19 +215,3 @@ def write_report(report: dict, path: Path) -> Path:
     tmp.replace(path)
     return path
 
-
-def self_check_for_card(manifest: Manifest, stage_path: Path) -> tuple[dict, str]:
-    """The judge stage's self-check (``judging.self_check``): a small run whose full report is
-    ``judge_check.json`` beside the table; returns the card's summary entry and its notes."""
-    report = run_judge_check(manifest, SELF_CHECK_LIMIT, log=lambda _m: None)
-    write_report(report, stage_path / "judge_check.json")
-    entry = {f"{r['criterion']}/{r['check']}": {"mode": r["mode"], r["metric"]: r["value"], "n": r["n"],
-                                                "parse_rate": r["parse_rate"], "order_agreement": r["order_agreement"]}
-             for r in report["checks"]}
-    totals = report["totals"]
-    entry["cost"] = {k: totals[k] for k in ("calls", "prompt_tokens", "completion_tokens", "elapsed_s")}
-    entry["report"] = "judge_check.json"
-    notes = ("## Judge self-check\n\n"
-             f"`sip judge-check` with {SELF_CHECK_LIMIT} items per class (full report: judge_check.json; "
-             "README: how to read it).\n\n```\n" + format_table(report) + "\n```")
-    return entry, notes
