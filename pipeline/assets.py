@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pipeline.atomic import atomic_path, remove_leftovers
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -124,13 +126,10 @@ def _build(directory: Path, build: Callable[[Path], None], log: Callable[[str], 
         log(f"sip assets: {directory} is incomplete or corrupted; rebuilding it")
         shutil.rmtree(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    remove_leftovers(directory)  # of builds that were killed
+    with atomic_path(directory, directory=True) as tmp:
         build(tmp)
         (tmp / ".complete").write_text(json.dumps({"files": _record(tmp)}, indent=1))
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
