@@ -73,6 +73,6 @@ def test_what_an_endpoint_cannot_serve_fails_naming_the_backend_and_the_setting(
         eng.next_token_logprobs([[1, 2]], [3])
     with pytest.raises(NotImplementedError, match=r"EndpointEngine.*mode: likelihood"):
         eng.score([[1, 2]], [1])
-    with pytest.raises(NotImplementedError, match=r"EndpointEngine.*tokenizer.*choice_prob or likelihood"):
+    with pytest.raises(NotImplementedError, match=r"EndpointEngine.*prompt token ids.*choice_prob"):
         eng.prompt_ids(req("x"))
-    assert eng.prefix_cache_stats() is None and eng.start_s == 0.0
+    assert eng.tokenizer is None and eng.prefix_cache_stats() is None and eng.start_s == 0.0

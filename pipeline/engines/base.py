@@ -65,9 +65,11 @@ class Engine(abc.ABC):
     max_model_len: int
     #: seconds the engine took to start (loading the model); 0.0 for a remote server
     start_s: float = 0.0
+    #: the model's Hugging Face tokenizer (chat template included); None when the backend has
+    #: no local one (an endpoint), and then choice_prob and likelihood judging cannot run
+    tokenizer = None
     #: what the message of an unsupported method tells the user to do (a backend may say more)
     unsupported_hint = "use a local judge (judge.model: embedded or a model directory)"
-    _tokenizer = None
 
     @abc.abstractmethod
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Result]:
@@ -77,27 +79,14 @@ class Engine(abc.ABC):
         return NotImplementedError(f"the {type(self).__name__} backend ({self.model_id}) cannot give {what}, which "
                                    f"{needed_by} needs; {self.unsupported_hint}")
 
-    @property
-    def tokenizer(self):
-        """The model's Hugging Face tokenizer (chat template included).
-
-        Raises:
-            NotImplementedError: the backend has no local tokenizer.
-        """
-        if self._tokenizer is None:
-            raise self._unsupported("its tokenizer", "judging.<criterion>.mode: choice_prob or likelihood")
-        return self._tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, value) -> None:
-        self._tokenizer = value
-
     def prompt_ids(self, request: Request) -> list[int]:
         """The token ids the model sees for ``request`` (chat template and prefill applied).
 
         Raises:
             NotImplementedError: the backend has no local tokenizer.
         """
+        if self.tokenizer is None:
+            raise self._unsupported("prompt token ids", "judging.<criterion>.mode: choice_prob")
         return chat_prompt_ids(self.tokenizer, request)
 
     def next_token_logprobs(self, sequences: list[list[int]], token_ids: list[int]) -> list[dict[int, float] | None]:
