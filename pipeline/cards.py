@@ -6,7 +6,8 @@ import json
 from typing import Any
 
 from pipeline.io import row_count, table_files, table_provenance
-from pipeline.stage import StageDir, _atomic_write
+from pipeline.atomic import write_text_atomic
+from pipeline.stage import StageDir
 
 
 def write_card(stage: StageDir, summary: dict[str, Any], notes: str = "") -> dict[str, Any]:
@@ -20,7 +21,7 @@ def write_card(stage: StageDir, summary: dict[str, Any], notes: str = "") -> dic
         "stats": stage.merged_stats(),
         "provenance": table_provenance(stage.path),
     }
-    _atomic_write(stage.path / "card.json", json.dumps(card, indent=1, sort_keys=True, default=str))
+    write_text_atomic(stage.path / "card.json", json.dumps(card, indent=1, sort_keys=True, default=str))
     lines = [
         f"# {stage.manifest.run.name}: {stage.stage} ({stage.table} table)",
         "",
@@ -43,5 +44,5 @@ def write_card(stage: StageDir, summary: dict[str, Any], notes: str = "") -> dic
     ]
     if notes:
         lines += ["", notes.strip()]
-    _atomic_write(stage.path / "README.md", "\n".join(lines) + "\n")
+    write_text_atomic(stage.path / "README.md", "\n".join(lines) + "\n")
     return card

@@ -9,7 +9,6 @@ most the chunk in flight, and no row is ever written twice.
 from __future__ import annotations
 
 import abc
-import glob
 import os
 from itertools import islice
 from typing import Iterable, Iterator
@@ -18,6 +17,8 @@ import pyarrow as pa
 from datatrove.pipeline.base import PipelineStep
 from loguru import logger
 
+from pipeline.atomic import remove_leftovers
+from pipeline.engines.base import Engine
 from pipeline.io import write_table_atomic
 from pipeline.progress import Progress
 
@@ -27,13 +28,21 @@ def chunk_name(rank: int, chunk: int) -> str:
 
 
 class ChunkedStep(PipelineStep, abc.ABC):
-    """Subclasses implement :meth:`process` (a chunk of input rows -> output rows)."""
+    """Subclasses implement :meth:`process` (a chunk of input rows -> output rows).
+
+    Counters: what a chunk costs or yields (tokens, calls, statuses, engine time) goes through
+    :meth:`count`, so it is stored in the chunk's own file and a card built from
+    :func:`pipeline.io.chunk_stats` is right after any kill and resume. ``stat_update`` (the
+    task's datatrove stats, lost with a killed task) is for per-task costs only, such as
+    starting an engine.
+    """
 
     def __init__(self, output_dir: str, schema: pa.Schema, chunk_size: int):
         super().__init__()
         self.output_dir = output_dir
         self.schema = schema
         self.chunk_size = chunk_size
+        self.rank = 0  # the task running this step (set by run)
         self._chunk_stats: dict[str, float] = {}
 
     @abc.abstractmethod
@@ -50,6 +59,7 @@ class ChunkedStep(PipelineStep, abc.ABC):
         self.stat_update(name, value=value)
 
     def run(self, data: Iterable[dict] | None, rank: int = 0, world_size: int = 1) -> Iterator:
+        self.rank = rank
         rows = iter(data or ())
         progress = Progress(f"task {rank}: {self.name}", unit="rows", every_s=30)
         chunk = 0
@@ -62,11 +72,47 @@ class ChunkedStep(PipelineStep, abc.ABC):
             self._chunk_stats: dict[str, float] = {}
             out = self.process(batch)
             write_table_atomic(path, out, self.schema, self._chunk_stats)
-            for stale in glob.glob(os.path.join(self.output_dir, f".{chunk_name(rank, chunk - 1)}.*.tmp")):
-                os.remove(stale)  # left by a killed attempt at this chunk
+            remove_leftovers(path)  # of a killed attempt at this chunk
             self.stat_update("chunks_written")
             self.stat_update("rows_written", value=len(out))
             progress.update(len(batch))
         self.finish()
         logger.info(f"task {rank}: {chunk} chunks")
         yield from ()
+
+
+class EngineStep(ChunkedStep):
+    """A chunked step that calls an LLM engine, with one lifecycle for every such step.
+
+    The engine is started by :meth:`start_engine` on the first use of :attr:`engine`, so a
+    resumed task whose chunks are all written never pays for one; its start-up time
+    (``Engine.start_s``) is recorded as the task stat ``engine_start_ms`` (a per-task cost, not
+    a chunk's). :meth:`finish` closes it once the task's last chunk is written, so the next
+    task in the same process can start its own (GPU memory).
+
+    Subclasses implement :meth:`start_engine` and :meth:`process` (which uses ``self.engine``).
+    A step that wraps the engine (a judge around it, say) builds the wrapper from
+    ``self.engine`` on first use and lets this class own starting and closing it.
+    """
+
+    def __init__(self, output_dir: str, schema: pa.Schema, chunk_size: int):
+        super().__init__(output_dir, schema, chunk_size)
+        self._engine: Engine | None = None
+
+    @abc.abstractmethod
+    def start_engine(self) -> Engine:
+        """Build and start this step's engine (called at most once per task)."""
+
+    @property
+    def engine(self) -> Engine:
+        """The running engine, started on first use."""
+        if self._engine is None:
+            self._engine = self.start_engine()
+            self.stat_update("engine_start_ms", value=int(self._engine.start_s * 1000))
+        return self._engine
+
+    def finish(self) -> None:
+        """Close the engine, if this task started one."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None

@@ -7,11 +7,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 
 from pipeline.manifest import Manifest
+from pipeline.stage import StageFailed
 
 
 class SipSlurmExecutor(SlurmPipelineExecutor):
@@ -50,10 +50,15 @@ def make_executor(
     logging_dir: Path,
     tasks: int,
     depends=None,
+    after: list[str] = (),
     job_suffix: str = "",
     gpus: int | None = None,
 ):
-    """The datatrove executor for ``stage``, with the manifest's per-stage overrides applied."""
+    """The datatrove executor for ``stage``, with the manifest's per-stage overrides applied.
+
+    On Slurm, ``depends`` (an executor, launched first if it is not yet) or ``after`` (job ids
+    already queued) make the task array start only ``afterok`` on them.
+    """
     ex = manifest.executor.for_stage(stage)
     if ex.type == "local":
         workers = min(tasks, ex.workers if ex.workers > 0 else os.cpu_count() or 1)
@@ -81,6 +86,7 @@ def make_executor(
         logging_dir=str(logging_dir),
         slurm_logs_folder=str(logging_dir / "slurm_logs"),
         depends=depends,
+        depends_job_id=":".join(str(j) for j in after if str(j) != "-1") or None,
         mail_type="",
     )
 
@@ -96,17 +102,23 @@ def sbatch_script(executor: SipSlurmExecutor) -> str:
     return script
 
 
-def wait_for_jobs(job_ids: list[str], on_tick: Callable[[], None] | None = None, poll_s: float = 2.0) -> None:
-    """Block until none of the Slurm jobs is queued or running (squeue: no slurmdbd needed)."""
+def queued_jobs(job_ids: list[str]) -> list[str]:
+    """The ids among ``job_ids`` that Slurm still has queued or running (squeue: no slurmdbd
+    needed). Ids Slurm no longer knows (ended long ago) count as not queued.
+
+    Raises:
+        StageFailed: squeue failed for another reason (the controller is down, say).
+    """
     ids = ",".join(str(j) for j in job_ids if j not in (None, -1, "-1"))
     if not ids:
-        return
-    while True:
-        out = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i"], capture_output=True, text=True)
-        if out.returncode != 0 and "Invalid job id" not in out.stderr:
-            raise RuntimeError(f"squeue failed: {out.stderr.strip()}")
-        if not out.stdout.strip():
-            return
-        if on_tick:
-            on_tick()
+        return []
+    out = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i"], capture_output=True, text=True)
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:
+        raise StageFailed(f"squeue failed: {out.stderr.strip()}")
+    return out.stdout.split() if out.returncode == 0 else []
+
+
+def wait_for_jobs(job_ids: list[str], poll_s: float = 2.0) -> None:
+    """Block until none of the Slurm jobs is queued or running (see :func:`queued_jobs`)."""
+    while queued_jobs(job_ids):
         time.sleep(poll_s)

@@ -14,18 +14,17 @@ since a silently wrong config would give a model that loads and generates garbag
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from pipeline.atomic import atomic_path, remove_leftovers
 from pipeline.errors import SipError
 
-WEIGHTS_FILE = "model.safetensors"
+HF_WEIGHTS_FILE = "model.safetensors"
 # Tokenizer and chat files a Hugging Face tokenizer may consist of; copied when present.
-TOKENIZER_FILES = (
+HF_TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
@@ -181,7 +180,7 @@ def export_hf(litgpt_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | 
         raise ExportError(f"{config_path}: not found; a LitGPT checkpoint directory holds model_config.yaml")
     config = Config.from_file(config_path)
     _check_llama(config, config_path)
-    tokenizer_files = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    tokenizer_files = [tokenizer_dir / name for name in HF_TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
     if not any(p.name in ("tokenizer.json", "tokenizer.model") for p in tokenizer_files):
         raise ExportError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model; pass tokenizer_dir= a directory "
                           "with one")
@@ -195,29 +194,14 @@ def export_hf(litgpt_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | 
     config_json = hf_config(config, embed.dtype, tied, special, config_path)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    remove_leftovers(out_dir)  # of exports that were killed
+    with atomic_path(out_dir, directory=True) as tmp:
         from safetensors.torch import save_file
 
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
         for path in tokenizer_files:
             shutil.copy2(path, tmp / path.name)
         if not (tmp / "generation_config.json").is_file():
             (tmp / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and then deleted
-    (a directory cannot be renamed over a non-empty one)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,14 +1,14 @@
 """Parquet I/O for sip tables: atomic per-task writes and readers of a stage's output.
 
 A task writes ``.<rank>.parquet.<pid>.tmp`` and renames it to ``<rank>.parquet`` only when it
-has written every row, so a crashed or killed task leaves no partial table behind and a re-run
-of that task (datatrove re-runs ranks without a completion marker) writes it whole again.
-The pid in the temporary name keeps two attempts at one task from writing into one file.
+has written every row (:mod:`pipeline.atomic`), so a crashed or killed task leaves no partial
+table behind and a re-run of that task (datatrove re-runs ranks without a completion marker)
+writes it whole again. The pid in the temporary name keeps two attempts at one task from
+writing into one file.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from pathlib import Path
@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datatrove.pipeline.base import PipelineStep
 
+from pipeline.atomic import atomic_path, remove_leftovers
 from pipeline.schema import read_provenance
 
 
@@ -48,22 +49,14 @@ class TableWriter(PipelineStep):
     def run(self, data: Iterable[dict] | None, rank: int = 0, world_size: int = 1) -> Iterator:
         os.makedirs(self.output_dir, exist_ok=True)
         final = os.path.join(self.output_dir, part_name(rank))
-        tmp = os.path.join(self.output_dir, f".{part_name(rank)}.{os.getpid()}.tmp")
         buffer: list[dict] = []
-        try:
-            with pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
-                for row in data or ():
-                    buffer.append(row)
-                    if len(buffer) >= self.row_group_rows:
-                        self._flush(writer, buffer)
-                self._flush(writer, buffer)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        os.replace(tmp, final)
-        for stale in glob.glob(os.path.join(self.output_dir, f".{part_name(rank)}.*.tmp")):
-            os.remove(stale)  # left by killed attempts at this task
+        with atomic_path(final) as tmp, pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
+            for row in data or ():
+                buffer.append(row)
+                if len(buffer) >= self.row_group_rows:
+                    self._flush(writer, buffer)
+            self._flush(writer, buffer)
+        remove_leftovers(final)  # of killed attempts at this task
         yield from ()
 
     def _flush(self, writer: pq.ParquetWriter, buffer: list[dict]) -> None:
@@ -80,17 +73,11 @@ CHUNK_STATS_KEY = b"sip_chunk_stats"
 
 def write_table_atomic(path: str, rows: list[dict], schema: pa.Schema, stats: dict | None = None) -> None:
     """Write ``rows`` as one Parquet file that appears complete or not at all (with ``stats``
-    stored in its metadata)."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    stored in its metadata, see :func:`chunk_stats`)."""
     if stats:
         schema = schema.with_metadata({**(schema.metadata or {}), CHUNK_STATS_KEY: json.dumps(stats).encode()})
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class TableReader(PipelineStep):

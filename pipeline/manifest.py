@@ -197,7 +197,7 @@ class StageResources(_Section):
 
 class ExecutorConfig(_Section):
     type: Literal["local", "slurm"] = "local"
-    tasks: int = Field(default=1, gt=0, description="Shards of the work (Slurm array size).")
+    tasks: int = Field(default=1, gt=0, description="Tasks the work is divided into (the Slurm array size).")
     workers: int = Field(default=-1, description="Tasks running at once; -1: all (local: one per core).")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     stages: dict[Literal[STAGES], StageResources] = Field(

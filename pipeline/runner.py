@@ -11,8 +11,9 @@ runs, failure reporting and Slurm job chains behave the same everywhere:
   ``_logs/slurm_jobs.json`` so a second submission while they are still queued is refused
   instead of racing them.
 
-A chain may end with a :class:`~pipeline.slurm_job.CommandJob` (training): run in-process
-locally, or one sbatch job ``afterok`` on the last stage's card job on Slurm.
+A chain may also hold a :class:`~pipeline.slurm_job.CommandJob` (training): run in-process
+locally, or one sbatch job ``afterok`` on the member before it on Slurm. Both kinds are
+:class:`~pipeline.chain.ChainMember`; this module drives members only.
 """
 
 from __future__ import annotations
@@ -21,19 +22,16 @@ import json
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from dataclasses import dataclass
-
 from datatrove.pipeline.base import PipelineStep
 
+from pipeline.chain import JOBS_FILE, ChainMember
 from pipeline.executor import make_executor, sbatch_script, wait_for_jobs
 from pipeline.manifest import Manifest
-from pipeline.slurm_job import CommandJob
-from pipeline.stage import StageConflict, StageDir, StageFailed
-
-JOBS_FILE = "slurm_jobs.json"
+from pipeline.stage import StageDir, StageFailed
 
 
 class CardStep(PipelineStep):
@@ -51,194 +49,176 @@ class CardStep(PipelineStep):
         yield from ()
 
 
-def _queued(job_ids: list[str]) -> list[str]:
-    ids = ",".join(str(j) for j in job_ids)
-    out = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i"], capture_output=True, text=True)
-    return out.stdout.split() if out.returncode == 0 else []
-
-
-def _missing(stage: StageDir) -> list[int]:
-    return sorted(set(range(stage.tasks)) - stage.completed_ranks())
-
-
 @dataclass
-class StageJob:
-    """What :func:`run_chain` needs of a planned stage."""
+class StageJob(ChainMember):
+    """A planned batch stage as a chain member: its task array, then the job that writes its card."""
 
     stage: StageDir
     pipeline: list
     finalize: Callable[[float | None], dict]  # writes the card; gets elapsed_s when this run did all tasks
     estimate: Callable[[], str] | None = None  # a dry run's line on what the stage will cost
+    _tasks_job: object = field(default=None, init=False, repr=False)  # the submitted executors (Slurm)
+    _card_job: object = field(default=None, init=False, repr=False)
 
+    @property
+    def name(self) -> str:
+        return self.stage.stage
 
-def _guard_queued(stage: StageDir) -> None:
-    jobs_file = stage.logs / JOBS_FILE
-    if jobs_file.is_file():
-        still = _queued(list(json.loads(jobs_file.read_text()).values()))
-        if still:
-            raise StageConflict(
-                f"{stage.stage}: Slurm jobs {', '.join(still)} from an earlier submission are still queued or "
-                f"running; wait for them (squeue -j {','.join(still)}) or cancel them (scancel) before resubmitting"
-            )
+    @property
+    def directory(self) -> Path:
+        return self.stage.path
 
+    @property
+    def manifest(self) -> Manifest:
+        return self.stage.manifest
 
-def _done(stage: StageDir) -> dict | None:
-    card = stage.path / "card.json"
-    return json.loads(card.read_text()) if stage.is_complete() and card.is_file() else None
+    @property
+    def on_slurm(self) -> bool:
+        return self.manifest.executor.for_stage(self.name).type == "slurm"
 
+    def prepare(self, force: bool) -> None:
+        self.stage.prepare(force=force)
 
-def _run_local(manifest: Manifest, job: StageJob) -> dict:
-    stage = job.stage
-    fresh = not stage.completed_ranks()
-    executor = make_executor(manifest, job.pipeline, stage=stage.stage, logging_dir=stage.logs, tasks=stage.tasks)
-    started = time.perf_counter()
-    try:
-        executor.run()
-    except Exception as exc:  # datatrove re-raises a task's exception: report it as the stage's
-        raise StageFailed(
-            f"{stage.stage}: a task failed: {type(exc).__name__}: {exc}\n"
-            f"Finished tasks are kept; fix the cause and re-run. Logs: {stage.logs}/logs"
-        ) from exc
-    if missing := _missing(stage):
-        raise StageFailed(f"{stage.stage}: tasks {missing} did not finish; see {stage.logs}/logs")
-    return job.finalize(time.perf_counter() - started if fresh else None)
+    def done(self) -> dict | None:
+        card = self.stage.path / "card.json"
+        return json.loads(card.read_text()) if self.stage.is_complete() and card.is_file() else None
 
+    def describe(self, after: str | None) -> list[str]:
+        ex = self.manifest.executor.for_stage(self.name)
+        lines = [f"{self.name}: {self.stage.tasks} tasks on {ex.type} -> {self.stage.path}"]
+        if self.estimate is not None:
+            lines.append(self.estimate())
+        if self.on_slurm:
+            # A throwaway logging dir: a dry run must leave no trace in the stage directory.
+            with tempfile.TemporaryDirectory() as tmp:
+                executor = make_executor(self.manifest, self.pipeline, stage=self.name, logging_dir=Path(tmp),
+                                         tasks=self.stage.tasks)
+                lines.append(sbatch_script(executor))
+        return lines
 
-def _submit(manifest: Manifest, job: StageJob, depends) -> tuple[object, object]:
-    stage = job.stage
-    executor = make_executor(manifest, job.pipeline, stage=stage.stage, logging_dir=stage.logs, tasks=stage.tasks,
-                             depends=depends)
-    card_job = make_executor(manifest, [CardStep(job.finalize)], stage=stage.stage, logging_dir=stage.logs / "card",
-                             tasks=1, depends=executor, job_suffix="card", gpus=0)
-    card_job.run()  # launches the task array first (its dependency), then itself
-    (stage.logs / JOBS_FILE).write_text(json.dumps({"tasks": str(executor.job_id), "card": str(card_job.job_id)}))
-    return executor, card_job
+    def _missing(self) -> list[int]:
+        return sorted(set(range(self.stage.tasks)) - self.stage.completed_ranks())
 
+    def run_local(self) -> dict:
+        stage = self.stage
+        fresh = not stage.completed_ranks()
+        executor = make_executor(self.manifest, self.pipeline, stage=self.name, logging_dir=stage.logs,
+                                 tasks=stage.tasks)
+        started = time.perf_counter()
+        try:
+            executor.run()
+        except Exception as exc:  # datatrove re-raises a task's exception: report it as the stage's
+            raise StageFailed(
+                f"{self.name}: a task failed: {type(exc).__name__}: {exc}\n"
+                f"Finished tasks are kept; fix the cause and re-run. Logs: {stage.logs}/logs"
+            ) from exc
+        if missing := self._missing():
+            raise StageFailed(f"{self.name}: tasks {missing} did not finish; see {stage.logs}/logs")
+        return self.finalize(time.perf_counter() - started if fresh else None)
 
-def _wait_slurm(job: StageJob, executor, card_job) -> dict:
-    stage = job.stage
-    wait_for_jobs([str(executor.job_id)])
-    if missing := _missing(stage):
-        # The card job waits afterok on the tasks; without kill_invalid_depend it would pend forever.
-        subprocess.run(["scancel", str(card_job.job_id)], capture_output=True)
-        raise StageFailed(f"{stage.stage}: Slurm tasks {missing} did not finish; see {stage.logs}/slurm_logs")
-    wait_for_jobs([str(card_job.job_id)])
-    if (card := _done(stage)) is None:
-        raise StageFailed(f"{stage.stage}: the card job {card_job.job_id} failed; see {stage.logs}/card/slurm_logs")
-    return card
+    def submit(self, after: list[str]) -> str:
+        stage = self.stage
+        self._tasks_job = make_executor(self.manifest, self.pipeline, stage=self.name, logging_dir=stage.logs,
+                                        tasks=stage.tasks, after=after)
+        self._card_job = make_executor(self.manifest, [CardStep(self.finalize)], stage=self.name,
+                                       logging_dir=stage.logs / "card", tasks=1, depends=self._tasks_job,
+                                       job_suffix="card", gpus=0)
+        self._card_job.run()  # launches the task array first (its dependency), then itself
+        tasks, card = str(self._tasks_job.job_id), str(self._card_job.job_id)
+        (stage.logs / JOBS_FILE).write_text(json.dumps({"tasks": tasks, "card": card}))
+        return card
 
+    def submitted_line(self) -> str:
+        return (f"{self.name}: submitted Slurm jobs {self._tasks_job.job_id} (tasks) and {self._card_job.job_id} "
+                f"(card); logs in {self.stage.logs}")
 
-def _dry_run_command(manifest: Manifest, job: CommandJob, after: str | None, log: Callable[[str], None]) -> None:
-    ex = manifest.executor.for_stage(job.name)
-    log(f"{job.name}: one job on {ex.type} -> {job.directory}")
-    if job.plan is not None:
-        log(job.plan())
-    if ex.type == "slurm":
-        # The upstream job id exists only once it is submitted: show where it goes.
-        log(job.script(f"afterok:<{after} card job id>" if after else None))
+    def submitted_ids(self) -> list[str]:
+        return [str(self._tasks_job.job_id), str(self._card_job.job_id)]
 
-
-def _run_command(manifest: Manifest, job: CommandJob, submitted: list, log: Callable[[str], None]) -> dict | None:
-    """Run a command job here, or submit it after the last submitted stage; returns its summary
-    when it ran here, or None when it was queued (``submitted`` gets it)."""
-    if manifest.executor.for_stage(job.name).type != "slurm":
-        if submitted:  # it runs here, after jobs that run there
-            _wait_slurm(*submitted[-1])
-        return job.run_local()
-    after = [str(submitted[-1][2].job_id)] if submitted else []
-    job_id = job.submit(after)
-    log(f"{job.name}: submitted Slurm job {job_id}" + (f" (afterok {after[0]})" if after else "")
-        + f"; output in {job.logs}")
-    submitted.append((job, job_id, None))
-    return None
+    def wait(self) -> dict:
+        wait_for_jobs([str(self._tasks_job.job_id)])
+        if missing := self._missing():
+            # The card job waits afterok on the tasks; without kill_invalid_depend it would pend forever.
+            subprocess.run(["scancel", str(self._card_job.job_id)], capture_output=True)
+            raise StageFailed(f"{self.name}: Slurm tasks {missing} did not finish; see {self.stage.logs}/slurm_logs")
+        wait_for_jobs([str(self._card_job.job_id)])
+        if (card := self.done()) is None:
+            raise StageFailed(f"{self.name}: the card job {self._card_job.job_id} failed; see "
+                              f"{self.stage.logs}/card/slurm_logs")
+        return card
 
 
 def run_chain(
     manifest: Manifest,
-    jobs: list[StageJob | CommandJob],
+    jobs: list[ChainMember],
     *,
     force: bool = False,
     dry_run: bool = False,
     wait: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict]:
-    """Run or resume stages in order; returns the cards of the complete ones (by stage name).
+    """Run or resume the members of a chain in order; returns the cards (or summaries) of the
+    complete ones, by name.
 
-    ``force`` applies to every stage in the chain. Stages already complete are skipped. A
-    :class:`CommandJob` can only end the chain (nothing here makes a datatrove job wait on it).
+    Args:
+        manifest: the run's manifest (each member carries what it needs of it).
+        jobs: the members, in order: batch stages and commands (training).
+        force: start every member over (deletes its outputs; skips the queued-jobs guard).
+        dry_run: only log what would run, where, and the Slurm scripts.
+        wait: wait for the Slurm jobs (else return once they are queued).
+        log: where progress lines go.
+
+    Members already complete are skipped. A member on Slurm is queued ``afterok`` on the member
+    before it when that one was queued too; a member that runs here first waits for the ones
+    queued before it.
+
+    Raises:
+        StageConflict: a member's outputs were made with other settings, or its last
+            submission is still queued (checked for every member before anything runs).
+        StageFailed: a member did not finish (later queued jobs are cancelled).
     """
-    if any(isinstance(job, CommandJob) for job in jobs[:-1]):
-        raise ValueError("a CommandJob can only be the last member of a chain")
     if dry_run:
-        for i, job in enumerate(jobs):
-            if isinstance(job, CommandJob):
-                queued = [j.stage.stage for j in jobs[:i] if manifest.executor.for_stage(j.stage.stage).type == "slurm"]
-                _dry_run_command(manifest, job, queued[-1] if queued else None, log)
-                continue
-            ex = manifest.executor.for_stage(job.stage.stage)
-            log(f"{job.stage.stage}: {job.stage.tasks} tasks on {ex.type} -> {job.stage.path}")
-            if job.estimate is not None:
-                log(job.estimate())
-            if ex.type == "slurm":
-                # A throwaway logging dir: a dry run must leave no trace in the stage directory.
-                with tempfile.TemporaryDirectory() as tmp:
-                    executor = make_executor(manifest, job.pipeline, stage=job.stage.stage, logging_dir=Path(tmp),
-                                             tasks=job.stage.tasks)
-                    log(sbatch_script(executor))
+        queued_before: str | None = None
+        for member in jobs:
+            for line in member.describe(queued_before):
+                log(line)
+            if member.on_slurm:
+                queued_before = member.name
         return {}
 
+    # Every check first: a conflict in a later member must not leave earlier ones submitted.
+    for member in jobs:
+        if member.on_slurm and not force:
+            member.guard_queued()
+    for member in jobs:
+        member.prepare(force=force)
+    finished = [member.done() for member in jobs]  # raises if outputs were made with other settings
+
     cards: dict[str, dict] = {}
-    submitted = []
-    depends = None
-    # Every check first: a conflict in a later stage must not leave earlier stages submitted.
-    command = jobs[-1] if jobs and isinstance(jobs[-1], CommandJob) else None
-    stage_jobs = jobs[:-1] if command is not None else jobs
-    for job in stage_jobs:
-        if manifest.executor.for_stage(job.stage.stage).type == "slurm" and not force:
-            _guard_queued(job.stage)
-    if command is not None and manifest.executor.for_stage(command.name).type == "slurm" and not force:
-        command.guard_queued()
-    for job in stage_jobs:
-        job.stage.prepare(force=force)
-    command_done = None
-    if command is not None:
-        command.prepare(force=force)
-        command_done = command.done()  # raises if its outputs were made with other settings
-    for job in stage_jobs:
-        stage = job.stage
-        slurm = manifest.executor.for_stage(stage.stage).type == "slurm"
-        if (card := _done(stage)) is not None:
-            log(f"{stage.stage}: already complete ({stage.path}); nothing to do")
-            cards[stage.stage] = card
+    submitted: list[ChainMember] = []
+    last_queued: tuple[ChainMember, str] | None = None  # the member the next queued one waits on, its job id
+    for member, card in zip(jobs, finished):
+        if card is not None:
+            log(f"{member.name}: already complete ({member.directory}); nothing to do")
+            cards[member.name] = card
             continue
-        if not slurm:
-            if depends is not None:  # a local stage after a submitted one must wait for it
-                _wait_slurm(*submitted[-1])
-                depends = None
-            cards[stage.stage] = _run_local(manifest, job)
+        if not member.on_slurm:
+            if last_queued is not None:  # a member that runs here after one queued there waits for it
+                last_queued[0].wait()
+                last_queued = None
+            cards[member.name] = member.run_local()
             continue
-        executor, card_job = _submit(manifest, job, depends)
-        log(f"{stage.stage}: submitted Slurm jobs {executor.job_id} (tasks) and {card_job.job_id} (card); "
-            f"logs in {stage.logs}")
-        submitted.append((job, executor, card_job))
-        depends = card_job
-    if command is not None:
-        if (summary := command_done) is not None:
-            log(f"{command.name}: already complete ({command.directory}); nothing to do")
-            cards[command.name] = summary
-        elif (summary := _run_command(manifest, command, submitted, log)) is not None:
-            cards[command.name] = summary
+        job_id = member.submit([last_queued[1]] if last_queued is not None else [])
+        log(member.submitted_line())
+        submitted.append(member)
+        last_queued = (member, job_id)
     if wait:
-        for i, (job, executor, card_job) in enumerate(submitted):
+        for i, member in enumerate(submitted):
             try:
-                if isinstance(job, CommandJob):
-                    cards[job.name] = job.wait(executor)  # executor: the job id
-                else:
-                    cards[job.stage.stage] = _wait_slurm(job, executor, card_job)
+                cards[member.name] = member.wait()
             except StageFailed:
-                # Later stages wait afterok on this one: without kill_invalid_depend they would pend forever.
-                later = [str(j) for later_job, ex, card in submitted[i + 1:]
-                         for j in ((ex,) if isinstance(later_job, CommandJob) else (ex.job_id, card.job_id))]
+                # Later members wait afterok on this one: without kill_invalid_depend they would pend forever.
+                later = [job_id for later_member in submitted[i + 1:] for job_id in later_member.submitted_ids()]
                 if later:
                     subprocess.run(["scancel", *later], capture_output=True)
                 raise

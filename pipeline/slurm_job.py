@@ -26,8 +26,9 @@ from typing import Callable
 
 import yaml
 
+from pipeline.chain import JOBS_FILE, ChainMember
 from pipeline.executor import wait_for_jobs
-from pipeline.stage import StageConflict, StageFailed
+from pipeline.stage import StageFailed
 
 MANIFEST_PLACEHOLDER = "{manifest}"
 
@@ -62,16 +63,17 @@ class SlurmResources:
 
 
 @dataclass
-class CommandJob:
-    """A chain member that runs ``run_local()`` in-process, or ``command`` under srun on Slurm.
+class CommandJob(ChainMember):
+    """A chain member that runs ``work()`` in-process, or ``command`` under srun on Slurm.
 
     Attributes:
         name: the stage name (``executor.stages.<name>``, log lines).
         directory: the job's output directory; Slurm files go to ``directory/_logs``.
         command: argv run by every srun task; ``{manifest}`` becomes the frozen manifest's path.
+        slurm: True when the manifest runs it on Slurm (``executor.stages.<name>.type``).
         manifest_data: the manifest to freeze for the job (``Manifest.absolute_data()``).
-        run_local: runs the work here and returns its summary.
-        done: the summary if the work is already complete, else None (raises on a conflict).
+        work: runs the work here and returns its summary.
+        summary: the summary if the work is already complete, else None (raises on a conflict).
         plan: a dry run's description of the work, or None when it cannot be known yet.
     """
 
@@ -81,14 +83,17 @@ class CommandJob:
     resources: SlurmResources
     job_name: str
     venv_activate: str
+    slurm: bool
     manifest_data: dict
-    run_local: Callable[[], dict]
-    done: Callable[[], dict | None]
+    work: Callable[[], dict]
+    summary: Callable[[], dict | None]
     plan: Callable[[], str] | None = None
+    _job_id: str | None = field(default=None, init=False, repr=False)
+    _after: list[str] = field(default_factory=list, init=False, repr=False)
 
     @property
-    def logs(self) -> Path:
-        return self.directory / "_logs"
+    def on_slurm(self) -> bool:
+        return self.slurm
 
     def script(self, dependency: str | None = None) -> str:
         manifest = str(self.logs / "manifest.yaml")
@@ -114,23 +119,26 @@ class CommandJob:
         ]
         return "\n".join(lines)
 
-    def guard_queued(self) -> None:
-        jobs_file = self.logs / "slurm_jobs.json"
-        if not jobs_file.is_file():
-            return
-        ids = list(json.loads(jobs_file.read_text()).values())
-        out = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i"], capture_output=True, text=True)
-        if still := (out.stdout.split() if out.returncode == 0 else []):
-            raise StageConflict(
-                f"{self.name}: Slurm job {', '.join(still)} from an earlier submission is still queued or running; "
-                f"wait for it (squeue -j {','.join(still)}) or cancel it (scancel) before resubmitting"
-            )
-
     def prepare(self, force: bool) -> None:
         if force and self.directory.exists():
             shutil.rmtree(self.directory)
 
-    def submit(self, after: list[str] = ()) -> str:
+    def done(self) -> dict | None:
+        return self.summary()
+
+    def describe(self, after: str | None) -> list[str]:
+        lines = [f"{self.name}: one job on {'slurm' if self.slurm else 'local'} -> {self.directory}"]
+        if self.plan is not None:
+            lines.append(self.plan())
+        if self.slurm:
+            # The upstream job id exists only once it is submitted: show where it goes.
+            lines.append(self.script(f"afterok:<{after} card job id>" if after else None))
+        return lines
+
+    def run_local(self) -> dict:
+        return self.work()
+
+    def submit(self, after: list[str]) -> str:
         """Write the manifest and script under ``_logs`` and sbatch it; returns the job id."""
         self.logs.mkdir(parents=True, exist_ok=True)
         (self.logs / "manifest.yaml").write_text(yaml.safe_dump(self.manifest_data, sort_keys=False))
@@ -140,15 +148,22 @@ class CommandJob:
         out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
         if out.returncode != 0:
             raise StageFailed(f"{self.name}: sbatch refused {script}: {out.stderr.strip()}")
-        job_id = out.stdout.strip().split(";")[0]
-        (self.logs / "slurm_jobs.json").write_text(json.dumps({self.name: job_id}))
-        return job_id
+        self._job_id, self._after = out.stdout.strip().split(";")[0], list(after)
+        (self.logs / JOBS_FILE).write_text(json.dumps({self.name: self._job_id}))
+        return self._job_id
 
-    def wait(self, job_id: str) -> dict:
-        wait_for_jobs([job_id])
-        if (summary := self.done()) is not None:
+    def submitted_line(self) -> str:
+        return (f"{self.name}: submitted Slurm job {self._job_id}" + (f" (afterok {self._after[0]})" if self._after
+                else "") + f"; output in {self.logs}")
+
+    def submitted_ids(self) -> list[str]:
+        return [self._job_id]
+
+    def wait(self) -> dict:
+        wait_for_jobs([self._job_id])
+        if (summary := self.summary()) is not None:
             return summary
-        log = self.logs / f"slurm-{job_id}.out"
+        log = self.logs / f"slurm-{self._job_id}.out"
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.is_file() else "(no output file)"
-        raise StageFailed(f"{self.name}: Slurm job {job_id} ended without finishing; its output ({log}) ends with:\n"
-                          f"{tail}")
+        raise StageFailed(f"{self.name}: Slurm job {self._job_id} ended without finishing; its output ({log}) ends "
+                          f"with:\n{tail}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,11 @@ from typing import Any
 
 import yaml
 
+from pipeline.atomic import write_text_atomic
 from pipeline.errors import SipError
 from pipeline.manifest import Manifest, diff_views, fingerprint, hash_view
 
-STATE_FILE = "_stage.json"
+SETTINGS_FILE = "_stage.json"  # the settings a stage directory was made with (the resume guard)
 
 
 class StageFailed(SipError, RuntimeError):
@@ -34,12 +34,6 @@ class StageFailed(SipError, RuntimeError):
 
 class StageConflict(SipError, RuntimeError):
     """An output directory made with different settings; re-run with --force to start over."""
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -72,7 +66,7 @@ class StageDir:
         Raises:
             StageConflict: naming every key whose value differs from the existing run.
         """
-        state_file = self.path / STATE_FILE
+        state_file = self.path / SETTINGS_FILE
         if force and self.path.exists():
             shutil.rmtree(self.path)
         if state_file.is_file():
@@ -97,12 +91,12 @@ class StageDir:
             "layout": self.layout,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True))
-        _atomic_write(self.path / "manifest.yaml", yaml.safe_dump(self.manifest.model_dump(mode="json"), sort_keys=False))
+        write_text_atomic(state_file, json.dumps(state, indent=1, sort_keys=True))
+        write_text_atomic(self.path / "manifest.yaml", yaml.safe_dump(self.manifest.model_dump(mode="json"), sort_keys=False))
 
     def check_upstream_of(self, downstream: str) -> None:
         """Raise unless this stage is complete *and* was made with the settings planned now."""
-        state_file = self.path / STATE_FILE
+        state_file = self.path / SETTINGS_FILE
         if not self.is_complete() or not state_file.is_file():
             raise StageFailed(f"{downstream}: the {self.stage} stage is not complete ({self.path}); "
                               f"run `sip {self.stage}` (or `sip run`) first")

@@ -19,18 +19,17 @@ from dataclasses import dataclass
 from difflib import SequenceMatcher
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 
 from pipeline.cards import write_card
-from pipeline.chunks import ChunkedStep
+from pipeline.chunks import EngineStep
 from pipeline.engines.base import Engine, Request, Result, Sampling
 from pipeline.engines.factory import RUN_ONLY, make_engine, model_identity
-from pipeline.io import TableReader, read_table
+from pipeline.io import TableReader, chunk_stats, read_table
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.prompts import PromptTemplate
-from pipeline.runner import StageJob, run_chain
+from pipeline.runner import StageJob
 from pipeline.schema import REWRITES, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
 from pipeline.tokenizer import load_tokenizer
@@ -86,7 +85,7 @@ def to_row(result: Result, pair: dict, primer: str, model: str, prompt_sha: str)
     return row
 
 
-class RewriteStep(ChunkedStep):
+class RewriteStep(EngineStep):
     name = "rewrite"
     type = "✍️ - REWRITER"
 
@@ -100,21 +99,21 @@ class RewriteStep(ChunkedStep):
             max_tokens=cfg.max_new_tokens or -(-5 * manifest.shard.suffix_tokens // 4),
             temperature=cfg.temperature, top_p=cfg.top_p, stop=tuple(cfg.stop),
         )
-        self._engine: Engine | None = None
 
     def request(self, pair: dict) -> tuple[Request, str]:
         primer = primer_of(pair["prefix"], self.manifest.rewrite.prime_words)
         messages = self.template.messages(prefix=pair["prefix"], continuation=primer + pair["suffix"])
         return Request(pair["pair_id"], messages, prefill=primer), primer
 
+    def start_engine(self) -> Engine:
+        return make_engine(self.manifest, self.manifest.rewriter, "rewriter")
+
     def process(self, rows: list[dict]) -> list[dict]:
-        if self._engine is None:  # started only when a chunk needs it: a resumed task may need none
-            self._engine = make_engine(self.manifest, self.manifest.rewriter, "rewriter")
-            self.stat_update("engine_start_ms", value=int(getattr(self._engine, "start_s", 0) * 1000))
+        engine = self.engine
         built = [self.request(pair) for pair in rows]
         started = time.perf_counter()
-        results = self._engine.generate([r for r, _ in built], self.sampling)
-        self.stat_update("engine_ms", value=int((time.perf_counter() - started) * 1000))
+        results = engine.generate([r for r, _ in built], self.sampling)
+        self.count("engine_ms", int((time.perf_counter() - started) * 1000))
         if len(results) > 1 and all(r.status == "error" for r in results):
             # Every request failed: the engine or server is down or misconfigured, not the data.
             # Fail the task without writing the chunk, so a re-run retries these pairs.
@@ -122,16 +121,11 @@ class RewriteStep(ChunkedStep):
         out = []
         for pair, (_, primer), result in zip(rows, built, results):
             row = to_row(result, pair, primer, self.model, self.template.sha)
-            self.stat_update(f"status_{row['status']}")
-            self.stat_update("prompt_tokens", value=row["prompt_tokens"] or 0)
-            self.stat_update("completion_tokens", value=row["completion_tokens"] or 0)
+            self.count(f"status_{row['status']}")
+            self.count("prompt_tokens", row["prompt_tokens"] or 0)
+            self.count("completion_tokens", row["completion_tokens"] or 0)
             out.append(row)
         return out
-
-    def finish(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
 
 
 @dataclass
@@ -179,7 +173,9 @@ def plan_rewrite(manifest: Manifest, upstream_pending: bool = False) -> RewriteP
 
 def rewrite_summary(plan: RewritePlan, elapsed_s: float | None) -> dict:
     stage = plan.stage
-    stats = stage.merged_stats()
+    # Costs come from the chunk files (complete after any resume); the engine start-up, a
+    # per-task cost, and the resumed chunks come from the tasks' stats.
+    stats, task_stats = chunk_stats(stage.path), stage.merged_stats()
     rewrites = pl.from_arrow(read_table(stage.path, columns=["pair_id", "rewrite", "status"]))
     pairs = pl.from_arrow(read_table(plan.pairs_dir, columns=["pair_id", "suffix_ids"]))
     kept = rewrites.filter(pl.col("rewrite").is_not_null()).join(pairs, on="pair_id").head(20000)
@@ -200,8 +196,8 @@ def rewrite_summary(plan: RewritePlan, elapsed_s: float | None) -> dict:
         "prompt_tokens": int(stats.get("prompt_tokens", 0)),
         "completion_tokens": int(stats.get("completion_tokens", 0)),
         "engine_s": round(stats.get("engine_ms", 0) / 1000, 2),
-        "engine_start_s": round(stats.get("engine_start_ms", 0) / 1000, 2),
-        "chunks_resumed": int(stats.get("chunks_resumed", 0)),
+        "engine_start_s": round(task_stats.get("engine_start_ms", 0) / 1000, 2),
+        "chunks_resumed": int(task_stats.get("chunks_resumed", 0)),
     }
     if summary["engine_s"]:
         summary["completion_tokens_per_engine_s"] = round(summary["completion_tokens"] / summary["engine_s"], 1)
@@ -227,12 +223,6 @@ def rewrite_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
     plan = plan_rewrite(manifest, upstream_pending)
     return StageJob(plan.stage, plan.pipeline(), partial(finalize_rewrite, manifest))
 
-
-def run_rewrite(
-    manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict | None:
-    return run_chain(manifest, [rewrite_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)
 
 
 def summary_line(card: dict) -> str:

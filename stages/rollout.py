@@ -20,17 +20,16 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 
 from pipeline.cards import write_card
-from pipeline.chunks import ChunkedStep
+from pipeline.chunks import EngineStep
 from pipeline.engines.base import Engine, Request, Result, Sampling
-from pipeline.io import TableReader, read_table
+from pipeline.io import TableReader, chunk_stats, read_table
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.policy import check_context, policy_hf_dir, policy_identity
-from pipeline.runner import StageJob, run_chain
+from pipeline.runner import StageJob
 from pipeline.schema import ROLLOUT_STATUSES, ROLLOUTS, cand_id, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
 from pipeline.tokenizer import load_tokenizer
@@ -59,7 +58,7 @@ def rollout_rows(pair: dict, result: Result, k: int, tokenizer, model: str) -> l
     return rows
 
 
-class RolloutStep(ChunkedStep):
+class RolloutStep(EngineStep):
     name = "rollout"
     type = "🎲 - ROLLOUTS"
 
@@ -71,50 +70,36 @@ class RolloutStep(ChunkedStep):
         cfg = manifest.rollouts
         self.sampling = Sampling(max_tokens=manifest.shard.suffix_tokens, temperature=cfg.temperature,
                                  top_p=cfg.top_p, n=cfg.count)
-        self.rank = 0
-        self._engine: Engine | None = None
 
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        self.rank = rank  # seeds this task's engine
-        return super().run(data, rank, world_size)
+    def start_engine(self) -> Engine:
+        from pipeline.engines.vllm_engine import VLLMEngine
 
-    def engine(self) -> Engine:
-        if self._engine is None:  # started only when a chunk needs it: a resumed task may need none
-            from pipeline.engines.vllm_engine import VLLMEngine
-
-            started = time.perf_counter()
-            directory = policy_hf_dir(self.manifest)  # exports a LitGPT checkpoint once
-            self.stat_update("export_ms", value=int((time.perf_counter() - started) * 1000))
-            cfg = self.manifest.rollouts
-            self._engine = VLLMEngine(directory, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
-                                      seed=self.manifest.run.seed + self.rank,
-                                      gpu_memory_utilization=cfg.gpu_memory_utilization, model_id=self.model)
-            self.stat_update("engine_start_ms", value=int(self._engine.start_s * 1000))
-        return self._engine
+        started = time.perf_counter()
+        directory = policy_hf_dir(self.manifest)  # exports a LitGPT checkpoint once
+        self.stat_update("export_ms", value=int((time.perf_counter() - started) * 1000))
+        cfg = self.manifest.rollouts
+        return VLLMEngine(directory, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
+                          seed=self.manifest.run.seed + self.rank,  # this task's seed (see the module doc)
+                          gpu_memory_utilization=cfg.gpu_memory_utilization, model_id=self.model)
 
     def process(self, rows: list[dict]) -> list[dict]:
-        engine = self.engine()
+        engine = self.engine
         requests = [Request(pair["pair_id"], prompt_ids=tuple(pair["prefix_ids"])) for pair in rows]
         started = time.perf_counter()
         results = engine.generate(requests, self.sampling)
-        self.stat_update("engine_ms", value=int((time.perf_counter() - started) * 1000))
+        self.count("engine_ms", int((time.perf_counter() - started) * 1000))
         if len(results) > 1 and all(r.status == "error" for r in results):
             # The engine is broken, not the data: fail without writing, so a re-run retries the chunk.
             raise StageFailed(f"rollout: all {len(results)} requests of a chunk failed, e.g. {results[0].error}")
         tokenizer, out = load_tokenizer(self.tokenizer_dir), []
         for pair, result in zip(rows, results):
             for row in rollout_rows(pair, result, self.sampling.n, tokenizer, self.model):
-                self.stat_update(f"status_{row['status']}")
-                self.stat_update("completion_tokens", value=row["completion_tokens"])
+                self.count(f"status_{row['status']}")
+                self.count("completion_tokens", row["completion_tokens"])
                 out.append(row)
             if result.status == "ok":  # prompts that were sent (too_long ones never reach the model)
-                self.stat_update("prompt_tokens", value=result.prompt_tokens or 0)
+                self.count("prompt_tokens", result.prompt_tokens or 0)
         return out
-
-    def finish(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
 
 
 @dataclass
@@ -159,7 +144,9 @@ def plan_rollout(manifest: Manifest, upstream_pending: bool = False) -> RolloutP
 
 
 def rollout_summary(plan: RolloutPlan, elapsed_s: float | None) -> dict:
-    stats = plan.stage.merged_stats()
+    # Costs come from the chunk files (complete after any resume); the export and the engine
+    # start-up, per-task costs, and the resumed chunks come from the tasks' stats.
+    stats, task_stats = chunk_stats(plan.stage.path), plan.stage.merged_stats()
     r = pl.from_arrow(read_table(plan.stage.path, columns=["pair_id", "text", "token_ids", "finish_reason", "status",
                                                            "completion_tokens"]))
     suffixes = pl.from_arrow(read_table(plan.pairs_dir, columns=["pair_id", "suffix"]))
@@ -175,15 +162,14 @@ def rollout_summary(plan: RolloutPlan, elapsed_s: float | None) -> dict:
         # Diversity: distinct texts among a pair's ok rollouts (K = every sample differs).
         "distinct_per_pair_mean": round(float(ok.group_by("pair_id").agg(pl.col("text").n_unique())["text"].mean() or 0), 2),
         "equal_to_original": ok.join(suffixes, on="pair_id").filter(pl.col("text") == pl.col("suffix")).height,
-        # From the table: complete after a resume (a killed task's stats are lost with it).
         "completion_tokens": int(r["completion_tokens"].sum()),
         "engine_s": round(stats.get("engine_ms", 0) / 1000, 2),
-        "engine_start_s": round(stats.get("engine_start_ms", 0) / 1000, 2),
-        "export_s": round(stats.get("export_ms", 0) / 1000, 2),
-        "chunks_resumed": int(stats.get("chunks_resumed", 0)),
+        "engine_start_s": round(task_stats.get("engine_start_ms", 0) / 1000, 2),
+        "export_s": round(task_stats.get("export_ms", 0) / 1000, 2),
+        "chunks_resumed": int(task_stats.get("chunks_resumed", 0)),
         "policy": plan.model["name"],
     }
-    if summary["engine_s"]:  # the work and the time of the same (finished) tasks
+    if summary["engine_s"]:  # the work and the time of the same chunks
         summary["completion_tokens_per_engine_s"] = round(stats.get("completion_tokens", 0) / summary["engine_s"], 1)
     if elapsed_s:
         summary["elapsed_s"] = round(elapsed_s, 2)
@@ -211,10 +197,6 @@ def rollout_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
     plan = plan_rollout(manifest, upstream_pending)
     return StageJob(plan.stage, plan.pipeline(), partial(finalize_rollout, manifest))
 
-
-def run_rollout(manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
-                log: Callable[[str], None] = print) -> dict | None:
-    return run_chain(manifest, [rollout_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)
 
 
 def summary_line(card: dict) -> str:

@@ -21,7 +21,6 @@ _PATTERNS = {
                               re.IGNORECASE),
                    {"no": 1.0, "possible": 0.5, "definite": 0.0}),
 }
-CRITERIA = tuple(_PATTERNS)
 
 # What choice_prob mode scores, after priming the answer with the verdict's lead-in.
 CHOICES = {

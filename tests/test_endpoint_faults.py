@@ -65,3 +65,14 @@ def test_prefill_can_be_turned_off_for_servers_without_the_extension(server):
     script["x"] = [(200, GOOD)]
     [result] = EndpointEngine(url, "m", prefill=False).generate([req("x")], Sampling(max_tokens=4))
     assert result.status == "ok" and "continue_final_message" not in seen[0] and len(seen[0]["messages"]) == 1
+
+
+def test_what_an_endpoint_cannot_serve_fails_naming_the_backend_and_the_setting():
+    eng = EndpointEngine("http://127.0.0.1:9", "big-judge")
+    with pytest.raises(NotImplementedError, match=r"EndpointEngine backend \(big-judge\).*choice_prob.*local judge"):
+        eng.next_token_logprobs([[1, 2]], [3])
+    with pytest.raises(NotImplementedError, match=r"EndpointEngine.*mode: likelihood"):
+        eng.score([[1, 2]], [1])
+    with pytest.raises(NotImplementedError, match=r"EndpointEngine.*prompt token ids.*choice_prob"):
+        eng.prompt_ids(req("x"))
+    assert eng.tokenizer is None and eng.prefix_cache_stats() is None and eng.start_s == 0.0

@@ -86,3 +86,9 @@ def test_kill_during_rewrite_then_resume_redoes_at_most_one_chunk(tmp_path):
     pairs = pl.read_parquet(str(tmp_path / "kill" / "shard" / "*.parquet"))
     assert len(rewrites) == len(pairs) == 32 and rewrites["pair_id"].n_unique() == 32
     assert not list(stage.glob(".*.tmp"))
+    # The card counts every row, those of the killed run's chunks too (counters live in the chunk files).
+    summary = json.loads((stage / "card.json").read_text())["summary"]
+    assert summary["status_counts"] == {s: rewrites.filter(pl.col("status") == s).height for s in summary["status_counts"]}
+    assert sum(summary["status_counts"].values()) == len(rewrites)
+    assert summary["prompt_tokens"] == rewrites["prompt_tokens"].sum() > 0
+    assert summary["completion_tokens"] == rewrites["completion_tokens"].sum() > 0

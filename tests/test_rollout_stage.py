@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io import table_provenance
+from pipeline.io import chunk_stats, table_provenance
 from pipeline.schema import REWRITES, ROLLOUT_STATUSES, ROLLOUTS, cand_id
 from stages.judge import UpstreamCandidates, plan_judge
 from stages.prefs import build_preferences
@@ -49,6 +49,10 @@ def test_kill_during_rollout_then_resume_keeps_finished_chunks(resumed):
     assert len(r) == K * len(resumed.pairs) == K * 16
     assert not list(resumed.stage.glob(".*.tmp"))
     assert "rollout: 32 rollouts of 16 pairs" in resumed.stdout
+    # The counters of the killed run's chunks are kept with them: the card's sums cover every row.
+    counted = chunk_stats(resumed.stage)
+    assert counted["completion_tokens"] == r["completion_tokens"].sum()
+    assert sum(v for k, v in counted.items() if k.startswith("status_")) == len(r)
 
 
 @pytest.mark.slow

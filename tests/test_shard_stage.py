@@ -9,7 +9,7 @@ import pytest
 from pipeline.io import read_table
 from pipeline.manifest import parse_manifest
 from pipeline.stage import StageConflict
-from stages.shard import run_shard
+from stages.registry import run_stages
 from tests.conftest import base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
 
 
@@ -27,6 +27,11 @@ def manifest(tmp_path, corpus_paths, out="out", **sections):
 
 def quiet(_msg):
     pass
+
+
+def run_shard(manifest, **kw):
+    """The shard stage alone, as `sip shard` runs it; its card."""
+    return run_stages(manifest, ["shard"], **kw)["shard"]
 
 
 def test_shard_writes_pairs_card_and_is_idempotent(tmp_path, corpus):

@@ -111,16 +111,17 @@ def test_ntp_loss_falls_dpo_accuracy_rises_and_outputs_are_litgpt_checkpoints(tm
 
 
 def test_only_renamed_checkpoints_count_and_leftovers_of_a_killed_save_are_removed(tmp_path):
-    from trainer.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints, remove_partial
+    from pipeline.atomic import remove_leftovers
+    from trainer.checkpoint import TRAIN_STATE_FILE, latest_checkpoint, list_checkpoints
 
     root = tmp_path / "checkpoints"
-    for name, complete in (("step-00000004", True), ("step-00000008", True), (".tmp-step-00000012-77", True),
+    for name, complete in (("step-00000004", True), ("step-00000008", True), (".step-00000012.77.tmp", True),
                            ("step-00000010", False)):
         (root / name).mkdir(parents=True)
         (root / name / "lit_model.pth").write_bytes(b"partial")
         if complete:
-            (root / name / STATE_FILE).write_bytes(b"state")
+            (root / name / TRAIN_STATE_FILE).write_bytes(b"state")
     assert [p.name for p in list_checkpoints(root)] == ["step-00000004", "step-00000008"]
     assert latest_checkpoint(root).name == "step-00000008"
-    assert [p.name for p in remove_partial(root)] == [".tmp-step-00000012-77"]
-    assert not (root / ".tmp-step-00000012-77").exists() and latest_checkpoint(tmp_path / "none") is None
+    assert [p.name for p in remove_leftovers(root / "step-*")] == [".step-00000012.77.tmp"]
+    assert not (root / ".step-00000012.77.tmp").exists() and latest_checkpoint(tmp_path / "none") is None

@@ -102,6 +102,12 @@ def test_run_with_train_trains_in_process_on_the_local_executor(tmp_path):
     assert "train: 2 steps, " in proc.stdout and "checkpoint" in proc.stdout
     assert (tmp_path / "out" / "train" / "final" / "lit_model.pth").is_file()
     assert not (tmp_path / "out" / "train" / "_logs").exists()  # nothing of Slurm's
+    # A finished member is skipped; one made with other settings is refused before anything runs.
+    again = run_sip("run", "--stages", "train", "-m", str(path)).stdout
+    assert "train: already complete" in again and "steps, " in again
+    proc = run_sip("run", "--stages", "train", "-m", str(path), "--set", "train.seed=4", check=False)
+    assert proc.returncode == 2 and "was trained with different settings" in proc.stderr
+    assert "train.seed: 3 -> 4" in proc.stderr
 
 
 @pytest.mark.slurm

@@ -8,8 +8,9 @@ A checkpoint ``<train>/checkpoints/step-00000120/`` holds
 - ``train_state.pt``: optimizer, scheduler, RNG states and the loop state (phase, steps, data
   position, reference-model hash); ``train_state.json``: the loop state, readable.
 
-It is written in a hidden temporary directory and renamed into place, so a crash never leaves
-a half checkpoint that looks complete; the oldest are deleted beyond ``keep_last``.
+It is written in a hidden temporary directory and renamed into place (:mod:`pipeline.atomic`),
+so a crash never leaves a half checkpoint that looks complete; the oldest are deleted beyond
+``keep_last``.
 """
 
 from __future__ import annotations
@@ -23,37 +24,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_path
 from trainer.model import WEIGHTS_FILE
 
-STATE_FILE = "train_state.pt"
-SUMMARY_FILE = "train_state.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json", "chat_template.jinja")
-_PREFIX = "step-"
+TRAIN_STATE_FILE = "train_state.pt"  # optimizer, scheduler, RNG and loop states
+LOOP_STATE_FILE = "train_state.json"  # the loop state alone, readable
+# The policy tokenizer's files a checkpoint carries, so that it is usable on its own.
+CHECKPOINT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                              "generation_config.json", "chat_template.jinja")
+CHECKPOINT_PREFIX = "step-"
 
 
 def checkpoint_name(global_step: int) -> str:
-    return f"{_PREFIX}{global_step:08d}"
+    return f"{CHECKPOINT_PREFIX}{global_step:08d}"
 
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a temporary dir never matches: it starts with a dot)."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file())
+    return sorted(p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / TRAIN_STATE_FILE).is_file())
 
 
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
-
-
-def remove_partial(root: Path) -> list[Path]:
-    """Delete temporary directories left by a save that was killed; returns what was removed."""
-    stale = [p for p in root.glob(".tmp-*")] if root.is_dir() else []
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return stale
 
 
 def rng_states() -> dict:
@@ -111,21 +106,16 @@ def save_checkpoint(fabric, root: Path, *, model, optimizer, scheduler, loop_sta
     final = root / checkpoint_name(loop_state["global_step"])
     if fabric.global_rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        torch.save(model_state, tmp / WEIGHTS_FILE)
-        save_config(config, tmp)
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copy2(tokenizer_dir / name, tmp / name)
-        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng_states(),
-                    "loop": loop_state}, tmp / STATE_FILE)
-        (tmp / SUMMARY_FILE).write_text(json.dumps(loop_state, indent=1, sort_keys=True) + "\n")
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved before a crash: replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        with atomic_path(final, directory=True) as tmp:  # the same step saved before a crash is replaced whole
+            torch.save(model_state, tmp / WEIGHTS_FILE)
+            save_config(config, tmp)
+            for name in CHECKPOINT_TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copy2(tokenizer_dir / name, tmp / name)
+            torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng_states(),
+                        "loop": loop_state}, tmp / TRAIN_STATE_FILE)
+            (tmp / LOOP_STATE_FILE).write_text(json.dumps(loop_state, indent=1, sort_keys=True) + "\n")
+            _fsync_dir(tmp)
         _fsync_dir(root)
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old)
@@ -136,18 +126,14 @@ def save_checkpoint(fabric, root: Path, *, model, optimizer, scheduler, loop_sta
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
     """(model state dict, training state) of a checkpoint directory."""
     model_state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(path / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
     return model_state, state
 
 
 def publish_final(checkpoint: Path, final: Path) -> Path:
     """Copy the last checkpoint to ``final`` (atomically: copy beside it, then rename)."""
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint, tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    with atomic_path(final, directory=True) as tmp:
+        shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
     return final
 
 

@@ -8,16 +8,12 @@ memory and GPUs (``gpus_per_task``: 1 on GPU nodes, 0 on CPU), and the job its t
 
 from __future__ import annotations
 
-import json
 from typing import Callable
 
 from pipeline.executor import default_venv
-from pipeline.manifest import Manifest, ManifestError, diff_views
+from pipeline.manifest import Manifest, ManifestError
 from pipeline.slurm_job import CommandJob, SlurmResources
-from pipeline.stage import StageConflict
-from trainer.plan import describe, plan_phases, require_train, train_view
-
-SUMMARY = "train_summary.json"
+from trainer.plan import describe, finished_summary, plan_phases, require_train, train_view
 
 
 def train_resources(manifest: Manifest) -> SlurmResources:
@@ -49,18 +45,7 @@ def train_job(manifest: Manifest, upstream_pending: bool = False, log: Callable[
         world_size = t.devices * t.num_nodes if isinstance(t.devices, int) else 1
         plans = plan_phases(manifest, world_size)  # a missing or wrong table stops here, before anything is queued
 
-    def done() -> dict | None:
-        summary_file = out / SUMMARY
-        if not summary_file.is_file():
-            return None
-        summary = json.loads(summary_file.read_text())
-        if changes := diff_views(summary["view"], view):
-            raise StageConflict(f"{out} was trained with different settings:\n  " + "\n  ".join(changes)
-                                + "\nRe-run with --force to delete it and train again, or set run.output_dir "
-                                "elsewhere.")
-        return summary
-
-    def run_local() -> dict:
+    def work() -> dict:
         from trainer.loop import run_train  # torch and Fabric: only when training here
 
         return run_train(manifest, log=log)
@@ -74,9 +59,10 @@ def train_job(manifest: Manifest, upstream_pending: bool = False, log: Callable[
         resources=resources,
         job_name=f"sip-{manifest.run.name}-train",
         venv_activate=str(manifest.resolve_path(slurm.venv)) if slurm.venv else default_venv(),
+        slurm=executor.type == "slurm",
         manifest_data=manifest.absolute_data(),
-        run_local=run_local,
-        done=done,
+        work=work,
+        summary=lambda: finished_summary(out, view),
         plan=None if upstream_pending else (lambda: describe(manifest, plans)),
     )
 

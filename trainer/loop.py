@@ -24,21 +24,21 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.atomic import remove_leftovers, write_text_atomic
 from pipeline.io import table_files
 from pipeline.manifest import Manifest, diff_views, fingerprint
 from pipeline.stage import StageConflict
 from trainer import checkpoint as ckpt
 from trainer.metrics import Window, available_flops, format_duration, make_loggers, peak_memory_gb
 from trainer.model import ModelError, state_sha
-from trainer.plan import PhasePlan, describe, plan_phases, require_train, train_view
+from trainer.plan import (TRAIN_SUMMARY_FILE, PhasePlan, check_same_settings, describe, finished_summary, plan_phases,
+                          require_train, train_view)
 from trainer.ref_logps import (REF_DIR, ReferenceMismatch, check_unique_pairs, compute_reference, differences,
                                fingerprint_of, join_reference, reference_keys, reference_root, stored_sets, write_set)
 from trainer.runtime import PAD_ID, full_model_state, make_fabric, setup_policy
 from trainer.schedule import warmup_cosine
 from trainer.source import TableSource, load_table, max_token_id
 from trainer.steps import dpo_step, nll_step
-
-SUMMARY = "train_summary.json"
 
 
 def run_train(manifest: Manifest, *, force: bool = False, dry_run: bool = False,
@@ -59,9 +59,7 @@ def run_train(manifest: Manifest, *, force: bool = False, dry_run: bool = False,
             if path.name != REF_DIR:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     view = train_view(manifest)
-    if (out / SUMMARY).is_file():
-        summary = json.loads((out / SUMMARY).read_text())
-        _check_same_settings(out, summary["view"], view)
+    if (summary := finished_summary(out, view)) is not None:
         log(f"train: already complete ({out}); --force trains again")
         return summary
     if manifest.train.checkpoint.resume == "never" and ckpt.list_checkpoints(out / "checkpoints"):
@@ -70,12 +68,6 @@ def run_train(manifest: Manifest, *, force: bool = False, dry_run: bool = False,
     fabric = make_fabric(manifest, make_loggers(out))
     fabric.launch()
     return _Trainer(manifest, fabric, out, view, log).run()
-
-
-def _check_same_settings(out: Path, old: dict, new: dict) -> None:
-    if changes := diff_views(old, new):
-        raise StageConflict(f"{out} was trained with different settings:\n  " + "\n  ".join(changes)
-                            + "\nRe-run with --force to delete it and train again, or set run.output_dir elsewhere.")
 
 
 class _Trainer:
@@ -89,7 +81,8 @@ class _Trainer:
         fabric, started = self.fabric, time.perf_counter()
         self.plans = plans = plan_phases(self.m, fabric.world_size)
         if fabric.global_rank == 0:
-            for stale in ckpt.remove_partial(self.root) + ckpt.remove_partial(self.out):
+            # Unfinished saves of a killed run: checkpoints, final/, hf/, the summary.
+            for stale in remove_leftovers(self.root / f"{ckpt.CHECKPOINT_PREFIX}*") + remove_leftovers(self.out / "*"):
                 self.log(f"train: removed an unfinished save {stale}")
         resume = ckpt.latest_checkpoint(self.root) if self.t.checkpoint.resume == "auto" else None
         fabric.seed_everything(self.m.train_seed)
@@ -100,7 +93,7 @@ class _Trainer:
         saved = None
         if resume is not None:
             model_state, saved = ckpt.load_checkpoint(resume)
-            _check_same_settings(resume, saved["loop"]["view"], self.view)
+            check_same_settings(resume, saved["loop"]["view"], self.view)
             ckpt.load_model_state(fabric, self.policy.model, model_state)
             self.state = saved["loop"]
             ckpt.restore_rng(saved["rng"])
@@ -124,9 +117,8 @@ class _Trainer:
         if self.t.export_hf and fabric.global_rank == 0:
             summary["hf"] = str(export_final_hf(final, self.out / "hf", self.policy.tokenizer_dir))
         if fabric.global_rank == 0:
-            tmp = self.out / f".{SUMMARY}.tmp"  # the summary marks the run done: it appears whole or not at all
-            tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-            tmp.replace(self.out / SUMMARY)
+            # The summary marks the run done: it appears whole or not at all.
+            write_text_atomic(self.out / TRAIN_SUMMARY_FILE, json.dumps(summary, indent=1, sort_keys=True) + "\n")
             self.log(f"train: done in {format_duration(summary['elapsed_s'])}; checkpoint {final}; "
                      f"metrics {self.out / 'metrics'}" + (f"; HF {summary['hf']}" if "hf" in summary else ""))
         return summary

@@ -129,7 +129,3 @@ def state_sha(state: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def parameter_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -46,9 +46,6 @@ def ntp_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.T
     return -target_logprobs(logits, input_ids, target_mask).sum() / count
 
 
-rf_nll_loss = ntp_loss  # the same loss; what differs is the target (the best-judged candidate)
-
-
 @dataclass
 class DPOOutput:
     loss: torch.Tensor

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.manifest import Manifest, ManifestError, PhaseConfig, fingerprinted_view
+from pipeline.manifest import Manifest, ManifestError, PhaseConfig, diff_views, fingerprinted_view
+from pipeline.stage import StageConflict
+
+# Written last by a finished run (summary and settings): its presence marks the run done.
+TRAIN_SUMMARY_FILE = "train_summary.json"
 
 # Settings that change how a run is laid out or reported, not what it computes: a resumed run
 # may change them.
@@ -95,3 +100,25 @@ def train_view(manifest: Manifest) -> dict:
             if not any(k == s or k.startswith(s + ".") for s in _RESUMABLE_CHANGES)}
     view["train.seed"] = manifest.train_seed
     return view
+
+
+def check_same_settings(out: Path, old: dict, new: dict) -> None:
+    """Raise StageConflict naming every setting that differs between ``old`` (what ``out`` was
+    trained with) and ``new`` (the settings planned now)."""
+    if changes := diff_views(old, new):
+        raise StageConflict(f"{out} was trained with different settings:\n  " + "\n  ".join(changes)
+                            + "\nRe-run with --force to delete it and train again, or set run.output_dir elsewhere.")
+
+
+def finished_summary(out: Path, view: dict) -> dict | None:
+    """The summary of the finished run in ``out``, or None when none has finished there.
+
+    Raises:
+        StageConflict: the run in ``out`` was trained with other settings than ``view``.
+    """
+    summary_file = out / TRAIN_SUMMARY_FILE
+    if not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    check_same_settings(out, summary["view"], view)
+    return summary

@@ -91,9 +91,6 @@ class TableSource:
                             "chosen_source": row["chosen_source"], "rejected_source": row["rejected_source"]})
         return out
 
-    def samples_per_epoch(self) -> int:
-        return self.rows
-
     def token_count(self) -> int:
         """Tokens of one epoch (all sequences, before any trimming): for plans and throughput."""
         cols = {"pairs": ["prefix_ids", "suffix_ids"], "sft": ["prefix_ids", "target_ids"],

@@ -51,16 +51,66 @@ class Result:
 
 
 class Engine(abc.ABC):
-    """Generation backend. Subclasses must be usable from a datatrove task."""
+    """Generation backend. Subclasses must be usable from a datatrove task.
+
+    Only :meth:`generate` is required. The scoring methods (what the judge's ``choice_prob``
+    and ``likelihood`` modes need) are declared here so callers never probe for them: a
+    backend that cannot serve one raises ``NotImplementedError`` naming itself and the
+    manifest setting that needs it.
+    """
 
     #: model identity recorded in every output row and in provenance
     model_id: str
     #: max prompt + completion tokens the model accepts
     max_model_len: int
+    #: seconds the engine took to start (loading the model); 0.0 for a remote server
+    start_s: float = 0.0
+    #: the model's Hugging Face tokenizer (chat template included); None when the backend has
+    #: no local one (an endpoint), and then choice_prob and likelihood judging cannot run
+    tokenizer = None
+    #: what the message of an unsupported method tells the user to do (a backend may say more)
+    unsupported_hint = "use a local judge (judge.model: embedded or a model directory)"
 
     @abc.abstractmethod
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Result]:
         """One result per request, in order."""
+
+    def _unsupported(self, what: str, needed_by: str) -> NotImplementedError:
+        return NotImplementedError(f"the {type(self).__name__} backend ({self.model_id}) cannot give {what}, which "
+                                   f"{needed_by} needs; {self.unsupported_hint}")
+
+    def prompt_ids(self, request: Request) -> list[int]:
+        """The token ids the model sees for ``request`` (chat template and prefill applied).
+
+        Raises:
+            NotImplementedError: the backend has no local tokenizer.
+        """
+        if self.tokenizer is None:
+            raise self._unsupported("prompt token ids", "judging.<criterion>.mode: choice_prob")
+        return chat_prompt_ids(self.tokenizer, request)
+
+    def next_token_logprobs(self, sequences: list[list[int]], token_ids: list[int]) -> list[dict[int, float] | None]:
+        """Log-probs (nats) of each of ``token_ids`` as the token after each sequence; None for
+        a sequence that does not fit ``max_model_len``.
+
+        Raises:
+            NotImplementedError: the backend cannot read the next-token distribution.
+        """
+        raise self._unsupported("next-token log-probs", "judging.<criterion>.mode: choice_prob")
+
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float] | None]:
+        """Per-token log-probs (nats) of ``sequence[start:]`` given what precedes it, per
+        sequence (the model as a plain LM, no template); None for one that does not fit.
+
+        Raises:
+            NotImplementedError: the backend cannot score given tokens.
+        """
+        raise self._unsupported("the log-probs of given tokens", "judging.<criterion>.mode: likelihood")
+
+    def prefix_cache_stats(self) -> dict[str, int] | None:
+        """Prefix-cache counters so far (``queried_tokens``, ``hit_tokens``), or None when the
+        backend keeps none."""
+        return None
 
     def describe(self) -> dict:
         """Provenance: what produced the outputs."""

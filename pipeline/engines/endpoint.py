@@ -22,6 +22,12 @@ _CONTEXT_ERRORS = ("maximum context length", "context length", "too long", "max_
 
 
 class EndpointEngine(Engine):
+    """Chat completions only: no tokenizer, log-probs or scoring here (those methods raise
+    ``NotImplementedError``, see :class:`~pipeline.engines.base.Engine`)."""
+
+    unsupported_hint = ("an OpenAI-compatible endpoint answers chat completions only; use a local judge "
+                        "(judge.model: embedded or a model directory) or judging.<criterion>.mode: verdict")
+
     def __init__(
         self,
         base_url: str,

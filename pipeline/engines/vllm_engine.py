@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from pipeline.engines.base import Engine, Request, Result, Sampling, chat_prompt_ids
+from pipeline.engines.base import Engine, Request, Result, Sampling
 from pipeline.engines.vllm_env import configure_vllm_env, has_cuda
 
 
@@ -63,9 +63,6 @@ class VLLMEngine(Engine):
         self.max_model_len = max_model_len
         self.model_id = model_id or Path(model_dir).name
         logger.info(f"vLLM engine ready in {self.start_s:.1f} s ({self.model_id}, max_model_len={max_model_len})")
-
-    def prompt_ids(self, request: Request) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, request)
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Result]:
         from vllm import SamplingParams
