@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.cards import write_card
-from pipeline.chunks import ChunkedStep
+from pipeline.chunks import EngineStep
 from pipeline.engines.counter import CallCounter
 from pipeline.engines.factory import RUN_ONLY, make_engine, model_identity
 from pipeline.io import TableReader, chunk_stats, read_table, table_files
@@ -44,7 +44,8 @@ class UpstreamCandidates:
     The tables are read once per task, lazily (a resumed task with nothing left reads none).
     """
 
-    def __init__(self, rewrites_dir: str, tokenizer_dir: str, suffix_tokens: int, rollouts_dir: str | None = None):
+    def __init__(self, rewrites_dir: str | None, tokenizer_dir: str, suffix_tokens: int,
+                 rollouts_dir: str | None = None):
         self.rewrites_dir = rewrites_dir
         self.tokenizer_dir = tokenizer_dir
         self.suffix_tokens = suffix_tokens
@@ -53,7 +54,9 @@ class UpstreamCandidates:
         self._rollouts: dict[str, list[tuple[str, list[int]]]] | None = None
 
     def rewrites(self) -> dict[str, str]:
-        """pair_id -> its ok rewrite (unclipped)."""
+        """pair_id -> its ok rewrite (unclipped); empty without a rewrites table."""
+        if self._rewrites is None and self.rewrites_dir is None:
+            self._rewrites = {}
         if self._rewrites is None:
             table = read_table(self.rewrites_dir, columns=["pair_id", "rewrite", "status"])
             self._rewrites = {p: r for p, r, s in zip(*(table.column(c).to_pylist() for c in ("pair_id", "rewrite", "status")))
@@ -88,7 +91,7 @@ def judgment_rows(judged: list[Judged], samples: int) -> list[dict]:
     } for j in judged]
 
 
-class JudgeStep(ChunkedStep):
+class JudgeStep(EngineStep):
     """Plumbing around the scoring core: a chunk of pairs -> their judgments rows, with the
     chunk's judge costs kept in its file (see ``ChunkedStep.count``)."""
 
@@ -99,13 +102,14 @@ class JudgeStep(ChunkedStep):
         super().__init__(output_dir, schema, manifest.judging.chunk_size)
         self.manifest = manifest
         self.upstream = upstream
-        self.judge: Judge | None = None  # started on the first chunk that needs it
+        self.judge: Judge | None = None  # built around the engine on the first chunk that needs it
+
+    def start_engine(self):
+        return make_engine(self.manifest, self.manifest.judge, "judge")
 
     def process(self, rows: list[dict]) -> list[dict]:
         if self.judge is None:
-            engine = make_engine(self.manifest, self.manifest.judge, "judge")
-            self.stat_update("engine_start_ms", value=int(getattr(engine, "start_s", 0) * 1000))
-            self.judge = Judge(engine, self.manifest.judging, self.manifest.run.seed)
+            self.judge = Judge(self.engine, self.manifest.judging, self.manifest.run.seed)
         counters = self.judge.counters
         before = counters.snapshot()
         started, cache_before = time.perf_counter(), self._prefix_cache()
@@ -121,8 +125,8 @@ class JudgeStep(ChunkedStep):
                 if value:
                     self.count(f"candidates_dropped_{name}", value)
             for j in pair_judged:
-                self.stat_update(f"candidates_{j.candidate.source}")
-                self.stat_update("judged" if j.parsed else "unparsable")
+                self.count(f"candidates_{j.candidate.source}")
+                self.count("judged" if j.parsed else "unparsable")
             out += judgment_rows(pair_judged, self.manifest.judging.samples)
         for key, value in counters.since(before).items():
             if value:
@@ -130,13 +134,11 @@ class JudgeStep(ChunkedStep):
         return out
 
     def _prefix_cache(self) -> dict[str, int] | None:
-        stats = getattr(self.judge.engine, "prefix_cache_stats", None)
-        return stats() if stats else None
+        return self.engine.prefix_cache_stats()
 
     def finish(self) -> None:
-        if self.judge is not None:
-            self.judge.engine.close()
-            self.judge = None
+        super().finish()
+        self.judge = None
 
 
 @dataclass

@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -41,7 +41,7 @@ from pipeline.io import TableWriter
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view, hash_view
 from pipeline.models import policy_tokenizer_dir
 from pipeline.schema import PAIRS, pair_id, provenance, with_provenance
-from pipeline.runner import StageJob, run_chain
+from pipeline.runner import StageJob
 from pipeline.stage import StageDir
 from pipeline.tokenizer import char_boundaries, load_tokenizer, tokenizer_id
 
@@ -254,14 +254,6 @@ def finalize_shard(manifest: Manifest, elapsed_s: float | None = None) -> dict:
 def shard_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
     plan = plan_shard(manifest)
     return StageJob(plan.stage, plan.pipeline(), partial(finalize_shard, manifest))
-
-
-def run_shard(
-    manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict | None:
-    """Run (or resume) the shard stage; returns the card when the stage is complete."""
-    return run_chain(manifest, [shard_job(manifest)], force=force, dry_run=dry_run, wait=wait, log=log).get(STAGE)
 
 
 def summary_line(card: dict) -> str:

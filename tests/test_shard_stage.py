@@ -9,7 +9,7 @@ import pytest
 from pipeline.io import read_table
 from pipeline.manifest import parse_manifest
 from pipeline.stage import StageConflict
-from stages.registry import run_stages
+from pipeline.app.registry import run_stages
 from tests.conftest import base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 from pipeline.app.judge_check.self_check import finalize_with_self_check
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.runner import StageJob, run_chain
-from pipeline.slurm_job import CommandJob
+from pipeline.chain import ChainMember
 from stages import judge, prefs, rewrite, rollout, shard
 from trainer import job as train
 
@@ -58,7 +58,7 @@ def inactive(manifest: Manifest, name: str) -> str | None:
 
 def run_stages(
     manifest: Manifest, names: list[str], *, force: bool = False, dry_run: bool = False, wait: bool = True,
-    log: Callable[[str], None] = print, then: CommandJob | None = None,
+    log: Callable[[str], None] = print, then: ChainMember | None = None,
 ) -> dict[str, dict]:
     """Run the named stages in pipeline order; ``then`` (training) ends the chain, after them.
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.app.registry import run_stages
 from pipeline.io import read_table, write_table_atomic
 from pipeline.manifest import Manifest, parse_manifest
-from stages.shard import run_shard
 
 
 def bench_pairs(manifest: Manifest, directory: Path, pairs: int) -> Manifest:
@@ -16,7 +16,7 @@ def bench_pairs(manifest: Manifest, directory: Path, pairs: int) -> Manifest:
     data["run"]["output_dir"] = str(directory / "out")
     data["executor"] = {"type": "local", "tasks": 1, "workers": 1}
     m = parse_manifest(data)
-    run_shard(m, log=lambda _m: None)
+    run_stages(m, ["shard"], log=lambda _m: None)["shard"]
     shard_dir = m.stage_dir("shard")
     table = read_table(shard_dir).slice(0, pairs)
     for f in shard_dir.glob("*.parquet"):

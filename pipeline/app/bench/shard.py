@@ -9,9 +9,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.app.registry import run_stages
 from pipeline.manifest import Manifest, parse_manifest
 from pipeline.tokenizer import load_tokenizer
-from stages.shard import corpus_files, plan_shard, run_shard
+from stages.shard import corpus_files, plan_shard
 
 _BATCH = 64
 
@@ -85,7 +86,7 @@ def _bench_shard(manifest: Manifest, processes: int, repeats: int) -> dict:
             data["executor"] = {"type": "local", "tasks": processes, "workers": processes}
             m = parse_manifest(data)
             started = time.perf_counter()
-            card = run_shard(m, log=lambda _m: None)
+            card = run_stages(m, ["shard"], log=lambda _m: None)["shard"]
             sip_s = min(sip_s, time.perf_counter() - started)
 
     docs = len(texts)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from pipeline.atomic import write_text_atomic
 from pipeline.app.judge_check.labelled_sets import CORRUPTIONS, build_checks
 from pipeline.engines.factory import make_engine, model_identity
 from pipeline.manifest import Manifest, ManifestError
@@ -177,7 +178,7 @@ def run_judge_check(manifest: Manifest, limit: int = DEFAULT_LIMIT, engine=None,
         "sources": checks.sources,
         "checks": rows,
         "totals": {**totals, "checks_s": round(sum(r["elapsed_s"] for r in rows), 2),
-                   "engine_start_s": round(getattr(engine, "start_s", 0.0), 2) if owned else None,
+                   "engine_start_s": round(engine.start_s, 2) if owned else None,
                    "elapsed_s": round(time.perf_counter() - started, 2)},
     }
 
@@ -210,8 +211,6 @@ def default_json_path(manifest: Manifest) -> Path:
 
 def write_report(report: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(report, indent=1, default=str))
     return path
 
