@@ -240,10 +240,25 @@ class TrainModelConfig(_Section):
         return self
 
 
+class OnlineConfig(_Section):
+    """An online phase's rollouts: K samples of N tokens per prefix from the current weights."""
+
+    rollouts: int = Field(default=4, gt=0, description="K: rollouts per prefix and step (the paper: 16 is best).")
+    temperature: float = Field(default=1.0, ge=0, description="Rollout sampling temperature (the paper: 1.0).")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Rollout nucleus sampling (the paper: 1.0).")
+    rewrite: bool = Field(default=True, description="Judge the pair's ok rewrite too (from the rewrite stage's "
+                          "table; needs a rewriter). false: original + rollouts only.")
+
+
 class PhaseConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Phase name (metrics, checkpoints).")
     objective: Literal["ntp", "rf_nll", "dpo"]
-    table: str | None = Field(default=None, description="Table path; default by objective: pairs / sft / preferences.")
+    source: Literal["table", "online"] = Field(
+        default="table", description="table: a precomputed table; online: the current policy's rollouts, judged "
+        "each step with the original and the rewrite (the pairs table gives the prefixes).")
+    online: OnlineConfig | None = Field(default=None, description="Rollout settings of an online phase.")
+    table: str | None = Field(default=None, description="Table path; default by objective: pairs / sft / preferences "
+                              "(online phases: the pairs table).")
     steps: int | None = Field(default=None, gt=0, description="Optimizer steps (exclusive with epochs).")
     epochs: float | None = Field(default=None, gt=0, description="Passes over the table (exclusive with steps).")
     batch_size: int = Field(default=8, gt=0, description="Sequences (DPO: pairs) per device and micro-batch.")
@@ -262,9 +277,21 @@ class PhaseConfig(_Section):
             raise ValueError(f"phase '{self.name}': give exactly one of steps or epochs")
         return self
 
+    @model_validator(mode="after")
+    def _online(self) -> "PhaseConfig":
+        if self.source == "online":
+            if self.objective == "ntp":
+                raise ValueError(f"phase '{self.name}': an online phase trains on judged candidates: objective "
+                                 "dpo or rf_nll (ntp needs no rollouts: use source: table)")
+            if self.online is None:
+                self.online = OnlineConfig()
+        elif self.online is not None:
+            raise ValueError(f"phase '{self.name}': 'online' settings need source: online")
+        return self
+
     @property
     def table_kind(self) -> str:
-        return OBJECTIVE_TABLES[self.objective]
+        return "prefixes" if self.source == "online" else OBJECTIVE_TABLES[self.objective]
 
 
 class CheckpointConfig(_Section):

@@ -107,6 +107,27 @@ JUDGMENTS = pa.schema(
     ]
 )
 
+# The online phase's record: every candidate of every prefix an online step sampled and judged,
+# with its scores and role in the pick. The judgments columns mean what they mean there, so the
+# judged rollouts are as reusable as the judgments table; the first columns place the row.
+ONLINE = pa.schema(
+    [
+        pa.field("phase", pa.string(), nullable=False),
+        pa.field("step", pa.int32(), nullable=False),  # the phase step (1-based) these candidates trained
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("micro", pa.int32(), nullable=False),  # micro-batch within the step
+        pa.field("weights_version", pa.int64(), nullable=False),  # global step of the weights that sampled
+        *[JUDGMENTS.field(name) for name in ("pair_id", "cand_id", "source", "text", "token_ids")],
+        pa.field("sample", pa.int32()),  # rollout index 0..K-1 (the first sample when a text repeats)
+        pa.field("sampler_logprob", pa.float64()),  # rollouts: sum of the sampled ids' log-probs (nats)
+        *[JUDGMENTS.field(name) for name in ("safety", "quality", "factuality", "reward", "judge_raw",
+                                             "parse_status", "shown_order", "judge_samples")],
+        pa.field("pick_status", pa.string(), nullable=False),  # usable | single_candidate | tie | unjudged
+        pa.field("role", pa.string()),  # chosen | rejected | best (the RF-NLL target) | null
+        pa.field("ref_logprob", pa.float64()),  # DPO: the reference's sequence log-prob of a chosen/rejected row
+    ]
+)
+
 PREFERENCES = pa.schema(
     [
         pa.field("pair_id", pa.string(), nullable=False),
@@ -156,6 +177,7 @@ TABLES: dict[str, pa.Schema] = {
     "preferences": PREFERENCES,
     "sft": SFT,
     "ref_logps": REF_LOGPS,
+    "online": ONLINE,
 }
 
 

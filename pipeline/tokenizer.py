@@ -63,3 +63,25 @@ def clip_to_tokens(text: str, tokenizer, n: int) -> str:
     while k > 0 and not bounds[k]:
         k -= 1
     return text[: enc.offsets[k][0]] if k > 0 else ""
+
+
+def end_of_text_ids(directory: str | Path) -> frozenset[int]:
+    """The ids that end a continuation of the model in ``directory``, as vLLM decides them:
+    ``eos_token_id`` of ``generation_config.json`` (an id or a list), else of ``config.json``,
+    else the tokenizer's ``eos_token``. Empty when none is declared (samples run to N)."""
+    import json
+
+    directory = Path(directory)
+    for name in ("generation_config.json", "config.json"):
+        path = directory / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            if value is not None:
+                return frozenset(value if isinstance(value, list) else [value])
+    config = directory / "tokenizer_config.json"
+    if config.is_file():
+        token = json.loads(config.read_text()).get("eos_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and (found := load_tokenizer(str(directory)).token_to_id(token)) is not None:
+            return frozenset([found])
+    return frozenset()

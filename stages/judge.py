@@ -168,6 +168,13 @@ class JudgePlan:
         ]
 
 
+def judging_view(manifest: Manifest) -> dict:
+    """The manifest settings that decide a judgment (engine layout and chunking aside): the
+    judge stage's fingerprint and the online phase's record are keyed by them."""
+    return {k: v for k, v in fingerprinted_view(manifest, ("judge", "judging", "run.seed", "shard.suffix_tokens")).items()
+            if k.removeprefix("judge.") not in RUN_ONLY and k not in ("judging.chunk_size", "judging.self_check")}
+
+
 def plan_judge(manifest: Manifest, upstream_pending: bool = False) -> JudgePlan:
     if manifest.judge is None:
         raise StageFailed("judge: the manifest has no 'judge' section (model: embedded, a path or an endpoint)")
@@ -185,8 +192,7 @@ def plan_judge(manifest: Manifest, upstream_pending: bool = False) -> JudgePlan:
         if rollout is not None:
             rollout.stage.check_upstream_of(STAGE)
     model = model_identity(manifest, manifest.judge, "judge")
-    view = {k: v for k, v in fingerprinted_view(manifest, ("judge", "judging", "run.seed", "shard.suffix_tokens")).items()
-            if k.removeprefix("judge.") not in RUN_ONLY and k not in ("judging.chunk_size", "judging.self_check")}
+    view = judging_view(manifest)
     view.update({"upstream.rewrite": rewrite.stage.fingerprint,
                  "judge.identity": model.get("weights_sha") or model.get("url"),
                  "judging.prompts": fingerprint_prompts()})

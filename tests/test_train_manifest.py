@@ -37,6 +37,15 @@ def _parse(tmp_path, train: dict):
      r"'train.checkpoint.resume' is 'always'; allowed: 'auto' or 'never'"),
     ({"model": {"init": "scratch", "config": "x"}, "phases": [PHASE], "precison": "bf16-mixed"},
      r"unknown key 'train.precison' \(did you mean 'precision'\?\)"),
+    ({"model": {"init": "scratch", "config": "x"}, "phases": [{**PHASE, "source": "online"}]},
+     r"phase 'a': an online phase trains on judged candidates: objective dpo or rf_nll"),
+    ({"model": {"init": "scratch", "config": "x"}, "phases": [{**PHASE, "online": {"rollouts": 2}}]},
+     r"phase 'a': 'online' settings need source: online"),
+    ({"model": {"init": "scratch", "config": "x"},
+      "phases": [{**PHASE, "objective": "dpo", "source": "online", "online": {"rolouts": 2}}]},
+     r"unknown key 'train.phases.0.online.rolouts' \(did you mean 'rollouts'\?\)"),
+    ({"model": {"init": "scratch", "config": "x"}, "phases": [{**PHASE, "source": "live"}]},
+     r"'train.phases.0.source' is 'live'; allowed: 'table' or 'online'"),
 ])
 def test_bad_train_sections_name_the_key(tmp_path, train, message):
     with pytest.raises(ManifestError, match=message):
@@ -85,3 +94,11 @@ def test_model_config_and_vocabulary_errors(tmp_path):
     data["train"]["model"] = {"init": str(tmp_path / "tok")}
     with pytest.raises(ModelError, match=r"train.model.init: .* is not a LitGPT checkpoint directory \(no lit_model"):
         model_config(load_manifest(write_manifest(tmp_path / "m.yaml", data)))
+
+
+def test_an_online_phase_gets_the_default_rollout_settings(tmp_path):
+    m = _parse(tmp_path, {"model": {"init": "scratch", "config": "x"},
+                          "phases": [{**PHASE, "objective": "dpo", "source": "online"}]})
+    online = m.train.phases[0].online
+    assert (online.rollouts, online.temperature, online.top_p, online.rewrite) == (4, 1.0, 1.0, True)
+    assert m.train.phases[0].table_kind == "prefixes"

@@ -31,6 +31,7 @@ from pipeline.stage import StageConflict
 from trainer import checkpoint as ckpt
 from trainer.metrics import Window, available_flops, format_duration, make_loggers, peak_memory_gb
 from trainer.model import ModelError, state_sha
+from trainer.online import OnlinePhase, logprob_gap
 from trainer.plan import (TRAIN_SUMMARY_FILE, PhasePlan, check_same_settings, describe, finished_summary, plan_phases,
                           require_train, train_view)
 from trainer.ref_logps import (REF_DIR, ReferenceMismatch, check_unique_pairs, compute_reference, differences,
@@ -38,7 +39,7 @@ from trainer.ref_logps import (REF_DIR, ReferenceMismatch, check_unique_pairs, c
 from trainer.runtime import PAD_ID, full_model_state, make_fabric, setup_policy
 from trainer.schedule import warmup_cosine
 from trainer.source import TableSource, load_table, max_token_id
-from trainer.steps import dpo_step, nll_step
+from trainer.steps import MicroBatch, dpo_step, nll_step
 
 
 def run_train(manifest: Manifest, *, force: bool = False, dry_run: bool = False,
@@ -76,6 +77,7 @@ class _Trainer:
         self.log = log if fabric.global_rank == 0 else (lambda _msg: None)
         self.t = manifest.train
         self.root = out / "checkpoints"
+        self.online_summary: dict[str, dict] = {}  # per online phase: judge calls made, micro-batches replayed
 
     def run(self) -> dict:
         fabric, started = self.fabric, time.perf_counter()
@@ -114,6 +116,8 @@ class _Trainer:
         summary = {"final": str(final), "metrics": str(self.out / "metrics"), "steps": self.state["global_step"],
                    "tokens": self.state["tokens"], "elapsed_s": round(time.perf_counter() - started, 2),
                    "last_logged": last, "view": self.view}
+        if self.online_summary:
+            summary["online"] = self.online_summary
         if self.t.export_hf and fabric.global_rank == 0:
             summary["hf"] = str(export_final_hf(final, self.out / "hf", self.policy.tokenizer_dir))
         if fabric.global_rank == 0:
@@ -142,13 +146,20 @@ class _Trainer:
             scheduler.load_state_dict(saved["scheduler"])
         table = load_table(plan.table, c.table_kind, f"train.phases[{plan.index}].table ({plan.name})")
         source = TableSource(table, c.table_kind, self.m.train_seed + plan.index, self.t.max_seq_len)
-        ref = self._reference(plan, source) if c.objective == "dpo" else None
-        self.log(f"train: phase {plan.index + 1} '{plan.name}' ({c.objective}) from step {self.state['phase_step']} "
-                 f"of {plan.steps}")
+        online, ref = None, None
+        if c.source == "online":
+            online = OnlinePhase(self.m, plan, self.out, self.policy, fabric, self.log)
+            if c.objective == "dpo":
+                self.state["ref_sha"] = online.setup_reference(self.state["ref_sha"])
+        elif c.objective == "dpo":
+            ref = self._reference(plan, source)
+        self.log(f"train: phase {plan.index + 1} '{plan.name}' ({c.source} {c.objective}) from step "
+                 f"{self.state['phase_step']} of {plan.steps}")
         window, peak_flops, logged = Window(), available_flops(fabric.device, self.t.precision), {}
         phase_started, first_step = time.perf_counter(), self.state["phase_step"]
+        micro_batch = self._micro_batches(plan, source, ref, online)
         while self.state["phase_step"] < plan.steps:
-            loss, stats = self._step(plan, source, ref, model, optimizer)
+            loss, stats = self._step(plan, micro_batch, model)
             if c.grad_clip is not None:
                 fabric.clip_gradients(model, optimizer, max_norm=c.grad_clip)
             optimizer.step()
@@ -170,26 +181,41 @@ class _Trainer:
                 window.reset()
             if self.state["global_step"] % self.t.checkpoint.every == 0 or done:
                 self._save(optimizer, scheduler)
+        if online is not None:
+            self.online_summary[plan.name] = online.summary()
+            online.close()
         return {k: round(v, 6) for k, v in logged.items()}
 
-    def _step(self, plan: PhasePlan, source: TableSource, ref, model, optimizer) -> tuple[float, list[dict]]:
-        """Forward and backward of ``grad_accum`` micro-batches; returns the mean loss over ranks."""
+    def _step(self, plan: PhasePlan, micro_batch: Callable[[int, int], MicroBatch], model) -> tuple[float, list[dict]]:
+        """Forward and backward of ``grad_accum`` micro-batches; returns the mean loss over ranks.
+
+        ``micro_batch(micro, start)`` gives micro-batch ``micro``, whose rows are the phase's
+        samples ``start ..``: read from a table, or sampled, judged and picked online.
+        """
         fabric, c = self.fabric, plan.config
         losses, stats = [], []
         for micro in range(c.grad_accum):
             start = self.state["samples"] + (micro * fabric.world_size + fabric.global_rank) * c.batch_size
-            rows = source.row_indices(start, c.batch_size)
-            examples = source.examples(rows)
+            batch = micro_batch(micro, start)
+            started = time.perf_counter()
             with fabric.no_backward_sync(model, enabled=micro < c.grad_accum - 1):
-                if ref is None:
-                    loss, s = nll_step(model, examples, PAD_ID, self.t.max_seq_len, fabric.device)
+                if not batch.examples:  # online: every prefix tied or had one candidate
+                    # A zero loss through the model keeps the ranks' gradient syncs in step.
+                    loss = model(torch.zeros((1, 1), dtype=torch.long, device=fabric.device)).sum() * 0.0
+                    s = {"tokens": 0, "target_tokens": 0, "sources": {}}
+                elif c.objective == "dpo":
+                    loss, s = dpo_step(model, batch.examples, batch.ref, c.beta, PAD_ID, self.t.max_seq_len,
+                                       fabric.device)
                 else:
-                    pair_ref = (torch.from_numpy(ref[0][rows]), torch.from_numpy(ref[1][rows]))
-                    loss, s = dpo_step(model, examples, pair_ref, c.beta, PAD_ID, self.t.max_seq_len, fabric.device)
+                    loss, s = nll_step(model, batch.examples, PAD_ID, self.t.max_seq_len, fabric.device)
                 fabric.backward(loss / c.grad_accum)
-            losses.append(loss.detach())
+            if batch.examples:
+                losses.append(loss.detach())
+            if batch.stats is not None:
+                s["online"] = {**batch.stats, "train_s": time.perf_counter() - started,
+                               **logprob_gap(batch.examples, s.get("seq_logps", []), c.objective)}
             stats.append(s)
-        mean = torch.stack(losses).mean()
+        mean = torch.stack(losses).mean() if losses else torch.zeros((), device=fabric.device)
         if fabric.world_size > 1:
             mean = fabric.all_reduce(mean, reduce_op="mean")
         value = float(mean)
@@ -197,6 +223,20 @@ class _Trainer:
             raise FloatingPointError(f"phase '{plan.name}' step {self.state['phase_step'] + 1}: loss is {value}; "
                                      f"lower train.phases[{plan.index}].lr or check the table")
         return value, stats
+
+    def _micro_batches(self, plan: PhasePlan, source: TableSource, ref, online: OnlinePhase | None):
+        """The phase's ``micro_batch(micro, start)`` for :meth:`_step`."""
+        size = plan.config.batch_size
+        if online is not None:
+            return lambda micro, start: online.micro_batch(self.state["phase_step"] + 1, micro, source.examples(
+                source.row_indices(start, size)), self.state["global_step"])
+
+        def from_table(micro: int, start: int) -> MicroBatch:
+            rows = source.row_indices(start, size)
+            pair_ref = (torch.from_numpy(ref[0][rows]), torch.from_numpy(ref[1][rows])) if ref is not None else None
+            return MicroBatch(source.examples(rows), pair_ref)
+
+        return from_table
 
     def _reference(self, plan: PhasePlan, source: TableSource) -> tuple[np.ndarray, np.ndarray]:
         """The phase's reference log-probs, aligned to the table's rows by pair_id: the stored set
@@ -243,7 +283,10 @@ class _Trainer:
     def _progress(self, plan: PhasePlan, m: dict, step_s: float) -> None:
         remaining = (plan.steps - self.state["phase_step"]) * step_s
         later = sum(p.steps for p in self.plans[plan.index + 1:])
-        extra = "".join(f" | {k} {m[k]:.3f}" for k in ("dpo_accuracy", "dpo_margin") if k in m)
+        extra = "".join(f" | {k} {m[k]:.3f}" for k in ("dpo_accuracy", "dpo_margin", "chosen_rate_rollout") if k in m)
+        if "judge_calls" in m:
+            extra += (f" | judge calls {m['judge_calls']:.0f} | sample/judge/train {m['sample_s']:.1f}/"
+                      f"{m['judge_s']:.1f}/{m['train_s']:.1f} s")
         self.log(f"train [{plan.name} {plan.index + 1}/{len(self.t.phases)}] step {self.state['phase_step']}/"
                  f"{plan.steps} | loss {m['loss']:.4f}{extra} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | "
                  f"phase ETA {format_duration(remaining)}" + (f" (+{later} steps in later phases)" if later else ""))

@@ -65,6 +65,7 @@ class Window:
         self.steps, self.loss_sum, self.tokens, self.target_tokens = 0, 0.0, 0, 0
         self.pairs, self.correct, self.margin_sum = 0, 0.0, 0.0
         self.sources: Counter = Counter()
+        self.online: Counter = Counter()  # online phases: sums of what the micro-batches sampled and judged
 
     def add(self, loss: float, stats: list[dict]) -> None:
         self.steps += 1
@@ -76,6 +77,11 @@ class Window:
             self.pairs += s.get("pairs", 0)
             self.correct += s.get("correct", 0.0)
             self.margin_sum += s.get("margin_sum", 0.0)
+            for key, value in s.get("online", {}).items():
+                if key == "logprob_gap_max_per_token":
+                    self.online[key] = max(self.online[key], value)
+                else:
+                    self.online[key] += value
 
     def metrics(self, world_size: int, params: int, peak_flops: float | None) -> dict[str, float]:
         elapsed = max(1e-9, time.perf_counter() - self.started)
@@ -88,6 +94,38 @@ class Window:
         total = sum(self.sources.values())
         for source, count in sorted(self.sources.items()):
             out[f"chosen_rate_{source}"] = count / total
+        if self.online:
+            out.update(online_metrics(self.online, self.sources, self.steps))
         if peak_flops:
             out["mfu"] = 6 * params * tokens_per_s / (peak_flops * world_size)  # 6N FLOPs per token (fwd+bwd)
         return out
+
+
+def online_metrics(o: Counter, chosen: Counter, steps: int) -> dict[str, float]:
+    """The online phase's window metrics from :class:`Window`'s sums: which sources win (every
+    source listed, 0.0 included: the rollout chosen rate is the curriculum's signal), rewards,
+    judge cost, and where a step's time goes."""
+    from pipeline.schema import CANDIDATE_SOURCES
+
+    picked = sum(chosen.values())
+    out = {f"chosen_rate_{s}": chosen.get(s, 0) / picked if picked else 0.0 for s in CANDIDATE_SOURCES}
+    usable = o["pick_usable"]
+    if o["rejected_original"] + o["rejected_rewrite"] + o["rejected_rollout"]:
+        out.update({f"rejected_rate_{s}": o[f"rejected_{s}"] / usable for s in CANDIDATE_SOURCES})
+        out["reward_margin"] = o["reward_margin_sum"] / usable
+    for s in CANDIDATE_SOURCES:
+        if o[f"reward_count_{s}"]:
+            out[f"reward_mean_{s}"] = o[f"reward_sum_{s}"] / o[f"reward_count_{s}"]
+    prefixes = max(1, o["prefixes"])
+    out.update({"prefixes_usable_rate": usable / prefixes, "prefixes_tie_rate": o["pick_tie"] / prefixes,
+                "prefixes_single_rate": o["pick_single_candidate"] / prefixes,
+                "candidates_per_prefix": o["candidates"] / prefixes,
+                "judge_calls": o["judge_calls"], "judge_prompt_tokens": o["prompt_tokens"],
+                "sample_s": o["sample_s"] / max(1, steps), "judge_s": o["judge_s"] / max(1, steps),
+                "train_s": o["train_s"] / max(1, steps), "replayed_micro_batches": o["replayed"]})
+    if o["sample_s"]:
+        out["rollout_tokens_per_s"] = o["rollout_tokens"] / o["sample_s"]
+    if o["logprob_gap_tokens"]:
+        out["logprob_gap_per_token"] = o["logprob_gap_sum"] / o["logprob_gap_tokens"]
+        out["logprob_gap_max_per_token"] = o["logprob_gap_max_per_token"]
+    return out

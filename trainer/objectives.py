@@ -38,12 +38,17 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, target_mask
     return target_logprobs(logits, input_ids, target_mask).sum(-1)
 
 
-def ntp_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood over all target tokens of the batch (token-weighted)."""
+def mean_nll(per_token: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Token-weighted mean negative log-likelihood from :func:`target_logprobs` (B, T-1)."""
     count = target_mask[:, 1:].sum()
     if count == 0:
         raise ValueError("batch has no target tokens")
-    return -target_logprobs(logits, input_ids, target_mask).sum() / count
+    return -per_token.sum() / count
+
+
+def ntp_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood over all target tokens of the batch (token-weighted)."""
+    return mean_nll(target_logprobs(logits, input_ids, target_mask), target_mask)
 
 
 @dataclass

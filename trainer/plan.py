@@ -52,8 +52,8 @@ class PhasePlan:
 def table_path(manifest: Manifest, phase: PhaseConfig) -> Path:
     if phase.table is not None:
         return manifest.resolve_path(phase.table)
-    default = {"pairs": manifest.stage_dir("shard"), "sft": manifest.stage_dir("prefs") / "sft",
-               "preferences": manifest.stage_dir("prefs")}
+    default = {"pairs": manifest.stage_dir("shard"), "prefixes": manifest.stage_dir("shard"),
+               "sft": manifest.stage_dir("prefs") / "sft", "preferences": manifest.stage_dir("prefs")}
     return default[phase.table_kind]
 
 
@@ -85,6 +85,11 @@ def describe(manifest: Manifest, plans: list[PhasePlan]) -> str:
     for p in plans:
         c = p.config
         extra = f", beta {c.beta}" if c.objective == "dpo" else ""
+        if c.source == "online":
+            o = c.online
+            extra += (f"; online: {o.rollouts} rollouts of {manifest.shard.suffix_tokens} tokens per prefix from the "
+                      f"current weights (temperature {o.temperature}, top_p {o.top_p}), judged with the original"
+                      + (" and the rewrite" if o.rewrite and manifest.rewriter is not None else ""))
         lines.append(f"  phase {p.index + 1}/{len(plans)} '{p.name}': {c.objective} on {p.table} ({p.rows} rows); "
                      f"{p.steps} steps x {p.samples_per_step} rows = {p.steps * p.samples_per_step / p.rows:.2f} "
                      f"epochs, ~{p.tokens:,} tokens; lr {c.lr} (warmup {c.warmup_steps}, cosine to "

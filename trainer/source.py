@@ -10,7 +10,9 @@ What is trained on, per table:
   (plain next-token pretraining; the window keeps its last ``max_len`` tokens);
 - ``sft`` (``rf_nll``): ``target_ids`` given ``prefix_ids``;
 - ``preferences`` (``dpo``): ``chosen_ids`` and ``rejected_ids`` given ``prefix_ids``; the
-  reference log-probs are joined to the rows by ``pair_id`` (trainer/ref_logps.py).
+  reference log-probs are joined to the rows by ``pair_id`` (trainer/ref_logps.py);
+- ``prefixes`` (online phases): the pairs table's rows as they are; the online phase
+  (trainer/online.py) samples, judges and picks what is trained on.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ COLUMNS = {
     "pairs": ["prefix_ids", "suffix_ids"],
     "sft": ["prefix_ids", "target_ids", "source"],
     "preferences": ["pair_id", "prefix_ids", "chosen_ids", "rejected_ids", "chosen_source", "rejected_source"],
+    # An online phase's prefixes: the pairs table, with what the candidates of a pair need.
+    "prefixes": ["pair_id", "prefix", "suffix", "prefix_ids", "suffix_ids"],
 }
 
 
@@ -38,7 +42,7 @@ class TableError(SipError, ValueError):
 def load_table(path: Path, kind: str, key: str) -> pa.Table:
     """Read the columns a ``kind`` table must have, with errors naming ``key`` and the file."""
     if not table_files(path):
-        hint = {"pairs": "sip shard", "sft": "sip prefs", "preferences": "sip prefs"}[kind]
+        hint = {"pairs": "sip shard", "sft": "sip prefs", "preferences": "sip prefs", "prefixes": "sip shard"}[kind]
         raise TableError(f"{key}: no {kind} table at {path} (no .parquet files); run `{hint}` first or set {key}")
     try:
         table = read_table(path)
@@ -84,6 +88,8 @@ class TableSource:
             if self.kind == "pairs":
                 window = row["prefix_ids"] + row["suffix_ids"]
                 out.append({"prefix": [], "target": window[-self.max_len:]})
+            elif self.kind == "prefixes":
+                out.append(row)
             elif self.kind == "sft":
                 out.append({"prefix": row["prefix_ids"], "target": row["target_ids"], "source": row["source"]})
             else:
@@ -94,5 +100,6 @@ class TableSource:
     def token_count(self) -> int:
         """Tokens of one epoch (all sequences, before any trimming): for plans and throughput."""
         cols = {"pairs": ["prefix_ids", "suffix_ids"], "sft": ["prefix_ids", "target_ids"],
+                "prefixes": ["prefix_ids", "suffix_ids"],
                 "preferences": ["prefix_ids", "prefix_ids", "chosen_ids", "rejected_ids"]}[self.kind]
         return sum(int(pc.sum(pc.list_value_length(self.table[c])).as_py() or 0) for c in cols)

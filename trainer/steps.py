@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
 from trainer.data import collate
-from trainer.objectives import dpo_loss, ntp_loss, sequence_logprobs
+from trainer.objectives import dpo_loss, mean_nll, sequence_logprobs, target_logprobs
+
+
+@dataclass
+class MicroBatch:
+    """What one micro-batch trains on.
+
+    ``examples``: dicts with ``prefix`` and ``target`` (ntp, rf_nll) or ``chosen`` and
+    ``rejected`` (dpo) token ids; ``ref``: the DPO reference's sequence log-probs of the chosen
+    and rejected suffixes, (B,) each; ``stats``: an online micro-batch's sums for the metrics
+    window (None for a table's rows).
+    """
+
+    examples: list[dict]
+    ref: tuple[torch.Tensor, torch.Tensor] | None = None
+    stats: dict | None = None
 
 
 def pair_batch(examples: list[dict], pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
@@ -27,12 +43,14 @@ def pair_logps(model, examples: list[dict], pad_id: int, max_len: int, device) -
 
 
 def nll_step(model, examples: list[dict], pad_id: int, max_len: int, device) -> tuple[torch.Tensor, dict]:
-    """ntp / rf_nll: token-mean NLL of the targets. Metrics: tokens read and trained on."""
+    """ntp / rf_nll: token-mean NLL of the targets. Metrics: tokens read and trained on, and each
+    sequence's summed target log-prob (nats; the online phase compares them with the sampler's)."""
     batch = collate([e["prefix"] for e in examples], [e["target"] for e in examples], pad_id=pad_id, max_len=max_len)
     ids, mask = batch["input_ids"].to(device), batch["target_mask"].to(device)
-    loss = ntp_loss(model(ids), ids, mask)
+    per_token = target_logprobs(model(ids), ids, mask)
+    loss = mean_nll(per_token, mask)
     stats = {"tokens": sum(min(len(e["prefix"]) + len(e["target"]), max_len) for e in examples),
-             "target_tokens": int(mask[:, 1:].sum())}
+             "target_tokens": int(mask[:, 1:].sum()), "seq_logps": per_token.detach().sum(-1).tolist()}
     stats["sources"] = Counter(e["source"] for e in examples if "source" in e)
     return loss, stats
 
@@ -50,5 +68,6 @@ def dpo_step(model, examples: list[dict], ref: tuple[torch.Tensor, torch.Tensor]
         "correct": float(out.accuracy) * len(examples),
         "pairs": len(examples),
         "sources": Counter(e["chosen_source"] for e in examples),
+        "seq_logps": chosen.detach().tolist() + rejected.detach().tolist(),  # chosen rows, then rejected rows
     }
     return out.loss, stats

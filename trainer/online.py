@@ -1,0 +1,326 @@
+"""The online phase: the current policy's rollouts, judged while it trains (METHOD.md "Idea").
+
+Each micro-batch of prefixes (rows of the pairs table, in the phase's seeded order):
+
+1. **sample** K rollouts of at most N tokens per prefix from the weights being trained, in
+   process (``trainer/sampling.py``), each micro-batch seeded by (seed, phase, step, rank,
+   micro) so a step's samples do not depend on what ran before it;
+2. **judge** them with the pair's original suffix and its ok rewrite (the rewrite stage's
+   table) through the scoring core (``stages/scoring.py``): the same candidates, scores,
+   rewards and picks as ``sip judge`` + ``sip prefs``;
+3. **pick** chosen/rejected (DPO) or the best candidate (RF-NLL); ties and prefixes without
+   two judged candidates are skipped and counted;
+4. **record** every candidate with its scores, role and the weights version that sampled it,
+   one Parquet file per (step, rank, micro) written atomically before the step trains, under
+   ``<train>/online/<phase>/``. A resumed run replays a recorded micro-batch instead of
+   sampling and judging it again: no judge call is paid twice, and the data are the same as
+   an uninterrupted run's even where the engine cannot be seeded.
+
+The DPO reference is the policy at the phase start, kept as a frozen copy (its weights are
+saved once under ``<train>/online/<phase>/reference/`` so a resumed phase uses the same
+one); its log-probs of the chosen and rejected suffixes are computed when they are picked and
+recorded with them.
+
+Prefixes keep their last ``train.max_seq_len - N`` tokens for sampling and training alike, so
+every candidate of a pair, and both sides of a DPO pair, are continuations of the same
+context.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.engines.factory import make_engine, model_identity
+from pipeline.io import CHUNK_STATS_KEY, write_table_atomic
+from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
+from pipeline.schema import ONLINE, content_id, provenance, read_provenance, with_provenance
+from pipeline.tokenizer import end_of_text_ids, load_tokenizer
+from stages.criteria import Judge
+from stages.judge import UpstreamCandidates, judging_view
+from stages.rewrite import plan_rewrite
+from stages.scoring import CandidateSet, Judged, assemble_candidates, pick_judged, score_pairs
+from trainer.model import ModelError, state_sha
+from trainer.plan import PhasePlan, train_view
+from trainer.sampling import sample_continuations
+from trainer.steps import MicroBatch
+
+RECORD_DIR = "online"
+
+
+def record_dir(out: Path, phase: str) -> Path:
+    return out / RECORD_DIR / phase
+
+
+def record_path(out: Path, phase: str, step: int, rank: int, micro: int) -> Path:
+    return record_dir(out, phase) / f"step-{step:08d}-rank-{rank:05d}-micro-{micro:03d}.parquet"
+
+
+class OnlinePhase:
+    """One online phase of one rank: micro-batches of prefixes -> judged, picked examples."""
+
+    def __init__(self, manifest: Manifest, plan: PhasePlan, out: Path, policy, fabric, log):
+        self.m, self.plan, self.out, self.policy, self.fabric, self.log = manifest, plan, out, policy, fabric, log
+        self.cfg = plan.config.online
+        self.objective = plan.config.objective
+        self.n = manifest.shard.suffix_tokens
+        self.context = manifest.train.max_seq_len - self.n
+        if self.context < 1:
+            raise ModelError(f"train.max_seq_len ({manifest.train.max_seq_len}) leaves no room for a prefix before "
+                             f"N = {self.n} suffix tokens; raise it")
+        if manifest.judge is None:
+            raise ModelError(f"phase '{plan.name}' is online: the manifest needs a 'judge' section")
+        from lightning.fabric.strategies import FSDPStrategy
+
+        if isinstance(fabric.strategy, FSDPStrategy):
+            # The in-process sampler decodes with the whole model on each rank.
+            raise ModelError(f"phase '{plan.name}' is online: its rollouts are sampled in process, which needs the "
+                             "whole model on every rank; set train.strategy: ddp (FSDP shards the weights)")
+        self.tokenizer = load_tokenizer(str(policy.tokenizer_dir))
+        self.eos = end_of_text_ids(policy.tokenizer_dir)
+        rewrites = self._rewrites()
+        self.candidates = UpstreamCandidates(str(rewrites.path) if rewrites else None, str(policy.tokenizer_dir), self.n)
+        self.judge: Judge | None = None  # started when the first micro-batch is not in the record
+        self.reference = None
+        judge_identity = model_identity(manifest, manifest.judge, "judge")
+        # What decides a recorded micro-batch: a record made under other settings is never replayed.
+        self.record_fingerprint = content_id("online", plan.name, json.dumps({
+            **train_view(manifest), **judging_view(manifest), **fingerprinted_view(manifest, ("prefs",)),
+            "judge.identity": judge_identity, "upstream.rewrite": rewrites.fingerprint if rewrites else None,
+        }, sort_keys=True, default=str))
+        self.schema = with_provenance(ONLINE, provenance(
+            stage="train", table="online", manifest_fingerprint=fingerprint(manifest),
+            stage_fingerprint=self.record_fingerprint, models={"judge": judge_identity},
+            settings={"phase": plan.config.model_dump(mode="json"), "judging": manifest.judging.model_dump(mode="json"),
+                      "suffix_tokens": self.n, "prefix_context": self.context}))
+        self.judge_calls_made = 0
+        self.micro_batches_replayed = 0
+
+    def _rewrites(self):
+        """The rewrite stage's directory (a StageDir) when the phase judges rewrites, else None."""
+        if not self.cfg.rewrite or self.m.rewriter is None:
+            return None
+        rewrite = plan_rewrite(self.m, upstream_pending=True)
+        rewrite.stage.check_upstream_of("train")  # complete, and made with this manifest's settings
+        return rewrite.stage
+
+    # ------------------------------------------------------------------ reference
+    def setup_reference(self, ref_sha: str | None) -> str:
+        """The frozen phase-start policy (DPO only). Returns its weights' hash.
+
+        ``ref_sha`` is None when the phase starts now: the current weights are saved as the
+        reference. Otherwise (a resumed phase) the saved reference is loaded and checked.
+        """
+        path = record_dir(self.out, self.plan.name) / "reference" / "lit_model.pth"
+        model = self.policy.model.module
+        if ref_sha is None:
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            sha = state_sha(state)
+            if self.fabric.global_rank == 0:
+                from pipeline.atomic import atomic_path
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    torch.save(state, tmp)
+            self.fabric.barrier()
+        else:
+            if not path.is_file():
+                raise ModelError(f"{path}: the reference of online phase '{self.plan.name}' is missing; it cannot be "
+                                 "recovered from a later checkpoint: train again with --force")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            sha = state_sha(state)
+            if sha != ref_sha:
+                raise ModelError(f"{path}: reference weights {sha} are not the phase's reference {ref_sha}")
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.reference.load_state_dict(state)
+        return sha
+
+    # ------------------------------------------------------------------ micro-batches
+    def micro_batch(self, step: int, micro: int, rows: list[dict], weights_version: int) -> MicroBatch:
+        """Examples for phase step ``step`` (1-based) and micro-batch ``micro`` of this rank."""
+        path = record_path(self.out, self.plan.name, step, self.fabric.global_rank, micro)
+        if path.is_file():
+            self.micro_batches_replayed += 1
+            return self._replay(path, rows)
+        timings = {}
+        started = time.perf_counter()
+        sets, samples = self._sample(step, micro, rows, timings)
+        timings["sample_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        judge = self._judge()
+        before = judge.counters.snapshot()
+        judged = score_pairs(judge, sets)
+        spent = judge.counters.since(before)
+        timings["judge_s"] = time.perf_counter() - started
+        self.judge_calls_made += spent.get("judge_calls", 0)
+        record = self._record_rows(step, micro, weights_version, sets, judged, samples, self.prefixes(rows))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_table_atomic(str(path), record, self.schema, {**spent, **timings})
+        return self._from_record(record, {**spent, **timings}, rows)
+
+    def prefixes(self, rows: list[dict]) -> dict[str, list[int]]:
+        """pair_id -> the prefix ids the pair's candidates continue (its last max_seq_len - N)."""
+        return {pair["pair_id"]: list(pair["prefix_ids"])[-self.context:] for pair in rows}
+
+    def _judge(self) -> Judge:
+        if self.judge is None:
+            self.log(f"train: starting the judge for online phase '{self.plan.name}'")
+            self.judge = Judge(make_engine(self.m, self.m.judge, "judge"), self.m.judging, self.m.run.seed)
+        return self.judge
+
+    def _sample(self, step: int, micro: int, rows: list[dict], timings: dict):
+        model = self.policy.model.module
+        device = next(model.parameters()).device
+        sets, samples, tokens = [], [], 0
+        for i, pair in enumerate(rows):
+            seed = int(content_id("rollout", self.m.train_seed, self.plan.name, step, self.fabric.global_rank,
+                                  micro, i)[:15], 16)
+            generator = torch.Generator(device).manual_seed(seed)
+            prefix_ids = list(pair["prefix_ids"])[-self.context:]
+            drawn = sample_continuations(model, prefix_ids, self.cfg.rollouts, self.n, temperature=self.cfg.temperature,
+                                         top_p=self.cfg.top_p, eos_ids=self.eos, generator=generator)
+            tokens += sum(len(s.token_ids) for s in drawn)
+            texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in drawn]
+            sets.append(assemble_candidates(pair, self.candidates.rewrites().get(pair["pair_id"]),
+                                            [(t, s.token_ids) for t, s in zip(texts, drawn)], self.tokenizer, self.n))
+            # The first sample that gave each text (a repeated text is judged once).
+            by_text: dict[str, tuple[int, float]] = {}
+            for k, (t, s) in enumerate(zip(texts, drawn)):
+                by_text.setdefault(t, (k, sum(s.logprobs)))
+            samples.append(by_text)
+        timings["rollout_tokens"] = tokens
+        return sets, samples
+
+    def _record_rows(self, step: int, micro: int, version: int, sets: list[CandidateSet], judged: list[list[Judged]],
+                     samples: list[dict], prefix_ids: dict[str, list[int]]) -> list[dict]:
+        rows = []
+        for cand_set, pair_judged, by_text in zip(sets, judged, samples):
+            picked = pick_judged(pair_judged, self.m.prefs.min_margin)
+            roles = {}
+            if picked.status == "usable" and self.objective == "dpo":
+                roles = {id(picked.chosen): "chosen", id(picked.rejected): "rejected"}
+            elif picked.best is not None and self.objective == "rf_nll":
+                roles = {id(picked.best): "best"}
+            ref = self._reference_logps(prefix_ids[cand_set.pair_id], picked) \
+                if roles and self.objective == "dpo" else {}
+            for j in pair_judged:
+                c = j.candidate
+                sample, logprob = by_text.get(c.text, (None, None)) if c.source == "rollout" else (None, None)
+                rows.append({
+                    "phase": self.plan.name, "step": step, "rank": self.fabric.global_rank, "micro": micro,
+                    "weights_version": version, "pair_id": c.pair_id, "cand_id": c.cand_id, "source": c.source,
+                    "text": c.text, "token_ids": list(c.token_ids), "sample": sample, "sampler_logprob": logprob,
+                    **j.scores, "reward": j.reward, "judge_raw": _json(j.raw),
+                    "parse_status": "ok" if j.parsed else "unparsable",
+                    "shown_order": _json(j.shown_order) if j.shown_order else None,
+                    "judge_samples": self.m.judging.samples, "pick_status": picked.status,
+                    "role": roles.get(id(j)), "ref_logprob": ref.get(roles.get(id(j))),
+                })
+        return rows
+
+    @torch.no_grad()
+    def _reference_logps(self, prefix_ids: list[int], picked) -> dict[str, float]:
+        from trainer.runtime import PAD_ID
+        from trainer.steps import pair_logps
+
+        example = {"prefix": prefix_ids, "chosen": list(picked.chosen.candidate.token_ids),
+                   "rejected": list(picked.rejected.candidate.token_ids)}
+        device = next(self.reference.parameters()).device
+        chosen, rejected = pair_logps(self.reference, [example], PAD_ID, self.m.train.max_seq_len, device)
+        return {"chosen": float(chosen[0]), "rejected": float(rejected[0])}
+
+    def _replay(self, path: Path, rows: list[dict]) -> MicroBatch:
+        table = pq.read_table(path)
+        made_by = (read_provenance(table.schema) or {}).get("stage_fingerprint")
+        if made_by != self.record_fingerprint:
+            raise ModelError(f"{path}: this micro-batch was recorded under other settings (record {made_by}, now "
+                             f"{self.record_fingerprint}); train again with --force")
+        recorded = set(table.column("pair_id").to_pylist())
+        if recorded != {pair["pair_id"] for pair in rows}:
+            raise ModelError(f"{path}: the recorded micro-batch holds other prefixes than this step reads; the record "
+                             "belongs to another run: train again with --force")
+        raw = (table.schema.metadata or {}).get(CHUNK_STATS_KEY)
+        spent = json.loads(raw) if raw else {}
+        return self._from_record(table.to_pylist(), {**spent, "replayed": 1}, rows)
+
+    def _from_record(self, record: list[dict], spent: dict, pairs: list[dict]) -> MicroBatch:
+        """Training examples and metric sums from a micro-batch's record rows."""
+        by_pair: dict[str, list[dict]] = {}
+        for row in record:
+            by_pair.setdefault(row["pair_id"], []).append(row)
+        examples, ref_c, ref_r = [], [], []
+        stats = Counter({k: v for k, v in spent.items()})
+        prefixes = self.prefixes(pairs)
+        for pair_id, rows in by_pair.items():
+            prefix = prefixes[pair_id]
+            role = {r["role"]: r for r in rows if r["role"]}
+            status = rows[0]["pick_status"]
+            stats["prefixes"] += 1
+            stats[f"pick_{status}"] += 1
+            stats["candidates"] += len(rows)
+            for r in rows:
+                stats[f"candidates_{r['source']}"] += 1
+                if r["reward"] is not None:
+                    stats[f"reward_sum_{r['source']}"] += r["reward"]
+                    stats[f"reward_count_{r['source']}"] += 1
+            if self.objective == "dpo" and "chosen" in role:
+                c, r = role["chosen"], role["rejected"]
+                examples.append({"prefix": prefix, "chosen": c["token_ids"], "rejected": r["token_ids"],
+                                 "chosen_source": c["source"], "rejected_source": r["source"],
+                                 "sampler_logprobs": (c["sampler_logprob"], r["sampler_logprob"])})
+                ref_c.append(c["ref_logprob"])
+                ref_r.append(r["ref_logprob"])
+                stats[f"rejected_{r['source']}"] += 1
+                stats["reward_margin_sum"] += c["reward"] - r["reward"]
+            elif self.objective == "rf_nll" and "best" in role:
+                b = role["best"]
+                examples.append({"prefix": prefix, "target": b["token_ids"], "source": b["source"],
+                                 "sampler_logprobs": (b["sampler_logprob"],)})
+        ref = (torch.tensor(ref_c, dtype=torch.float32), torch.tensor(ref_r, dtype=torch.float32)) \
+            if self.objective == "dpo" else None
+        return MicroBatch(examples, ref, dict(stats))
+
+    def summary(self) -> dict:
+        """What this rank's process paid for and what it replayed (a resumed run makes no judge
+        call for a micro-batch already in the record)."""
+        return {"judge_calls_made": self.judge_calls_made, "micro_batches_replayed": self.micro_batches_replayed,
+                "record": str(record_dir(self.out, self.plan.name))}
+
+    def close(self) -> None:
+        if self.judge is not None:
+            self.judge.engine.close()
+            self.judge = None
+        self.reference = None
+
+
+def _json(value) -> str:
+    return json.dumps(value, default=str)
+
+
+def logprob_gap(examples: list[dict], trainer_logps: list[float], objective: str) -> dict[str, float]:
+    """How far the trainer's log-probs of the rollouts it trains on are from the sampler's.
+
+    ``trainer_logps``: the step's sequence log-probs (``nll_step``: one per example; ``dpo_step``:
+    the chosen rows, then the rejected rows). Sums of |sampler - trainer| (nats) and the tokens
+    they cover; a stale sampler (weights not the ones being trained) shows as a gap far above
+    float rounding.
+    """
+    if not examples or not trainer_logps:
+        return {}
+    if objective == "dpo":
+        half = len(examples)
+        pairs = [(e["sampler_logprobs"][0], trainer_logps[i], len(e["chosen"])) for i, e in enumerate(examples)]
+        pairs += [(e["sampler_logprobs"][1], trainer_logps[half + i], len(e["rejected"])) for i, e in enumerate(examples)]
+    else:
+        pairs = [(e["sampler_logprobs"][0], trainer_logps[i], len(e["target"])) for i, e in enumerate(examples)]
+    gaps = [(abs(s - t), n) for s, t, n in pairs if s is not None]
+    if not gaps:
+        return {}
+    return {"logprob_gap_sum": sum(g for g, _ in gaps), "logprob_gap_tokens": sum(n for _, n in gaps),
+            "logprob_gap_max_per_token": max(g / n for g, n in gaps)}
