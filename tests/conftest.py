@@ -70,10 +70,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def run_sip(*args: str, check: bool = True, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+def run_sip(*args: str, check: bool = True, timeout: int = 600, env: dict | None = None,
+            **kwargs) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [*SIP, *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ}, **kwargs,
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env or {**os.environ}, **kwargs,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"sip {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
