@@ -17,7 +17,7 @@ from itertools import combinations
 from pathlib import Path
 
 from pipeline.engines.base import Engine, Request, Sampling
-from pipeline.manifest import JudgingConfig
+from pipeline.manifest import JudgingConfig, ManifestError
 from pipeline.prompts import PromptTemplate
 from pipeline.schema import content_id
 from stages.verdicts import CHOICES, parse_verdict
@@ -51,11 +51,17 @@ class JudgeCounters:
         return {k: v - before.get(k, 0) for k, v in self.snapshot().items()}
 
 
-def choice_tokens(tokenizer, choices: dict[str, float]) -> dict[str, int]:
-    """Each choice's first token (as it follows the lead-in); they must differ to be told apart."""
+def choice_tokens(tokenizer, choices: dict[str, float], criterion: str) -> dict[str, int]:
+    """Each choice's first token (as it follows the lead-in); they must differ to be told apart.
+
+    Raises:
+        ManifestError: two choices start with the same token in this judge's tokenizer.
+    """
     first = {c: tokenizer.encode(c, add_special_tokens=False)[0] for c in choices}
     if len(set(first.values())) != len(first):
-        raise ValueError(f"choices {list(choices)} share a first token with this tokenizer; choice_prob needs distinct ones")
+        raise ManifestError(f"judging.{criterion}.mode: choice_prob needs choices that start with different tokens; "
+                            f"{list(choices)} share a first token in this judge's tokenizer: use verdict"
+                            + (" or likelihood" if criterion == "quality" else ""))
     return first
 
 
@@ -95,7 +101,7 @@ class Judge:
         its first token's share of the choices' next-token probability (what structured
         decoding restricted to the choices would sample from)."""
         lead, choices = CHOICES[criterion]
-        first = choice_tokens(self.engine.tokenizer, choices)
+        first = choice_tokens(self.engine.tokenizer, choices, criterion)
         prompts = [self.engine.prompt_ids(Request(r.id, r.messages, prefill=lead)) for r in requests]
         logprobs = self.engine.next_token_logprobs(prompts, list(first.values()))
         self.counters.calls += len(requests)

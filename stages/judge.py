@@ -175,15 +175,25 @@ def judging_view(manifest: Manifest) -> dict:
             if k.removeprefix("judge.") not in RUN_ONLY and k not in ("judging.chunk_size", "judging.self_check")}
 
 
-def plan_judge(manifest: Manifest, upstream_pending: bool = False) -> JudgePlan:
+def check_judge_settings(manifest: Manifest, who: str = "judge") -> None:
+    """Refuse a judge the manifest cannot run, before any work (the stage and online phases).
+
+    Raises:
+        StageFailed: no ``judge`` section. ManifestError: a scoring mode the judge cannot serve.
+    """
     if manifest.judge is None:
-        raise StageFailed("judge: the manifest has no 'judge' section (model: embedded, a path or an endpoint)")
+        raise StageFailed(f"{who}: the manifest has no 'judge' section (model: embedded, a path or an endpoint)")
     cfg = manifest.judging
     if manifest.judge.kind == "endpoint":
         soft = [c for c in CRITERIA if getattr(cfg, c) and getattr(cfg, c).mode != "verdict"]
         if soft:
             raise ManifestError(f"judging.{soft[0]}.mode: an endpoint judge supports only 'verdict' "
                                 "(choice_prob and likelihood need the model's log-probs: use a local judge)")
+
+
+def plan_judge(manifest: Manifest, upstream_pending: bool = False) -> JudgePlan:
+    check_judge_settings(manifest)
+    cfg = manifest.judging
     shard, rewrite = plan_shard(manifest), plan_rewrite(manifest, upstream_pending=True)
     # Rollouts are an upstream only when there are any: count 0 leaves the judge as it was.
     rollout = plan_rollout(manifest, upstream_pending=True) if manifest.rollouts.count else None

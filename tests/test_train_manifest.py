@@ -102,3 +102,27 @@ def test_an_online_phase_gets_the_default_rollout_settings(tmp_path):
     online = m.train.phases[0].online
     assert (online.rollouts, online.temperature, online.top_p, online.rewrite) == (4, 1.0, 1.0, True)
     assert m.train.phases[0].table_kind == "prefixes"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"judge": None}, r"train.phases\[0\] \(a\) is online: the manifest has no 'judge' section"),
+    ({"judge": {"model": "http://127.0.0.1:9/v1", "served_name": "j"}},
+     r"judging.safety.mode: an endpoint judge supports only 'verdict'"),
+    ({"max_seq_len": 16}, r"train.max_seq_len \(16\) leaves no room for a prefix before the N = 16 suffix tokens"),
+    ({"strategy": "fsdp"}, r"train.strategy: online phase 'a' samples its rollouts in process"),
+])
+def test_an_online_phase_is_refused_before_any_phase_trains(tmp_path, change, message):
+    from trainer.plan import check_online_phase
+
+    data = base_manifest(tmp_path, ["x.jsonl"], shard={"suffix_tokens": 16})
+    data["judge"] = change.pop("judge", {"model": "embedded"})
+    if data["judge"] is None:
+        del data["judge"]
+    data["train"] = {"model": {"init": "scratch", "config": "x"}, "max_seq_len": 64,
+                     "phases": [{**PHASE, "objective": "dpo", "source": "online"}], **change}
+    m = parse_manifest(data, "m.yaml")
+    with pytest.raises(Exception, match=message) as err:
+        check_online_phase(m, m.train.phases[0], 0)
+    from pipeline.errors import SipError
+
+    assert isinstance(err.value, SipError)  # one line on the command line, no traceback

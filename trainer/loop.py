@@ -31,7 +31,7 @@ from pipeline.stage import StageConflict
 from trainer import checkpoint as ckpt
 from trainer.metrics import Window, available_flops, format_duration, make_loggers, peak_memory_gb
 from trainer.model import ModelError, state_sha
-from trainer.online import OnlinePhase, logprob_gap
+from trainer.online import OnlinePhase, logprob_gap, online_rewrites
 from trainer.plan import (TRAIN_SUMMARY_FILE, PhasePlan, check_same_settings, describe, finished_summary, plan_phases,
                           require_train, train_view)
 from trainer.ref_logps import (REF_DIR, ReferenceMismatch, check_unique_pairs, compute_reference, differences,
@@ -90,6 +90,9 @@ class _Trainer:
         fabric.seed_everything(self.m.train_seed)
         self.policy = setup_policy(fabric, self.m, load_init=resume is None)
         self._check_token_ids(plans)
+        for plan in plans:  # an online phase's upstream tables, checked before any phase trains
+            if plan.config.source == "online":
+                online_rewrites(self.m, plan)
         self.state = {"phase_index": 0, "phase": plans[0].name, "phase_step": 0, "global_step": 0, "samples": 0,
                       "tokens": 0, "ref_sha": None, "ref_keys": None, "view": self.view}
         saved = None

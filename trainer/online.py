@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.engines.factory import make_engine, model_identity
-from pipeline.io import CHUNK_STATS_KEY, write_table_atomic
+from pipeline.io import write_table_atomic
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.schema import ONLINE, content_id, provenance, read_provenance, with_provenance
 from pipeline.tokenizer import end_of_text_ids, load_tokenizer
@@ -47,7 +47,7 @@ from stages.judge import UpstreamCandidates, judging_view
 from stages.rewrite import plan_rewrite
 from stages.scoring import CandidateSet, Judged, assemble_candidates, pick_judged, score_pairs
 from trainer.model import ModelError, state_sha
-from trainer.plan import PhasePlan, train_view
+from trainer.plan import PhasePlan, check_online_phase, train_view
 from trainer.sampling import sample_continuations
 from trainer.steps import MicroBatch
 
@@ -62,6 +62,20 @@ def record_path(out: Path, phase: str, step: int, rank: int, micro: int) -> Path
     return record_dir(out, phase) / f"step-{step:08d}-rank-{rank:05d}-micro-{micro:03d}.parquet"
 
 
+def online_rewrites(manifest: Manifest, plan: PhasePlan):
+    """The rewrite stage (a ``StageDir``) an online phase reads its rewrites from, or None
+    (``online.rewrite: false``, or no rewriter).
+
+    Raises:
+        StageFailed: the rewrite stage is not complete, or was made with other settings.
+    """
+    if not plan.config.online.rewrite or manifest.rewriter is None:
+        return None
+    rewrite = plan_rewrite(manifest, upstream_pending=True)
+    rewrite.stage.check_upstream_of("train")
+    return rewrite.stage
+
+
 class OnlinePhase:
     """One online phase of one rank: micro-batches of prefixes -> judged, picked examples."""
 
@@ -71,20 +85,12 @@ class OnlinePhase:
         self.objective = plan.config.objective
         self.n = manifest.shard.suffix_tokens
         self.context = manifest.train.max_seq_len - self.n
-        if self.context < 1:
-            raise ModelError(f"train.max_seq_len ({manifest.train.max_seq_len}) leaves no room for a prefix before "
-                             f"N = {self.n} suffix tokens; raise it")
-        if manifest.judge is None:
-            raise ModelError(f"phase '{plan.name}' is online: the manifest needs a 'judge' section")
-        from lightning.fabric.strategies import FSDPStrategy
-
-        if isinstance(fabric.strategy, FSDPStrategy):
-            # The in-process sampler decodes with the whole model on each rank.
-            raise ModelError(f"phase '{plan.name}' is online: its rollouts are sampled in process, which needs the "
-                             "whole model on every rank; set train.strategy: ddp (FSDP shards the weights)")
+        check_online_phase(manifest, plan.config, plan.index)
         self.tokenizer = load_tokenizer(str(policy.tokenizer_dir))
         self.eos = end_of_text_ids(policy.tokenizer_dir)
-        rewrites = self._rewrites()
+        rewrites = online_rewrites(manifest, plan)
+        if self.cfg.rewrite and rewrites is None:
+            log(f"train: phase '{plan.name}': the manifest has no rewriter; candidates are the original and the rollouts")
         self.candidates = UpstreamCandidates(str(rewrites.path) if rewrites else None, str(policy.tokenizer_dir), self.n)
         self.judge: Judge | None = None  # started when the first micro-batch is not in the record
         self.reference = None
@@ -101,14 +107,6 @@ class OnlinePhase:
                       "suffix_tokens": self.n, "prefix_context": self.context}))
         self.judge_calls_made = 0
         self.micro_batches_replayed = 0
-
-    def _rewrites(self):
-        """The rewrite stage's directory (a StageDir) when the phase judges rewrites, else None."""
-        if not self.cfg.rewrite or self.m.rewriter is None:
-            return None
-        rewrite = plan_rewrite(self.m, upstream_pending=True)
-        rewrite.stage.check_upstream_of("train")  # complete, and made with this manifest's settings
-        return rewrite.stage
 
     # ------------------------------------------------------------------ reference
     def setup_reference(self, ref_sha: str | None) -> str:
@@ -156,6 +154,13 @@ class OnlinePhase:
         judge = self._judge()
         before = judge.counters.snapshot()
         judged = score_pairs(judge, sets)
+        if not any(j.parsed for pair_judged in judged for j in pair_judged):
+            # Nothing judged at all: the judge is down or cannot read these prompts. Training on
+            # nothing would look like success; stop before recording the micro-batch.
+            example = next((j.raw for pair_judged in judged for j in pair_judged), {})
+            raise ModelError(f"online phase '{self.plan.name}' step {step}: no candidate of the micro-batch could be "
+                             f"judged (every judgment failed or was unparsable), e.g. {_json(example)[:300]}; check "
+                             "the judge (its server, judging.*.mode) and re-run: finished steps resume")
         spent = judge.counters.since(before)
         timings["judge_s"] = time.perf_counter() - started
         self.judge_calls_made += spent.get("judge_calls", 0)
@@ -245,9 +250,8 @@ class OnlinePhase:
         if recorded != {pair["pair_id"] for pair in rows}:
             raise ModelError(f"{path}: the recorded micro-batch holds other prefixes than this step reads; the record "
                              "belongs to another run: train again with --force")
-        raw = (table.schema.metadata or {}).get(CHUNK_STATS_KEY)
-        spent = json.loads(raw) if raw else {}
-        return self._from_record(table.to_pylist(), {**spent, "replayed": 1}, rows)
+        # What the recorded micro-batch cost was paid by the run that recorded it: nothing now.
+        return self._from_record(table.to_pylist(), {"replayed": 1}, rows)
 
     def _from_record(self, record: list[dict], spent: dict, pairs: list[dict]) -> MicroBatch:
         """Training examples and metric sums from a micro-batch's record rows."""

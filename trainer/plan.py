@@ -49,6 +49,12 @@ class PhasePlan:
         return int(self.epoch_tokens * self.steps * self.samples_per_step / self.rows)
 
 
+def _several_devices(manifest: Manifest) -> bool:
+    from trainer.runtime import several_devices
+
+    return several_devices(manifest)
+
+
 def table_path(manifest: Manifest, phase: PhaseConfig) -> Path:
     if phase.table is not None:
         return manifest.resolve_path(phase.table)
@@ -70,6 +76,8 @@ def plan_phases(manifest: Manifest, world_size: int = 1) -> list[PhasePlan]:
     require_train(manifest)
     plans = []
     for i, phase in enumerate(manifest.train.phases):
+        if phase.source == "online":
+            check_online_phase(manifest, phase, i)
         path = table_path(manifest, phase)
         table = load_table(path, phase.table_kind, f"train.phases[{i}].table ({phase.name})")
         source = TableSource(table, phase.table_kind, 0, manifest.train.max_seq_len)
@@ -100,11 +108,40 @@ def describe(manifest: Manifest, plans: list[PhasePlan]) -> str:
 
 
 def train_view(manifest: Manifest) -> dict:
-    """The settings a checkpoint must share with the manifest to be resumed."""
+    """The settings a checkpoint must share with the manifest to be resumed. With an online
+    phase they include what decides its judgments (judge, judging, prefs, shard.suffix_tokens):
+    a resumed phase must not mix two judges."""
     view = {k: v for k, v in fingerprinted_view(manifest, ("train",)).items()
             if not any(k == s or k.startswith(s + ".") for s in _RESUMABLE_CHANGES)}
     view["train.seed"] = manifest.train_seed
+    if any(p.source == "online" for p in manifest.train.phases) and manifest.judge is not None:
+        from pipeline.engines.factory import model_identity
+        from stages.judge import judging_view
+
+        view.update(judging_view(manifest))
+        view.update(fingerprinted_view(manifest, ("prefs",)))
+        view["judge.identity"] = model_identity(manifest, manifest.judge, "judge").get("weights_sha") or manifest.judge.model
     return view
+
+
+def check_online_phase(manifest: Manifest, phase: PhaseConfig, index: int) -> None:
+    """Refuse an online phase the manifest cannot run, before any phase trains (and in dry runs).
+
+    Raises:
+        StageFailed / ManifestError: no judge, or a judge mode it cannot serve.
+        ManifestError: no room for a prefix, or a strategy that shards the weights.
+    """
+    from stages.judge import check_judge_settings
+
+    check_judge_settings(manifest, who=f"train.phases[{index}] ({phase.name}) is online")
+    t, n = manifest.train, manifest.shard.suffix_tokens
+    if t.max_seq_len <= n:
+        raise ManifestError(f"train.max_seq_len ({t.max_seq_len}) leaves no room for a prefix before the N = {n} "
+                            f"suffix tokens of online phase '{phase.name}'; raise it above {n}")
+    if t.strategy == "fsdp" or (t.strategy == "auto" and _several_devices(manifest)):
+        # The in-process sampler decodes with the whole model on each rank.
+        raise ManifestError(f"train.strategy: online phase '{phase.name}' samples its rollouts in process, which "
+                            "needs the whole model on every rank; set train.strategy: ddp (FSDP shards the weights)")
 
 
 def check_same_settings(out: Path, old: dict, new: dict) -> None:

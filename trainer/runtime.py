@@ -9,7 +9,7 @@ import torch
 
 from pipeline.manifest import Manifest
 from pipeline.models import policy_tokenizer_dir
-from trainer.model import build_model, check_vocab, init_checkpoint_dir, model_config
+from trainer.model import ModelError, build_model, check_vocab, init_checkpoint_dir, model_config
 
 PAD_ID = 0  # any id works: padding sits after every real token and no loss counts it
 
@@ -32,6 +32,8 @@ def make_fabric(manifest: Manifest, loggers: list | None = None):
     if strategy == "auto" and several_devices(manifest):
         strategy = "fsdp"
     if strategy == "fsdp":
+        if not torch.cuda.is_available():
+            raise ModelError("train.strategy: fsdp needs CUDA GPUs (PyTorch FSDP does not run on CPU); use ddp or auto")
         from lightning.fabric.strategies import FSDPStrategy
         from litgpt.model import Block
 
