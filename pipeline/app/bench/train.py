@@ -157,7 +157,8 @@ def bare_side(spec: dict) -> dict:
             batches.append((torch.cat([prefix, torch.tensor(picked["suffix_ids"].to_pylist())], 1), None))
         else:
             suffixes = torch.tensor(picked["chosen_ids"].to_pylist() + picked["rejected_ids"].to_pylist())
-            ref = [torch.tensor(picked[c].fill_null(0.0).to_pylist()) for c in ("ref_chosen_logp", "ref_rejected_logp")]
+            # Reference log-probs are stored beside the table; their values do not change the time.
+            ref = [torch.zeros(len(rows)), torch.zeros(len(rows))]
             batches.append((torch.cat([prefix.repeat(2, 1), suffixes], 1), (prefix.shape[1], *ref)))
 
     def step(ids: torch.Tensor, dpo) -> None:
