@@ -56,8 +56,7 @@ def _write_tables(out: Path, rows: int, seq_len: int, suffix_len: int, vocab: in
                       "meta": "{}"})
         prefs.append({"pair_id": pid, "prefix_ids": prefix, "chosen_ids": chosen, "rejected_ids": rejected,
                       "chosen_source": "rewrite", "rejected_source": "original", "chosen_reward": 1.0,
-                      "rejected_reward": 0.0, "prompt": "", "chosen": "", "rejected": "", "ref_chosen_logp": None,
-                      "ref_rejected_logp": None, "ref_model_sha": None})
+                      "rejected_reward": 0.0, "prompt": "", "chosen": "", "rejected": ""})
     for sub, name, schema, data in (("shard", "pairs", PAIRS, pairs), ("prefs", "preferences", PREFERENCES, prefs)):
         (out / sub).mkdir(parents=True, exist_ok=True)
         prov = provenance(stage=sub, table=name, manifest_fingerprint="bench", stage_fingerprint="bench")
