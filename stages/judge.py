@@ -179,10 +179,10 @@ def check_judge_settings(manifest: Manifest, who: str = "judge") -> None:
     """Refuse a judge the manifest cannot run, before any work (the stage and online phases).
 
     Raises:
-        StageFailed: no ``judge`` section. ManifestError: a scoring mode the judge cannot serve.
+        ManifestError: no ``judge`` section, or a scoring mode the judge cannot serve.
     """
     if manifest.judge is None:
-        raise StageFailed(f"{who}: the manifest has no 'judge' section (model: embedded, a path or an endpoint)")
+        raise ManifestError(f"{who}: the manifest has no 'judge' section (model: embedded, a path or an endpoint)")
     cfg = manifest.judging
     if manifest.judge.kind == "endpoint":
         soft = [c for c in CRITERIA if getattr(cfg, c) and getattr(cfg, c).mode != "verdict"]

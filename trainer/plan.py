@@ -128,8 +128,8 @@ def check_online_phase(manifest: Manifest, phase: PhaseConfig, index: int) -> No
     """Refuse an online phase the manifest cannot run, before any phase trains (and in dry runs).
 
     Raises:
-        StageFailed / ManifestError: no judge, or a judge mode it cannot serve.
-        ManifestError: no room for a prefix, or a strategy that shards the weights.
+        ManifestError: no judge, a judge mode it cannot serve, no room for a prefix, or a
+            strategy that shards the weights.
     """
     from stages.judge import check_judge_settings
 

@@ -19,10 +19,11 @@ from typing import Callable
 from pipeline.atomic import write_text_atomic
 from pipeline.app.judge_check.labelled_sets import CORRUPTIONS, build_checks
 from pipeline.engines.factory import make_engine, model_identity
-from pipeline.manifest import Manifest, ManifestError
+from pipeline.manifest import Manifest
 from pipeline.models import policy_tokenizer_dir
 from pipeline.tokenizer import load_tokenizer
 from stages.criteria import Judge
+from stages.judge import check_judge_settings
 
 DEFAULT_LIMIT = 40  # 40 safe + 40 unsafe texts, 40 pairs per corruption kind
 PAIRWISE_ORDERED = ("verdict", "choice_prob")  # quality modes that show the two texts in an order
@@ -148,13 +149,8 @@ def run_checks(judge: Judge, engine: MeteredEngine, checks, log: Callable[[str],
 def run_judge_check(manifest: Manifest, limit: int = DEFAULT_LIMIT, engine=None,
                     log: Callable[[str], None] = print) -> dict:
     """The self-check report of the manifest's judge (starts its engine unless one is given)."""
-    if manifest.judge is None:
-        raise ManifestError("judge: the manifest has no 'judge' section (model: embedded, a path or an endpoint)")
+    check_judge_settings(manifest, who="judge-check")
     cfg = manifest.judging
-    if manifest.judge.kind == "endpoint":
-        soft = [c for c in ("safety", "quality", "factuality") if getattr(cfg, c) and getattr(cfg, c).mode != "verdict"]
-        if soft:
-            raise ManifestError(f"judging.{soft[0]}.mode: an endpoint judge supports only 'verdict'")
     started = time.perf_counter()
     tokenizer = load_tokenizer(str(policy_tokenizer_dir(manifest)))
     checks = build_checks(limit, manifest.run.seed, tokenizer, manifest.shard.suffix_tokens,
