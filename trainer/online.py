@@ -37,13 +37,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.atomic import atomic_path
 from pipeline.engines.factory import make_engine, model_identity
 from pipeline.io import write_table_atomic
-from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
+from pipeline.manifest import Manifest, fingerprint
 from pipeline.schema import ONLINE, content_id, provenance, read_provenance, with_provenance
 from pipeline.tokenizer import end_of_text_ids, load_tokenizer
 from stages.criteria import Judge
-from stages.judge import UpstreamCandidates, judging_view
+from stages.judge import UpstreamCandidates
 from stages.rewrite import plan_rewrite
 from stages.scoring import CandidateSet, Judged, assemble_candidates, pick_judged, score_pairs
 from trainer.model import ModelError, state_sha
@@ -96,9 +97,9 @@ class OnlinePhase:
         self.reference = None
         judge_identity = model_identity(manifest, manifest.judge, "judge")
         # What decides a recorded micro-batch: a record made under other settings is never replayed.
+        # train_view holds the judge's settings whenever a phase is online.
         self.record_fingerprint = content_id("online", plan.name, json.dumps({
-            **train_view(manifest), **judging_view(manifest), **fingerprinted_view(manifest, ("prefs",)),
-            "judge.identity": judge_identity, "upstream.rewrite": rewrites.fingerprint if rewrites else None,
+            **train_view(manifest), "upstream.rewrite": rewrites.fingerprint if rewrites else None,
         }, sort_keys=True, default=str))
         self.schema = with_provenance(ONLINE, provenance(
             stage="train", table="online", manifest_fingerprint=fingerprint(manifest),
@@ -121,8 +122,6 @@ class OnlinePhase:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             sha = state_sha(state)
             if self.fabric.global_rank == 0:
-                from pipeline.atomic import atomic_path
-
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(path) as tmp:
                     torch.save(state, tmp)
@@ -183,12 +182,12 @@ class OnlinePhase:
         model = self.policy.model.module
         device = next(model.parameters()).device
         sets, samples, tokens = [], [], 0
+        prefixes = self.prefixes(rows)
         for i, pair in enumerate(rows):
             seed = int(content_id("rollout", self.m.train_seed, self.plan.name, step, self.fabric.global_rank,
                                   micro, i)[:15], 16)
             generator = torch.Generator(device).manual_seed(seed)
-            prefix_ids = list(pair["prefix_ids"])[-self.context:]
-            drawn = sample_continuations(model, prefix_ids, self.cfg.rollouts, self.n, temperature=self.cfg.temperature,
+            drawn = sample_continuations(model, prefixes[pair["pair_id"]], self.cfg.rollouts, self.n, temperature=self.cfg.temperature,
                                          top_p=self.cfg.top_p, eos_ids=self.eos, generator=generator)
             tokens += sum(len(s.token_ids) for s in drawn)
             texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in drawn]
