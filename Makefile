@@ -65,6 +65,10 @@ bench-rewrite: setup
 bench-judge: setup
 	$(SIP) bench judge -m $(MANIFEST)
 
+.PHONY: bench-online
+bench-online: setup
+	$(SIP) bench online -m $(MANIFEST)
+
 slurm-up:
 	scripts/slurm.sh start
 

@@ -63,7 +63,9 @@ _LLAMA_REQUIREMENTS = {
 }
 
 
-def _check_llama(config, source: Path) -> None:
+def check_llama_mapping(config, source) -> None:
+    """Raise :class:`ExportError` naming ``source`` and the first LitGPT config key whose value
+    has no exact Hugging Face llama equivalent."""
     for key, expected in _LLAMA_REQUIREMENTS.items():
         value = getattr(config, key, expected)
         if value != expected:
@@ -108,7 +110,7 @@ def hf_config(config, dtype: torch.dtype, tie_word_embeddings: bool, special: di
     ``rope_theta``/``rope_scaling`` keys, so GPU machines with an older transformers under
     their vLLM read the same model.
     """
-    _check_llama(config, source)
+    check_llama_mapping(config, source)
     rope = _rope_parameters(config, source)
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope["rope_type"] != "default" else None
     return {
@@ -136,7 +138,9 @@ def hf_config(config, dtype: torch.dtype, tie_word_embeddings: bool, special: di
     }
 
 
-def _hf_state_dict(config, lit_weights: dict) -> dict[str, torch.Tensor]:
+def hf_state_dict(config, lit_weights: dict) -> dict[str, torch.Tensor]:
+    """LitGPT weights -> the Hugging Face llama names and layout (what vLLM's loader takes),
+    through litgpt's ``copy_weights_llama``. Every tensor is a fresh contiguous copy."""
     from litgpt.scripts.convert_lit_checkpoint import check_conversion_supported, copy_weights_llama
 
     check_conversion_supported(lit_weights)
@@ -151,6 +155,46 @@ def _load_lit_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ExportError(f"{path}: not found; a LitGPT checkpoint directory holds lit_model.pth and model_config.yaml")
     weights = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     return weights.get("model", weights)  # fabric.save({"model": ...}) checkpoints nest the weights
+
+
+def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
+    files = [tokenizer_dir / name for name in HF_TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    if not any(p.name in ("tokenizer.json", "tokenizer.model") for p in files):
+        raise ExportError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model; pass tokenizer_dir= a directory "
+                          "with one")
+    return files
+
+
+def write_hf_skeleton(config, out_dir: str | Path, tokenizer_dir: str | Path, dtype: torch.dtype) -> Path:
+    """Write ``out_dir``: a Hugging Face directory of a llama-style LitGPT ``config`` *without
+    weights* (``config.json``, ``generation_config.json``, tokenizer files).
+
+    vLLM starts from it with ``load_format="dummy"`` and receives the weights by a push
+    (:meth:`pipeline.engines.vllm_engine.VLLMEngine.push_weights`): a trainer's sampler never
+    writes a checkpoint to disk. The embedding and the output head are declared untied, since a
+    trainer updates LitGPT's two tensors separately.
+
+    Raises:
+        ExportError: an architecture without an exact mapping, or no tokenizer.
+    """
+    out_dir, tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
+    source = out_dir / "config.json"
+    files = _tokenizer_files(tokenizer_dir)
+    special = _special_ids(tokenizer_dir)
+    config_json = hf_config(config, dtype, False, special, source)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out_dir)
+    with atomic_path(out_dir, directory=True) as tmp:
+        _write_config_files(tmp, files, special, config_json)
+    return out_dir
+
+
+def _write_config_files(directory: Path, tokenizer_files: list[Path], special: dict, config_json: dict) -> None:
+    for path in tokenizer_files:
+        shutil.copy2(path, directory / path.name)
+    if not (directory / "generation_config.json").is_file():
+        (directory / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
 
 
 def export_hf(litgpt_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
@@ -179,13 +223,10 @@ def export_hf(litgpt_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | 
     if not config_path.is_file():
         raise ExportError(f"{config_path}: not found; a LitGPT checkpoint directory holds model_config.yaml")
     config = Config.from_file(config_path)
-    _check_llama(config, config_path)
-    tokenizer_files = [tokenizer_dir / name for name in HF_TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
-    if not any(p.name in ("tokenizer.json", "tokenizer.model") for p in tokenizer_files):
-        raise ExportError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model; pass tokenizer_dir= a directory "
-                          "with one")
+    check_llama_mapping(config, config_path)
+    tokenizer_files = _tokenizer_files(tokenizer_dir)
 
-    state = _hf_state_dict(config, _load_lit_weights(litgpt_dir / "lit_model.pth"))
+    state = hf_state_dict(config, _load_lit_weights(litgpt_dir / "lit_model.pth"))
     embed, head = state["model.embed_tokens.weight"], state.get("lm_head.weight")
     tied = head is None or torch.equal(embed, head)
     if tied:
@@ -199,9 +240,5 @@ def export_hf(litgpt_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | 
         from safetensors.torch import save_file
 
         save_file(state, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
-        for path in tokenizer_files:
-            shutil.copy2(path, tmp / path.name)
-        if not (tmp / "generation_config.json").is_file():
-            (tmp / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        _write_config_files(tmp, tokenizer_files, special, config_json)
     return out_dir

@@ -248,6 +248,11 @@ class OnlineConfig(_Section):
     top_p: float = Field(default=1.0, gt=0, le=1, description="Rollout nucleus sampling (the paper: 1.0).")
     rewrite: bool = Field(default=True, description="Judge the pair's ok rewrite too (from the rewrite stage's "
                           "table; needs a rewriter). false: original + rollouts only.")
+    sampler: Literal["vllm", "trainer"] = Field(
+        default="vllm", description="vllm: a vLLM engine beside the trainer, its weights pushed from the trainer "
+        "(llama-style policies); trainer: decode with the module being trained (any LitGPT architecture).")
+    push_every: int = Field(default=1, gt=0, description="vllm sampler: steps between weight pushes (1: rollouts "
+                            "always come from the weights being trained; k: up to k-1 steps stale).")
 
 
 class PhaseConfig(_Section):

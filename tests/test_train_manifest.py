@@ -109,7 +109,11 @@ def test_an_online_phase_gets_the_default_rollout_settings(tmp_path):
     ({"judge": {"model": "http://127.0.0.1:9/v1", "served_name": "j"}},
      r"judging.safety.mode: an endpoint judge supports only 'verdict'"),
     ({"max_seq_len": 16}, r"train.max_seq_len \(16\) leaves no room for a prefix before the N = 16 suffix tokens"),
-    ({"strategy": "fsdp"}, r"train.strategy: online phase 'a' samples its rollouts in process"),
+    ({"strategy": "fsdp"}, r"train.strategy: online phase 'a' samples its rollouts from the whole model"),
+    ({"model": {"init": "scratch", "config": {"n_layer": 1, "n_head": 1, "n_embd": 8, "padded_vocab_size": 64,
+                                              "mlp_class_name": "GptNeoxMLP"}}},
+     r"train.phases\[0\].online.sampler: vllm needs a policy vLLM can be handed; .*mlp_class_name='GptNeoxMLP'.*"
+     r"Set online.sampler: trainer"),
 ])
 def test_an_online_phase_is_refused_before_any_phase_trains(tmp_path, change, message):
     from trainer.plan import check_online_phase

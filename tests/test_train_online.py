@@ -85,6 +85,55 @@ def test_sampling_follows_temperature_top_p_and_stops_after_end_of_text():
     assert greedy[0].finish_reason == "length" and len(greedy[0].token_ids) == 6
 
 
+@pytest.mark.slow
+def test_vllm_sampler_samples_from_the_pushed_weights(embedded_dir, tmp_path):
+    """The engine's log-probs of its own samples equal the trainer's recomputation (fp32, 1e-4
+    nats a token) after a push, and differ from the phase-start weights'; between pushes
+    (push_every 2) they are the last pushed weights', which is what the per-step gap shows."""
+    import litgpt
+
+    from pipeline.tokenizer import end_of_text_ids
+    from trainer.sampling import VLLMSampler
+
+    torch.manual_seed(0)
+    config = litgpt.Config(**TINY)
+    model = litgpt.GPT(config)
+    phase_start = litgpt.GPT(config)
+    phase_start.load_state_dict(model.state_dict())
+    prefixes = [list(range(300, 330)), list(range(700, 712))]
+    sampler = VLLMSampler(config, embedded_dir, tmp_path / "sampler", precision="32-true", max_model_len=128,
+                          seed=0, push_every=2, temperature=1.0, top_p=1.0, eos_ids=end_of_text_ids(embedded_dir))
+
+    def gap(reference, drawn):
+        """Largest per-token |engine - trainer| log-prob over every sample."""
+        return max(abs(a - b) for prefix, samples in zip(prefixes, drawn)
+                   for s, r in zip(samples, trainer_logprobs(reference, prefix, samples)) for a, b in zip(s.logprobs, r))
+
+    try:
+        assert sampler.sync(model, 0) > 0 and sampler.version == 0
+        first = sampler.sample(prefixes, 3, 12, [11, 12])
+        assert [len(s) for s in first] == [3, 3] and all(1 <= len(x.token_ids) <= 12 for s in first for x in s)
+        assert gap(model, first) < 1e-4
+        # Seeded per call: the same seed draws the same samples, whatever ran before.
+        assert [[x.token_ids for x in s] for s in sampler.sample(prefixes, 3, 12, [11, 12])] == \
+            [[x.token_ids for x in s] for s in first]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2)
+        for _ in range(3):  # training moves the weights away from the phase start
+            ids = torch.tensor([prefixes[0]])
+            loss = model(ids)[0, :-1].log_softmax(-1)[torch.arange(len(prefixes[0]) - 1), ids[0, 1:]].mean().neg()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert sampler.sync(model, 1) == 0.0 and sampler.version == 0  # push_every 2: not yet
+        stale = sampler.sample(prefixes, 3, 12, [13, 14])
+        assert gap(phase_start, stale) < 1e-4 and gap(model, stale) > 0.05
+        assert sampler.sync(model, 2) > 0 and sampler.version == 2
+        fresh = sampler.sample(prefixes, 3, 12, [13, 14])
+        assert gap(model, fresh) < 1e-4 and gap(phase_start, fresh) > 0.05
+    finally:
+        sampler.close()
+
+
 def online_manifest(root, docs, phases, **train):
     path = llm_manifest(root, docs, shard={"suffix_tokens": N, "min_prefix_tokens": 16, "max_prefix_tokens": 64},
                         rewrite={"max_new_tokens": 24})
@@ -232,3 +281,29 @@ def test_the_stages_scoring_gives_the_online_phase_rewards_and_picks(online_run,
         roles = {r["role"]: r["text"] for r in record.filter(pl.col("pair_id") == pair_id).iter_rows(named=True)
                  if r["role"]}
         assert picked.get(pair_id) == ((roles["chosen"], roles["rejected"]) if roles else None)
+
+
+@pytest.mark.slow
+def test_two_processes_sample_and_judge_their_own_share(online_run, tmp_path):
+    """DDP on two CPU processes (gloo): each rank starts its own vLLM sampler and judge beside
+    the trainer, samples, judges and records its own prefixes, and the ranks train as one."""
+    root, path = online_run
+    out = tmp_path / "out"
+    for stage in ("shard", "rewrite"):
+        shutil.copytree(root / "out" / stage, out / stage)
+    data = yaml.safe_load(path.read_text())
+    data["run"]["output_dir"] = str(out)
+    data["train"].update(devices=2, strategy="ddp")
+    data["train"]["phases"] = [{**PHASE, "steps": 2, "batch_size": 1}]
+    manifest = write_manifest(tmp_path / "m.yaml", data)
+    proc = run_sip("train", "-m", str(manifest), env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1200)
+    assert "devices 2 x nodes 1, strategy ddp" in proc.stdout and "train: done" in proc.stdout
+    record = pl.read_parquet(str(out / "train" / "online" / "sip-online" / "*.parquet"))
+    assert sorted(record.select("step", "rank").unique().iter_rows()) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for step in (1, 2):  # the ranks judged different prefixes, each from the same weights version
+        mine = record.filter(pl.col("step") == step)
+        by_rank = [set(mine.filter(pl.col("rank") == r)["pair_id"]) for r in (0, 1)]
+        assert all(len(s) == 1 for s in by_rank) and not by_rank[0] & by_rank[1]
+        assert mine["weights_version"].unique().to_list() == [step - 1]
+    metrics = losses(out / "train", "version_0")
+    assert sorted(metrics) == [1, 2] and all(float(m["loss"]) == float(m["loss"]) for m in metrics.values())

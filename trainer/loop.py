@@ -92,7 +92,7 @@ class _Trainer:
         self._check_token_ids(plans)
         for plan in plans:  # an online phase's upstream tables, checked before any phase trains
             if plan.config.source == "online":
-                online_rewrites(self.m, plan)
+                online_rewrites(self.m, plan.config)
         self.state = {"phase_index": 0, "phase": plans[0].name, "phase_step": 0, "global_step": 0, "samples": 0,
                       "tokens": 0, "ref_sha": None, "ref_keys": None, "view": self.view}
         saved = None

@@ -121,7 +121,8 @@ def online_metrics(o: Counter, chosen: Counter, steps: int) -> dict[str, float]:
                 "prefixes_single_rate": o["pick_single_candidate"] / prefixes,
                 "candidates_per_prefix": o["candidates"] / prefixes,
                 "judge_calls": o["judge_calls"], "judge_prompt_tokens": o["prompt_tokens"],
-                "sample_s": o["sample_s"] / max(1, steps), "judge_s": o["judge_s"] / max(1, steps),
+                "push_s": o["push_s"] / max(1, steps), "sample_s": o["sample_s"] / max(1, steps),
+                "judge_s": o["judge_s"] / max(1, steps),
                 "train_s": o["train_s"] / max(1, steps), "replayed_micro_batches": o["replayed"]})
     if o["sample_s"]:
         out["rollout_tokens_per_s"] = o["rollout_tokens"] / o["sample_s"]

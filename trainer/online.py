@@ -2,9 +2,9 @@
 
 Each micro-batch of prefixes (rows of the pairs table, in the phase's seeded order):
 
-1. **sample** K rollouts of at most N tokens per prefix from the weights being trained, in
-   process (``trainer/sampling.py``), each micro-batch seeded by (seed, phase, step, rank,
-   micro) so a step's samples do not depend on what ran before it;
+1. **sample** K rollouts of at most N tokens per prefix from the weights being trained
+   (``trainer/sampling.py``: a vLLM engine the trainer pushes its weights into, or the
+   trainer's own module), recording the weights version each came from;
 2. **judge** them with the pair's original suffix and its ok rewrite (the rewrite stage's
    table) through the scoring core (``stages/scoring.py``): the same candidates, scores,
    rewards and picks as ``sip judge`` + ``sip prefs``;
@@ -40,7 +40,7 @@ import torch
 from pipeline.atomic import atomic_path
 from pipeline.engines.factory import make_engine, model_identity
 from pipeline.io import write_table_atomic
-from pipeline.manifest import Manifest, fingerprint
+from pipeline.manifest import Manifest, PhaseConfig, fingerprint
 from pipeline.schema import ONLINE, content_id, provenance, read_provenance, with_provenance
 from pipeline.tokenizer import end_of_text_ids, load_tokenizer
 from stages.criteria import Judge
@@ -49,7 +49,7 @@ from stages.rewrite import plan_rewrite
 from stages.scoring import CandidateSet, Judged, assemble_candidates, pick_judged, score_pairs
 from trainer.model import ModelError, state_sha
 from trainer.plan import PhasePlan, check_online_phase, train_view
-from trainer.sampling import sample_continuations
+from trainer.sampling import TrainerSampler, VLLMSampler
 from trainer.steps import MicroBatch
 
 RECORD_DIR = "online"
@@ -63,14 +63,20 @@ def record_path(out: Path, phase: str, step: int, rank: int, micro: int) -> Path
     return record_dir(out, phase) / f"step-{step:08d}-rank-{rank:05d}-micro-{micro:03d}.parquet"
 
 
-def online_rewrites(manifest: Manifest, plan: PhasePlan):
+def clipped_prefix(pair: dict, manifest: Manifest) -> list[int]:
+    """The prefix ids a pair's candidates continue in an online phase: its last
+    ``train.max_seq_len - N`` (sampling and training see the same context)."""
+    return list(pair["prefix_ids"])[-(manifest.train.max_seq_len - manifest.shard.suffix_tokens):]
+
+
+def online_rewrites(manifest: Manifest, phase: PhaseConfig):
     """The rewrite stage (a ``StageDir``) an online phase reads its rewrites from, or None
     (``online.rewrite: false``, or no rewriter).
 
     Raises:
         StageFailed: the rewrite stage is not complete, or was made with other settings.
     """
-    if not plan.config.online.rewrite or manifest.rewriter is None:
+    if not phase.online.rewrite or manifest.rewriter is None:
         return None
     rewrite = plan_rewrite(manifest, upstream_pending=True)
     rewrite.stage.check_upstream_of("train")
@@ -89,11 +95,14 @@ class OnlinePhase:
         check_online_phase(manifest, plan.config, plan.index)
         self.tokenizer = load_tokenizer(str(policy.tokenizer_dir))
         self.eos = end_of_text_ids(policy.tokenizer_dir)
-        rewrites = online_rewrites(manifest, plan)
+        rewrites = online_rewrites(manifest, plan.config)
         if self.cfg.rewrite and rewrites is None:
             log(f"train: phase '{plan.name}': the manifest has no rewriter; candidates are the original and the rollouts")
         self.candidates = UpstreamCandidates(str(rewrites.path) if rewrites else None, str(policy.tokenizer_dir), self.n)
-        self.judge: Judge | None = None  # started when the first micro-batch is not in the record
+        # Started when the first micro-batch is not in the record; with several ranks, at once on
+        # every rank: vLLM builds its groups from the trainer's process group, a collective step.
+        self.judge: Judge | None = None
+        self.sampler: TrainerSampler | VLLMSampler | None = None
         self.reference = None
         judge_identity = model_identity(manifest, manifest.judge, "judge")
         # What decides a recorded micro-batch: a record made under other settings is never replayed.
@@ -108,6 +117,8 @@ class OnlinePhase:
                       "suffix_tokens": self.n, "prefix_context": self.context}))
         self.judge_calls_made = 0
         self.micro_batches_replayed = 0
+        if fabric.world_size > 1:
+            self._engines()
 
     # ------------------------------------------------------------------ reference
     def setup_reference(self, ref_sha: str | None) -> str:
@@ -140,17 +151,18 @@ class OnlinePhase:
 
     # ------------------------------------------------------------------ micro-batches
     def micro_batch(self, step: int, micro: int, rows: list[dict], weights_version: int) -> MicroBatch:
-        """Examples for phase step ``step`` (1-based) and micro-batch ``micro`` of this rank."""
+        """Examples for phase step ``step`` (1-based) and micro-batch ``micro`` of this rank;
+        ``weights_version``: the optimizer steps taken so far (the weights being trained)."""
         path = record_path(self.out, self.plan.name, step, self.fabric.global_rank, micro)
         if path.is_file():
             self.micro_batches_replayed += 1
             return self._replay(path, rows)
-        timings = {}
+        sampler, judge = self._engines()
+        timings = {"push_s": sampler.sync(self.policy.model.module, weights_version)}
         started = time.perf_counter()
         sets, samples = self._sample(step, micro, rows, timings)
         timings["sample_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        judge = self._judge()
         before = judge.counters.snapshot()
         judged = score_pairs(judge, sets)
         if not any(j.parsed for pair_judged in judged for j in pair_judged):
@@ -163,32 +175,47 @@ class OnlinePhase:
         spent = judge.counters.since(before)
         timings["judge_s"] = time.perf_counter() - started
         self.judge_calls_made += spent.get("judge_calls", 0)
-        record = self._record_rows(step, micro, weights_version, sets, judged, samples, self.prefixes(rows))
+        record = self._record_rows(step, micro, sampler.version, sets, judged, samples, self.prefixes(rows))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_table_atomic(str(path), record, self.schema, {**spent, **timings})
         return self._from_record(record, {**spent, **timings}, rows)
 
     def prefixes(self, rows: list[dict]) -> dict[str, list[int]]:
         """pair_id -> the prefix ids the pair's candidates continue (its last max_seq_len - N)."""
-        return {pair["pair_id"]: list(pair["prefix_ids"])[-self.context:] for pair in rows}
+        return {pair["pair_id"]: clipped_prefix(pair, self.m) for pair in rows}
 
-    def _judge(self) -> Judge:
+    def _engines(self) -> tuple[TrainerSampler | VLLMSampler, Judge]:
+        """The sampler and the judge, started on first use (always in this order: with several
+        ranks, every rank starts them at the same point)."""
+        if self.sampler is None:
+            self.sampler = self._make_sampler()
         if self.judge is None:
             self.log(f"train: starting the judge for online phase '{self.plan.name}'")
             self.judge = Judge(make_engine(self.m, self.m.judge, "judge"), self.m.judging, self.m.run.seed)
-        return self.judge
+        return self.sampler, self.judge
+
+    def _make_sampler(self) -> TrainerSampler | VLLMSampler:
+        model, cfg = self.policy.model.module, self.cfg
+        if cfg.sampler == "trainer":
+            return TrainerSampler(model, temperature=cfg.temperature, top_p=cfg.top_p, eos_ids=self.eos)
+        rank = self.fabric.global_rank
+        self.log(f"train: starting the vLLM sampler for online phase '{self.plan.name}' (weights pushed every "
+                 f"{cfg.push_every} step(s))")
+        return VLLMSampler(self.policy.config, self.policy.tokenizer_dir,
+                           record_dir(self.out, self.plan.name) / "sampler" / f"rank-{rank:05d}",
+                           precision=self.m.train.precision, max_model_len=self.m.train.max_seq_len,
+                           seed=self.m.train_seed + rank, push_every=cfg.push_every, temperature=cfg.temperature,
+                           top_p=cfg.top_p, eos_ids=self.eos)
 
     def _sample(self, step: int, micro: int, rows: list[dict], timings: dict):
-        model = self.policy.model.module
-        device = next(model.parameters()).device
         sets, samples, tokens = [], [], 0
         prefixes = self.prefixes(rows)
-        for i, pair in enumerate(rows):
-            seed = int(content_id("rollout", self.m.train_seed, self.plan.name, step, self.fabric.global_rank,
-                                  micro, i)[:15], 16)
-            generator = torch.Generator(device).manual_seed(seed)
-            drawn = sample_continuations(model, prefixes[pair["pair_id"]], self.cfg.rollouts, self.n, temperature=self.cfg.temperature,
-                                         top_p=self.cfg.top_p, eos_ids=self.eos, generator=generator)
+        # Each prefix's draws seeded by (seed, phase, step, rank, micro, row) where the sampler
+        # can be seeded per prefix, so a step's samples do not depend on what ran before it.
+        seeds = [int(content_id("rollout", self.m.train_seed, self.plan.name, step, self.fabric.global_rank,
+                                micro, i)[:15], 16) for i in range(len(rows))]
+        drawn_all = self.sampler.sample([prefixes[pair["pair_id"]] for pair in rows], self.cfg.rollouts, self.n, seeds)
+        for pair, drawn in zip(rows, drawn_all):
             tokens += sum(len(s.token_ids) for s in drawn)
             texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in drawn]
             sets.append(assemble_candidates(pair, self.candidates.rewrites().get(pair["pair_id"]),
@@ -292,10 +319,16 @@ class OnlinePhase:
     def summary(self) -> dict:
         """What this rank's process paid for and what it replayed (a resumed run makes no judge
         call for a micro-batch already in the record)."""
-        return {"judge_calls_made": self.judge_calls_made, "micro_batches_replayed": self.micro_batches_replayed,
-                "record": str(record_dir(self.out, self.plan.name))}
+        out = {"judge_calls_made": self.judge_calls_made, "micro_batches_replayed": self.micro_batches_replayed,
+               "sampler": self.cfg.sampler, "record": str(record_dir(self.out, self.plan.name))}
+        if isinstance(self.sampler, VLLMSampler):
+            out.update(weight_pushes=self.sampler.pushes, push_s=round(self.sampler.push_s, 3))
+        return out
 
     def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
         if self.judge is not None:
             self.judge.engine.close()
             self.judge = None

@@ -95,8 +95,10 @@ def describe(manifest: Manifest, plans: list[PhasePlan]) -> str:
         extra = f", beta {c.beta}" if c.objective == "dpo" else ""
         if c.source == "online":
             o = c.online
+            sampler = f"vLLM, weights pushed every {o.push_every} step(s)" if o.sampler == "vllm" else "trainer's module"
             extra += (f"; online: {o.rollouts} rollouts of {manifest.shard.suffix_tokens} tokens per prefix from the "
-                      f"current weights (temperature {o.temperature}, top_p {o.top_p}), judged with the original"
+                      f"current weights ({sampler}; temperature {o.temperature}, top_p {o.top_p}), judged with the "
+                      "original"
                       + (" and the rewrite" if o.rewrite and manifest.rewriter is not None else ""))
         lines.append(f"  phase {p.index + 1}/{len(plans)} '{p.name}': {c.objective} on {p.table} ({p.rows} rows); "
                      f"{p.steps} steps x {p.samples_per_step} rows = {p.steps * p.samples_per_step / p.rows:.2f} "
@@ -139,9 +141,18 @@ def check_online_phase(manifest: Manifest, phase: PhaseConfig, index: int) -> No
         raise ManifestError(f"train.max_seq_len ({t.max_seq_len}) leaves no room for a prefix before the N = {n} "
                             f"suffix tokens of online phase '{phase.name}'; raise it above {n}")
     if t.strategy == "fsdp" or (t.strategy == "auto" and _several_devices(manifest)):
-        # The in-process sampler decodes with the whole model on each rank.
-        raise ManifestError(f"train.strategy: online phase '{phase.name}' samples its rollouts in process, which "
-                            "needs the whole model on every rank; set train.strategy: ddp (FSDP shards the weights)")
+        # Both samplers need the whole model on each rank (one decodes with it, one is pushed it).
+        raise ManifestError(f"train.strategy: online phase '{phase.name}' samples its rollouts from the whole model "
+                            "on every rank; set train.strategy: ddp (FSDP shards the weights)")
+    if phase.online.sampler == "vllm":
+        from pipeline.export import ExportError, check_llama_mapping
+        from trainer.model import model_config
+
+        try:
+            check_llama_mapping(model_config(manifest), "train.model")
+        except ExportError as exc:
+            raise ManifestError(f"train.phases[{index}].online.sampler: vllm needs a policy vLLM can be handed; {exc}. "
+                                "Set online.sampler: trainer to sample with the trainer's module") from None
 
 
 def check_same_settings(out: Path, old: dict, new: dict) -> None:

@@ -264,6 +264,18 @@ def bench_judge_cmd(manifest_path: str, overrides: tuple[str, ...], pairs: int) 
     click.echo(json.dumps(bench_judge(_load(manifest_path, overrides), pairs), indent=1))
 
 
+@bench.command("online")
+@manifest_option
+@set_option
+@click.option("--steps", type=click.IntRange(min=1), default=4, show_default=True, help="Online steps run.")
+@click.option("--pairs", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs in the shard table.")
+def bench_online_cmd(manifest_path: str, overrides: tuple[str, ...], steps: int, pairs: int) -> None:
+    """An online phase's step time split, rollout tokens/s and judge calls/s vs bare vLLM doing the same work."""
+    from pipeline.app.bench.online import bench_online
+
+    click.echo(json.dumps(bench_online(_load(manifest_path, overrides), steps, pairs), indent=1))
+
+
 def _entry() -> None:
     """The ``sip`` console script: a :class:`~pipeline.errors.SipError` is printed as one
     ``Error:`` line (no traceback) with exit code 2; click's own errors as click prints them."""

