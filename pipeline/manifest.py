@@ -41,10 +41,14 @@ class CorpusConfig(_Section):
         description="Files, directories or globs; 'embedded' is the demo corpus fetched by `sip assets`.",
     )
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
-        default="auto", description="auto decides per file by its extension."
+        default="auto",
+        description="auto decides per file by its extension (in any case); gzip/zstd are found from the bytes.",
     )
     text_key: str = "text"
-    id_key: str | None = Field(default="id", description="Document id column; null uses file:line ids.")
+    id_key: str | None = Field(
+        default="id", description="Document id column, unique across the corpus (a repeat stops the shard "
+        "stage); null uses file:line ids.",
+    )
     limit: int | None = Field(default=None, gt=0, description="Read at most this many records, in file order.")
 
 

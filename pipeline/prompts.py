@@ -27,7 +27,8 @@ class PromptTemplate:
         path = Path(path)
         if not path.is_file():
             raise PromptError(f"prompt template not found: {path}")
-        template = cls(str(path), path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte order mark (Windows editors write one) would hide the first section.
+        template = cls(str(path), path.read_text(encoding="utf-8-sig"))
         template.sections()  # validate now, not mid-run
         return template
 

@@ -95,9 +95,14 @@ class StageDir:
         write_text_atomic(self.path / "manifest.yaml", yaml.safe_dump(self.manifest.model_dump(mode="json"), sort_keys=False))
 
     def check_upstream_of(self, downstream: str) -> None:
-        """Raise unless this stage is complete *and* was made with the settings planned now."""
+        """Raise unless this stage is complete *and* was made with the settings planned now.
+
+        Complete means every task finished and the card is written: the card comes after the
+        checks over all tasks' outputs (a document id used twice, say), so a stage that failed
+        them is not read by the next one.
+        """
         state_file = self.path / SETTINGS_FILE
-        if not self.is_complete() or not state_file.is_file():
+        if not self.is_complete() or not state_file.is_file() or not (self.path / "card.json").is_file():
             raise StageFailed(f"{downstream}: the {self.stage} stage is not complete ({self.path}); "
                               f"run `sip {self.stage}` (or `sip run`) first")
         old = json.loads(state_file.read_text())

@@ -15,6 +15,10 @@ a byte-level tokenizer may spread one character (an emoji, a CJK glyph) over sev
 and cutting between them would leave the text and the ids disagreeing.
 
 Documents shorter than ``min_prefix + N`` tokens are skipped and counted.
+
+Document ids must be unique across the corpus: every task records the ids it read under
+``<stage>/_doc_ids/`` and the stage is refused before its card is written (so no later stage
+starts) when one id occurs twice, in one file or in files that different tasks read.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from loguru import logger
 
 from pipeline import assets
 from pipeline.cards import write_card
-from pipeline.corpus import CorpusFile, CorpusReader, resolve_corpus
+from pipeline.corpus import CorpusFile, CorpusReader, resolve_corpus, unrecognised_files
+from pipeline.doc_ids import check_unique_doc_ids
 from pipeline.io import TableWriter
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view, hash_view
 from pipeline.models import policy_tokenizer_dir
@@ -49,6 +54,8 @@ STAGE = "shard"
 
 _BATCH_DOCS = 64  # documents per batch-encode call: enough for the Rust tokenizer to parallelise
 _BATCH_CHARS = 4_000_000  # ...but fewer when documents are huge, to bound memory (ids + offsets)
+DOC_IDS_DIR = "_doc_ids"  # in the stage directory: each task's (doc_id, file, line) rows
+_IGNORED_NAMED = 20  # the card names this many ignored files (and counts them all)
 
 
 def split_points(
@@ -173,7 +180,8 @@ class ShardPlan:
     def pipeline(self) -> list:
         m, c = self.manifest, self.manifest.shard
         return [
-            CorpusReader(self.files, text_key=m.corpus.text_key, id_key=m.corpus.id_key),
+            CorpusReader(self.files, text_key=m.corpus.text_key, id_key=m.corpus.id_key,
+                         doc_ids_dir=str(self.stage.path / DOC_IDS_DIR)),
             PairSplitter(
                 str(self.tokenizer_dir), self.tokenizer_id,
                 suffix_tokens=c.suffix_tokens, min_prefix_tokens=c.min_prefix_tokens,
@@ -184,13 +192,17 @@ class ShardPlan:
         ]
 
 
-def corpus_files(manifest: Manifest) -> list[CorpusFile]:
-    patterns = [
+def corpus_patterns(manifest: Manifest) -> list[str]:
+    """``corpus.paths`` as paths and globs (``embedded``: the demo corpus's files)."""
+    return [
         str(assets.embedded_corpus() / "part-*.jsonl") if p == "embedded" else str(manifest.resolve_path(p))
         for p in manifest.corpus.paths
     ]
+
+
+def corpus_files(manifest: Manifest) -> list[CorpusFile]:
     c = manifest.corpus
-    return resolve_corpus(patterns, fmt=c.format, text_key=c.text_key, limit=c.limit)
+    return resolve_corpus(corpus_patterns(manifest), fmt=c.format, text_key=c.text_key, limit=c.limit)
 
 
 def plan_shard(manifest: Manifest) -> ShardPlan:
@@ -212,7 +224,6 @@ def shard_summary(stage: StageDir, elapsed_s: float | None = None) -> dict:
         pl.scan_parquet(str(stage.path / "*.parquet"))
         .select(
             pl.len().alias("pairs"),
-            pl.col("pair_id").n_unique().alias("unique_pair_ids"),
             pl.col("doc_id").n_unique().alias("documents"),
             pl.col("prefix_ids").list.len().mean().alias("prefix_mean"),
             pl.col("prefix_ids").list.len().max().alias("prefix_max"),
@@ -224,18 +235,12 @@ def shard_summary(stage: StageDir, elapsed_s: float | None = None) -> dict:
         "pairs": lengths["pairs"],
         "documents_read": int(stats.get("documents", 0)),
         "documents_with_pairs": lengths["documents"],
-        "duplicate_pair_ids": lengths["pairs"] - lengths["unique_pair_ids"],
         "skipped": {k.removeprefix("skipped_"): int(v) for k, v in sorted(stats.items()) if k.startswith("skipped_")},
         "document_tokens": int(stats.get("document_tokens", 0)),
         "suffix_tokens": stage.manifest.shard.suffix_tokens,
         "prefix_tokens_mean": round(float(lengths["prefix_mean"] or 0), 1),
         "prefix_tokens_max": int(lengths["prefix_max"] or 0),
     }
-    if summary["duplicate_pair_ids"]:
-        logger.warning(
-            f"shard: {summary['duplicate_pair_ids']} duplicate pair_ids: corpus.id_key values repeat across "
-            "documents; make them unique or set corpus.id_key: null (ids from file and line)"
-        )
     if elapsed_s:
         summary["elapsed_s"] = round(elapsed_s, 2)
         summary["documents_per_s"] = round(summary["documents_read"] / elapsed_s, 1)
@@ -243,12 +248,32 @@ def shard_summary(stage: StageDir, elapsed_s: float | None = None) -> dict:
     return summary
 
 
+def ignored_files_summary(manifest: Manifest) -> dict:
+    """The files in corpus directories that were not read (unknown extension): counted, the
+    first few named, and logged, so a data file in a format sip does not read is noticed."""
+    ignored = unrecognised_files(corpus_patterns(manifest), manifest.corpus.format)
+    if ignored:
+        more = f" and {len(ignored) - _IGNORED_NAMED} more" if len(ignored) > _IGNORED_NAMED else ""
+        logger.warning(f"shard: {len(ignored)} files in the corpus directories were not read (their extension is "
+                       f"not a corpus format; set corpus.format to read them): "
+                       f"{', '.join(ignored[:_IGNORED_NAMED])}{more}")
+    return {"ignored_files": len(ignored), "ignored_file_names": ignored[:_IGNORED_NAMED]}
+
+
 def finalize_shard(manifest: Manifest, elapsed_s: float | None = None) -> dict:
+    """Check the tasks' outputs together, then write the card (which marks the stage complete).
+
+    Raises:
+        DuplicateDocumentId: a document id occurs twice in the corpus; no card is written, so
+            no later stage (and no LLM call) starts on these pairs.
+    """
     stage = plan_shard(manifest).stage
+    check_unique_doc_ids(stage.path / DOC_IDS_DIR)
     notes = ""
     if "embedded" in manifest.corpus.paths:
         notes = (assets.corpus_dir() / "ATTRIBUTION.md").read_text()
-    return write_card(stage, shard_summary(stage, elapsed_s), notes)
+    summary = {**shard_summary(stage, elapsed_s), **ignored_files_summary(manifest)}
+    return write_card(stage, summary, notes)
 
 
 def shard_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
@@ -261,4 +286,5 @@ def summary_line(card: dict) -> str:
     s = card["summary"]
     skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
     rate = f" in {s['elapsed_s']} s ({s['documents_per_s']} docs/s, {s['tokens_per_s']:.0f} tokens/s)" if "elapsed_s" in s else ""
-    return f"shard: {s['pairs']} pairs from {s['documents_read']} documents{rate}; skipped: {skipped}"
+    ignored = f"; ignored files (not a corpus format): {s['ignored_files']}" if s.get("ignored_files") else ""
+    return f"shard: {s['pairs']} pairs from {s['documents_read']} documents{rate}; skipped: {skipped}{ignored}"

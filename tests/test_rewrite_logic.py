@@ -69,6 +69,14 @@ def test_prompt_template_renders_without_touching_braces_in_text(tmp_path):
         PromptTemplate.load(bad)
 
 
+def test_a_prompt_template_saved_with_a_byte_order_mark_loads_as_without_one(tmp_path):
+    plain = PromptTemplate.load(DEFAULT_PROMPT)
+    marked = tmp_path / "rewrite.txt"
+    marked.write_bytes(b"\xef\xbb\xbf" + Path(DEFAULT_PROMPT).read_bytes())
+    template = PromptTemplate.load(marked)
+    assert template.sections() == plain.sections() and template.sha == plain.sha
+
+
 def test_the_original_exempts_only_the_same_phrase():
     refusal = "I'm sorry, but I can't help with that."
     assert is_refusal(refusal, " platforms remove harmful content that users can't see.")

@@ -50,6 +50,9 @@ def test_kill_then_resume_gives_the_rows_of_an_uninterrupted_run(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in stage.glob("*.parquet") if p.name in kept} == kept
     assert len(os.listdir(completions)) == TASKS
     assert not list(stage.glob(".*.tmp"))
+    doc_ids = stage / "_doc_ids"  # every task's ids, once, for the check across tasks
+    assert len(list(doc_ids.glob("*.parquet"))) == TASKS and not list(doc_ids.glob(".*.tmp"))
+    assert pl.read_parquet(str(doc_ids / "*.parquet"))["doc_id"].n_unique() == TASKS * len(docs)
     a = pl.read_parquet(str(stage / "*.parquet"))
     b = pl.read_parquet(str(tmp_path / "clean" / "shard" / "*.parquet"))
     assert a["pair_id"].n_unique() == len(a), "duplicate pair_ids after resume"

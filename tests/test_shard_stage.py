@@ -1,5 +1,6 @@
 """The shard stage end to end on real files, the real tokenizer and datatrove's local executor."""
 
+import gzip
 import json
 
 import duckdb
@@ -8,8 +9,9 @@ import pytest
 
 from pipeline.io import read_table
 from pipeline.manifest import parse_manifest
-from pipeline.stage import StageConflict
+from pipeline.stage import StageConflict, StageFailed
 from pipeline.app.registry import run_stages
+from stages.shard import plan_shard, summary_line
 from tests.conftest import base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
 
 
@@ -112,6 +114,46 @@ def test_bad_rows_in_the_corpus_are_counted_in_the_card(tmp_path):
     assert card["summary"]["documents_read"] == 6
     assert card["summary"]["skipped"] == {"empty": 1, "malformed_json": 1}
     assert card["summary"]["documents_with_pairs"] == 6
+
+
+def test_marked_upper_case_gzipped_and_unrecognised_files_in_a_corpus_directory(tmp_path):
+    """A byte order mark before the first line, a gzip file named PART.JSONL.GZ: every document
+    is read; a file in no corpus format is counted and named in the card."""
+    docs = wiki_documents(10, words=60)
+    lines = [json.dumps(d).encode() + b"\n" for d in docs]
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b"".join(lines[:5]))
+    (tmp_path / "corpus" / "PART.JSONL.GZ").write_bytes(gzip.compress(b"".join(lines[5:])))
+    (tmp_path / "corpus" / "extra.csv").write_text("id,text\nx,not read\n")
+    card = run_shard(manifest(tmp_path, [str(tmp_path / "corpus")]), log=quiet)
+    s = card["summary"]
+    assert s["documents_read"] == s["documents_with_pairs"] == 10 and s["skipped"] == {}
+    assert s["ignored_files"] == 1 and s["ignored_file_names"] == [str(tmp_path / "corpus" / "extra.csv")]
+    assert summary_line(card).endswith("skipped: none; ignored files (not a corpus format): 1")
+
+
+def test_a_document_id_in_files_of_different_tasks_is_refused_before_any_later_stage(tmp_path):
+    from pipeline.doc_ids import DuplicateDocumentId
+
+    docs = wiki_documents(8, words=60)
+    clash = {**docs[5], "id": docs[1]["id"]}  # another text under the id of a document in c0
+    write_jsonl(tmp_path / "c0.jsonl", docs[:4])
+    write_jsonl(tmp_path / "c1.jsonl", [docs[4], clash, docs[6]])
+    m = manifest(tmp_path, [str(tmp_path / "c*.jsonl")], executor={"tasks": 2})  # task 0 reads c0, task 1 c1
+    with pytest.raises(DuplicateDocumentId) as err:
+        run_shard(m, log=quiet)
+    assert f"'{docs[1]['id']}' 2 times ({tmp_path / 'c0.jsonl'}:2, {tmp_path / 'c1.jsonl'}:2)" in str(err.value)
+    stage = plan_shard(m).stage
+    assert stage.is_complete() and not (stage.path / "card.json").exists()  # every task ran; the check stopped it
+    with pytest.raises(StageFailed, match="the shard stage is not complete"):
+        stage.check_upstream_of("rewrite")  # what rewrite and rollout check before their first call
+    # Run again (the CLI, one line on stderr): refused again, with nothing re-read.
+    path = write_manifest(tmp_path / "m.yaml", base_manifest(tmp_path / "out", [str(tmp_path / "c*.jsonl")]))
+    proc = run_sip("shard", "-m", str(path), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(error) == 1 and docs[1]["id"] in error[0] and "c0.jsonl:2" in error[0] and "c1.jsonl:2" in error[0]
+    assert "corpus.id_key: null" in error[0]
 
 
 def test_slurm_dry_run_prints_the_array_script(tmp_path, corpus):

@@ -85,7 +85,7 @@ def check_unique_pairs(table: pa.Table, path: Path) -> None:
         repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist()
         raise ReferenceMismatch(f"{path}: {len(repeated)} pair_id(s) occur more than once (e.g. {repeated[0]}), so "
                                 "reference log-probs cannot be keyed by pair_id; the corpus holds a document id "
-                                "twice (see the shard card's duplicate_pair_ids): make the ids unique and rebuild")
+                                "twice: make the ids unique and rebuild from `sip shard --force` (which names them)")
 
 
 def table_digest(table: pa.Table) -> str:
