@@ -42,7 +42,7 @@ from pipeline.engines.factory import make_engine, model_identity
 from pipeline.io import write_table_atomic
 from pipeline.manifest import Manifest, fingerprint
 from pipeline.schema import ONLINE, content_id, provenance, read_provenance, with_provenance
-from pipeline.tokenizer import end_of_text_ids, load_tokenizer
+from pipeline.tokenizer import decode_continuation, end_of_text_ids, load_tokenizer
 from stages.criteria import Judge
 from stages.judge import UpstreamCandidates
 from stages.rewrite import plan_rewrite
@@ -190,7 +190,7 @@ class OnlinePhase:
             drawn = sample_continuations(model, prefixes[pair["pair_id"]], self.cfg.rollouts, self.n, temperature=self.cfg.temperature,
                                          top_p=self.cfg.top_p, eos_ids=self.eos, generator=generator)
             tokens += sum(len(s.token_ids) for s in drawn)
-            texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in drawn]
+            texts = [decode_continuation(self.tokenizer, prefixes[pair["pair_id"]], s.token_ids) for s in drawn]
             sets.append(assemble_candidates(pair, self.candidates.rewrites().get(pair["pair_id"]),
                                             [(t, s.token_ids) for t, s in zip(texts, drawn)], self.tokenizer, self.n))
             # The first sample that gave each text (a repeated text is judged once).
