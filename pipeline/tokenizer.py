@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from tokenizers import Tokenizer
 
@@ -52,17 +53,94 @@ def char_boundaries(offsets: list[tuple[int, int]]) -> list[bool]:
     return [i == 0 or offsets[i][0] >= offsets[i - 1][1] for i in range(len(offsets))] + [True]
 
 
-def clip_to_tokens(text: str, tokenizer, n: int) -> str:
-    """The longest prefix of ``text`` that is at most ``n`` policy tokens, cut where a token
-    starts a new character (never inside one), so the judged text is what gets trained on."""
-    enc = tokenizer.encode(text, add_special_tokens=False)
-    if len(enc.ids) <= n:
-        return text
-    bounds = char_boundaries(enc.offsets)
-    k = n
-    while k > 0 and not bounds[k]:
-        k -= 1
-    return text[: enc.offsets[k][0]] if k > 0 else ""
+# Continuations. A tokenizer encodes the start of a text differently from the same characters
+# after other text: a Metaspace (SentencePiece-style, Llama-2) tokenizer prepends its word
+# marker to a text's start, and a WordPiece one spells a word's inner pieces with '##'. So a
+# continuation is never encoded or decoded on its own: it is encoded as part of
+# ``prefix + text`` and decoded as part of ``prefix_ids + ids``, and only its own part is kept.
+
+
+class Joined(NamedTuple):
+    """``prefix + text`` encoded as one string (see :func:`join_encoding`)."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]  # character offsets into prefix + text
+    prefix_tokens: int  # the length of the prefix's own encoding
+    start: int  # the first id that is not the prefix's own encoding
+
+    @property
+    def fused(self) -> bool:
+        """The join merged tokens across the boundary (the text continues a word the prefix
+        ends inside, and the tokenizer spells the two halves together): no id sequence both
+        follows the prefix's own ids and is the tokenizer's encoding of prefix + text."""
+        return self.start < self.prefix_tokens
+
+
+def join_encoding(tokenizer, prefix: str, text: str) -> Joined:
+    """Encodes ``prefix + text`` (no special tokens) and finds where the text's ids start: after
+    the prefix's own encoding when the join leaves it intact, else at the first id that differs
+    from it (then ``fused``, and ``ids[start:]`` also spell the prefix's last characters).
+
+    ``tokenizer``: a ``tokenizers.Tokenizer`` or a Hugging Face fast tokenizer.
+    """
+    tok = _backend(tokenizer)
+    own = tok.encode(prefix, add_special_tokens=False).ids
+    joint = tok.encode(prefix + text, add_special_tokens=False)
+    start = 0
+    while start < min(len(own), len(joint.ids)) and own[start] == joint.ids[start]:
+        start += 1
+    return Joined(joint.ids, joint.offsets, len(own), start)
+
+
+def encode_continuation(tokenizer, prefix: str, text: str) -> list[int] | None:
+    """The ids of ``text`` as the tokenizer encodes it after ``prefix``: the ids a model that
+    was fed the prefix's ids produces to write ``text``. None when the join fuses tokens across
+    the boundary (:attr:`Joined.fused`): no such ids exist."""
+    joined = join_encoding(tokenizer, prefix, text)
+    return None if joined.fused else joined.ids[joined.start:]
+
+
+def clip_continuation(tokenizer, prefix: str, text: str, n: int) -> tuple[str, list[int]] | None:
+    """The longest start of ``text`` that is at most ``n`` tokens after ``prefix``, and its ids
+    (:func:`encode_continuation` of the clipped text, so what is judged is what is trained on).
+
+    The cut falls where a token starts a new character (never inside one). Returns None when
+    ``text`` fuses with the prefix (:attr:`Joined.fused`); ``("", [])`` when not even its first
+    character fits.
+    """
+    joined = join_encoding(tokenizer, prefix, text)
+    if joined.fused:
+        return None
+    ids, offsets = joined.ids[joined.start:], joined.offsets[joined.start:]
+    if len(ids) <= n:
+        return text, ids
+    bounds = char_boundaries(offsets)
+    for k in range(n, 0, -1):
+        if bounds[k]:
+            clipped = text[: offsets[k - 1][1] - len(prefix)]
+            # A word cut short may encode in other pieces than inside the whole text: recheck.
+            again = encode_continuation(tokenizer, prefix, clipped)
+            if again is not None and len(again) <= n:
+                return clipped, again
+    return "", []
+
+
+def decode_continuation(tokenizer, prefix_ids: list[int], ids: list[int]) -> str:
+    """The text ``ids`` add after ``prefix_ids`` (special tokens not shown): the text a model
+    wrote by sampling ``ids`` after the prefix. Decoded on their own, a Metaspace tokenizer's
+    ids would lose their leading space, and a WordPiece tokenizer's the space before their
+    first word (or keep the '##' of a word's inner piece). Where decoding the prefix does not
+    give the start of the joint text (a decoder that rewrites across the boundary), the ids
+    are decoded on their own."""
+    tok = _backend(tokenizer)
+    before = tok.decode(list(prefix_ids), skip_special_tokens=True)
+    joint = tok.decode(list(prefix_ids) + list(ids), skip_special_tokens=True)
+    return joint[len(before):] if joint.startswith(before) else tok.decode(list(ids), skip_special_tokens=True)
+
+
+def _backend(tokenizer) -> Tokenizer:
+    """The ``tokenizers.Tokenizer`` itself, or the one behind a Hugging Face fast tokenizer."""
+    return getattr(tokenizer, "backend_tokenizer", tokenizer)
 
 
 def end_of_text_ids(directory: str | Path) -> frozenset[int]:

@@ -20,6 +20,7 @@ from pipeline.engines.base import Engine, Request, Sampling
 from pipeline.manifest import JudgingConfig, ManifestError
 from pipeline.prompts import PromptTemplate
 from pipeline.schema import content_id
+from pipeline.tokenizer import encode_continuation, join_encoding
 from stages.verdicts import CHOICES, parse_verdict
 
 PROMPTS = Path(__file__).parent / "prompts"
@@ -51,16 +52,21 @@ class JudgeCounters:
         return {k: v - before.get(k, 0) for k, v in self.snapshot().items()}
 
 
-def choice_tokens(tokenizer, choices: dict[str, float], criterion: str) -> dict[str, int]:
-    """Each choice's first token (as it follows the lead-in); they must differ to be told apart.
+def choice_tokens(tokenizer, lead: str, choices: dict[str, float], criterion: str) -> dict[str, int]:
+    """Each choice's first token as it follows the lead-in (encoded on its own, a
+    SentencePiece-style tokenizer would start every choice with the same word marker); they
+    must differ to be told apart.
 
     Raises:
-        ManifestError: two choices start with the same token in this judge's tokenizer.
+        ManifestError: two choices start with the same token in this judge's tokenizer, or one
+            merges with the lead-in's last token.
     """
-    first = {c: tokenizer.encode(c, add_special_tokens=False)[0] for c in choices}
-    if len(set(first.values())) != len(first):
-        raise ManifestError(f"judging.{criterion}.mode: choice_prob needs choices that start with different tokens; "
-                            f"{list(choices)} share a first token in this judge's tokenizer: use verdict"
+    ids = {c: encode_continuation(tokenizer, lead, c) for c in choices}
+    first = {c: i[0] for c, i in ids.items() if i}
+    if len(first) != len(choices) or len(set(first.values())) != len(first):
+        raise ManifestError(f"judging.{criterion}.mode: choice_prob needs choices that start with different tokens "
+                            f"after {lead!r}; {list(choices)} share a first token (or merge with the lead-in) in "
+                            "this judge's tokenizer: use verdict"
                             + (" or likelihood" if criterion == "quality" else ""))
     return first
 
@@ -101,7 +107,7 @@ class Judge:
         its first token's share of the choices' next-token probability (what structured
         decoding restricted to the choices would sample from)."""
         lead, choices = CHOICES[criterion]
-        first = choice_tokens(self.engine.tokenizer, choices, criterion)
+        first = choice_tokens(self.engine.tokenizer, lead, choices, criterion)
         prompts = [self.engine.prompt_ids(Request(r.id, r.messages, prefill=lead)) for r in requests]
         logprobs = self.engine.next_token_logprobs(prompts, list(first.values()))
         self.counters.calls += len(requests)
@@ -213,13 +219,15 @@ class Judge:
         return out
 
     def _quality_likelihood(self, items: list[tuple[str, list[str]]]) -> list[list[Scored]]:
-        tok = self.engine.tokenizer
+        """Each candidate's tokens are those of prefix + candidate past the prefix's own encoding
+        (:func:`pipeline.tokenizer.join_encoding`); where the two fuse, the fused token is the
+        candidate's too, so every candidate gets a score."""
         sequences, starts, ids = [], [], []
         for prefix, texts in items:
-            context = tok.encode(prefix, add_special_tokens=False)
-            ids.append([tok.encode(t, add_special_tokens=False) for t in texts])
-            sequences += [context + c for c in ids[-1]]
-            starts += [len(context)] * len(texts)
+            joined = [join_encoding(self.engine.tokenizer, prefix, t) for t in texts]
+            ids.append([j.ids[j.start:] for j in joined])
+            sequences += [j.ids for j in joined]
+            starts += [j.start for j in joined]
         scores = iter(self.engine.score(sequences, starts))
         self.counters.calls += len(sequences)
         self.counters.prompt_tokens += sum(len(seq) for seq in sequences)

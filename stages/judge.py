@@ -121,7 +121,8 @@ class JudgeStep(EngineStep):
                 self.count(f"prefix_cache_{key}", cache_after[key] - cache_before[key])
         out = []
         for candidate_set, pair_judged in zip(sets, judged):
-            for name, value in (("duplicate", candidate_set.duplicates), ("empty", candidate_set.empty)):
+            for name, value in (("duplicate", candidate_set.duplicates), ("empty", candidate_set.empty),
+                                ("fused", candidate_set.fused)):
                 if value:
                     self.count(f"candidates_dropped_{name}", value)
             for j in pair_judged:
@@ -280,6 +281,9 @@ def judge_summary(plan: JudgePlan, elapsed_s: float | None) -> dict:
         "pairs": j["pair_id"].n_unique(),
         "by_source": {r["source"]: {k: v for k, v in r.items() if k != "source"} for r in by_source.iter_rows(named=True)},
         "unparsable_candidates": int((j["parse_status"] == "unparsable").sum()),
+        # Offered texts that are not candidates: repeats, blanks, rewrites fused with the prefix.
+        "candidates_dropped": {k.removeprefix("candidates_dropped_"): int(v) for k, v in sorted(stats.items())
+                               if k.startswith("candidates_dropped_")},
         "unparsable_by_criterion": {k.removeprefix("unparsable_"): int(v) for k, v in stats.items()
                                     if k.startswith("unparsable_")},
         "order_agreement": round(stats.get("order_agreed", 0) / compared, 3) if compared else None,

@@ -32,7 +32,7 @@ from pipeline.prompts import PromptTemplate
 from pipeline.runner import StageJob
 from pipeline.schema import REWRITES, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import join_encoding, load_tokenizer
 from stages.refusals import is_refusal
 from stages.shard import plan_shard
 
@@ -177,12 +177,13 @@ def rewrite_summary(plan: RewritePlan, elapsed_s: float | None) -> dict:
     # per-task cost, and the resumed chunks come from the tasks' stats.
     stats, task_stats = chunk_stats(stage.path), stage.merged_stats()
     rewrites = pl.from_arrow(read_table(stage.path, columns=["pair_id", "rewrite", "status"]))
-    pairs = pl.from_arrow(read_table(plan.pairs_dir, columns=["pair_id", "suffix_ids"]))
+    pairs = pl.from_arrow(read_table(plan.pairs_dir, columns=["pair_id", "prefix", "suffix_ids"]))
     kept = rewrites.filter(pl.col("rewrite").is_not_null()).join(pairs, on="pair_id").head(20000)
     tok = load_tokenizer(str(plan_shard(plan.manifest).tokenizer_dir))
     overlaps, lengths = [], []
-    for text, original in zip(kept["rewrite"].to_list(), kept["suffix_ids"].to_list()):
-        ids = tok.encode(text, add_special_tokens=False).ids
+    for prefix, text, original in zip(*(kept[c].to_list() for c in ("prefix", "rewrite", "suffix_ids"))):
+        joined = join_encoding(tok, prefix, text)  # the rewrite's tokens as they follow the prefix
+        ids = joined.ids[joined.start:]
         lengths.append(len(ids))
         overlaps.append(SequenceMatcher(None, original, ids, autojunk=False).ratio())
     counts = dict(rewrites.group_by("status").len().iter_rows())

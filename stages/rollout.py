@@ -5,7 +5,9 @@ chat template) and samples K = ``rollouts.count`` continuations of at most N =
 ``shard.suffix_tokens`` tokens in one request (n = K), at ``rollouts.temperature``/``top_p``.
 Every pair gives exactly K rows (``sample`` 0..K-1), each with a status:
 
-- ``ok``: a continuation; ``text`` is its ids decoded (the exact text the judge sees);
+- ``ok``: a continuation; ``text`` is its ids decoded after the prefix's ids (the exact text
+  the judge sees: decoded on their own, a SentencePiece-style tokenizer's ids lose their
+  leading space);
 - ``empty``: only whitespace or an immediate end-of-text;
 - ``too_long``: prefix + N tokens do not fit ``rollouts.max_model_len``; ``error``: the request failed.
 
@@ -32,7 +34,7 @@ from pipeline.policy import check_context, policy_hf_dir, policy_identity
 from pipeline.runner import StageJob
 from pipeline.schema import ROLLOUT_STATUSES, ROLLOUTS, cand_id, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import decode_continuation, load_tokenizer
 from stages.shard import plan_shard
 
 STAGE = "rollout"
@@ -41,7 +43,8 @@ _RUN_ONLY = ("rollouts.chunk_size", "rollouts.gpu_memory_utilization")
 
 
 def rollout_rows(pair: dict, result: Result, k: int, tokenizer, model: str) -> list[dict]:
-    """The K rows of one pair. Texts are decoded from the sampled ids, never re-tokenized."""
+    """The K rows of one pair (``pair``: ``pair_id``, ``prefix_ids``). Texts are decoded from the
+    sampled ids as a continuation of the prefix's ids, never re-tokenized."""
     base = {"pair_id": pair["pair_id"], "model": model, "prompt_tokens": result.prompt_tokens}
     status, error = result.status, result.error
     if status == "ok" and len(result.token_ids) != k:
@@ -51,7 +54,7 @@ def rollout_rows(pair: dict, result: Result, k: int, tokenizer, model: str) -> l
                  "status": status, "error": error, "completion_tokens": 0} for s in range(k)]
     rows = []
     for s, (ids, reason) in enumerate(zip(result.token_ids, result.finish_reasons)):
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        text = decode_continuation(tokenizer, pair["prefix_ids"], ids)
         rows.append({**base, "sample": s, "cand_id": cand_id(pair["pair_id"], text), "text": text, "token_ids": ids,
                      "finish_reason": reason, "status": "ok" if text.strip() else "empty", "error": None,
                      "completion_tokens": len(ids)})

@@ -8,9 +8,10 @@ wherever it is judged (METHOD.md "Judge", "Training"):
 - the trainer's online phase assembles, scores and picks in memory with the same functions.
 
 Candidates (:func:`assemble_candidates`): the original suffix, the ok rewrite clipped to N
-policy tokens, and the ok rollouts (their sampled ids, never re-encoded). Each distinct text
-is judged once, under the first source that gave it. Every candidate carries the token ids
-it is trained on, so what the judge scored is exactly what the policy learns from.
+policy tokens as a continuation of the prefix, and the ok rollouts (their sampled ids, never
+re-encoded). Each distinct text is judged once, under the first source that gave it. Every
+candidate carries the token ids it is trained on, so what the judge scored is exactly what
+the policy learns from.
 
 Reward (:func:`reward_of`): the weighted sum of the enabled criteria's scores (the paper sums
 them; the weights are ``judging.<criterion>.weight``); None when a criterion that applies
@@ -29,7 +30,7 @@ from typing import Sequence
 
 from pipeline.manifest import JudgingConfig
 from pipeline.schema import cand_id
-from pipeline.tokenizer import clip_to_tokens
+from pipeline.tokenizer import clip_continuation
 from stages.criteria import Judge, Scored
 
 CRITERIA = ("safety", "quality", "factuality")
@@ -62,6 +63,7 @@ class CandidateSet:
     candidates: list[Candidate]
     duplicates: int = 0  # a text another source already gave
     empty: int = 0  # nothing but whitespace (after clipping)
+    fused: int = 0  # a rewrite the tokenizer merges with the prefix's last token (no ids continue the prefix's)
 
 
 def assemble_candidates(pair: dict, rewrite: str | None, rollouts: Sequence[tuple[str, Sequence[int]]],
@@ -71,6 +73,10 @@ def assemble_candidates(pair: dict, rewrite: str | None, rollouts: Sequence[tupl
     Args:
         pair: a pairs-table row: ``pair_id``, ``prefix``, ``suffix``, ``suffix_ids``.
         rewrite: the ok rewrite's text, or None (the rewrite failed, was refused or copied).
+            Its ids are its encoding as a continuation of the prefix, never of the text on its
+            own (:func:`pipeline.tokenizer.clip_continuation`): on its own, a SentencePiece-style
+            tokenizer would start it with a word marker the policy never writes there. A
+            rewrite that fuses with the prefix's last token is left out (``fused``).
         rollouts: the ok rollouts as (text, sampled ids), in sample order; their ids are at
             most N already and are kept as sampled (re-encoding the text could tokenize
             differently and cut what the policy produced).
@@ -79,11 +85,14 @@ def assemble_candidates(pair: dict, rewrite: str | None, rollouts: Sequence[tupl
         n: N, the suffix length in policy tokens.
     """
     offered = [("original", pair["suffix"], tuple(pair["suffix_ids"]))]
-    if rewrite is not None:
-        clipped = clip_to_tokens(rewrite, tokenizer, n)
-        offered.append(("rewrite", clipped, tuple(tokenizer.encode(clipped, add_special_tokens=False).ids[:n])))
-    offered += [("rollout", text, tuple(ids)) for text, ids in rollouts]
     out = CandidateSet(pair["pair_id"], pair["prefix"], pair["suffix"], [])
+    if rewrite is not None:
+        clipped = clip_continuation(tokenizer, pair["prefix"], rewrite, n)
+        if clipped is None:
+            out.fused += 1
+        else:
+            offered.append(("rewrite", clipped[0], tuple(clipped[1])))
+    offered += [("rollout", text, tuple(ids)) for text, ids in rollouts]
     seen: set[str] = set()
     for k, (source, text, ids) in enumerate(offered):
         if k and not text.strip():  # the original is always a candidate: it is the reference

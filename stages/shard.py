@@ -8,6 +8,12 @@ splits the same way, whatever task reads it), and emits, per split point ``s``:
 - ``prefix_ids = ids[max(0, s - max_prefix) : s]`` (at least ``min_prefix`` tokens),
 - ``prefix`` / ``suffix``: the document's own characters covered by those tokens (from the
   tokenizer's offsets, so no decode artefacts; prefix + suffix is a substring of the text).
+  The prefix ends where its last token ends: characters no token covers (the spaces a
+  WordPiece tokenizer drops) belong to the suffix, as they do in the text of every
+  continuation the policy writes (``pipeline.tokenizer.decode_continuation``). The suffix's
+  ids are its text's encoding as a continuation of the prefix
+  (``pipeline.tokenizer.encode_continuation``): cut at token boundaries, the window encodes
+  as it did inside the document.
 
 Split points, the suffix's end and the prefix's start are only placed where a token starts a
 new character:
@@ -121,8 +127,8 @@ class PairSplitter(PipelineStep):
                 "pair_id": pair_id(doc.id, s, n, self.tokenizer_id),
                 "doc_id": doc.id,
                 "source": source,
-                "prefix": doc.text[offsets[p0][0] : offsets[s][0]],
-                "suffix": doc.text[offsets[s][0] : offsets[s + n - 1][1]],
+                "prefix": doc.text[offsets[p0][0] : offsets[s - 1][1]],
+                "suffix": doc.text[offsets[s - 1][1] : offsets[s + n - 1][1]],
                 "prefix_ids": ids[p0:s],
                 "suffix_ids": ids[s : s + n],
                 "split_offset": s,

@@ -114,14 +114,16 @@ def test_a_margin_below_min_margin_is_a_tie():
 
 
 def test_clipping_to_n_tokens_never_cuts_a_character(tokenizer):
-    from pipeline.tokenizer import clip_to_tokens
+    from pipeline.tokenizer import clip_continuation
 
-    text = "Café 日本語 🙂 naïve façade — 東京 and more words after it"
+    prefix, text = "Menu:", " Café 日本語 🙂 naïve façade — 東京 and more words after it"
+    prefix_ids = tokenizer.encode(prefix, add_special_tokens=False).ids
     for n in range(1, 30):
-        clipped = clip_to_tokens(text, tokenizer, n)
-        ids = tokenizer.encode(clipped, add_special_tokens=False).ids
+        clipped, ids = clip_continuation(tokenizer, prefix, text, n)
         assert text.startswith(clipped) and len(ids) <= n
+        assert prefix_ids + ids == tokenizer.encode(prefix + clipped, add_special_tokens=False).ids
         assert tokenizer.decode(ids, skip_special_tokens=False) == clipped
+    assert clip_continuation(tokenizer, prefix, text, 100) == (text, tokenizer.encode(text).ids)
 
 
 class FixedChoiceEngine(Engine):

@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.io import chunk_stats, table_provenance
 from pipeline.schema import REWRITES, ROLLOUT_STATUSES, ROLLOUTS, cand_id
+from pipeline.tokenizer import decode_continuation
 from stages.judge import UpstreamCandidates, plan_judge
 from stages.prefs import build_preferences
 from tests.conftest import kill_after_first_chunk, llm_manifest, run_sip, wiki_documents
@@ -65,12 +66,13 @@ def test_every_pair_gets_k_samples_of_at_most_n_tokens_decoded_exactly(resumed, 
     ok = r.filter(pl.col("status") == "ok")
     assert len(ok) > 0 and (ok["model"] == "SmolLM2-135M-Instruct").all()
     prefix_len = dict(zip(pairs["pair_id"], pairs["prefix_ids"].list.len()))
+    prefix_ids = dict(zip(pairs["pair_id"], pairs["prefix_ids"].to_list()))
     for row in ok.iter_rows(named=True):
         assert 0 < len(row["token_ids"]) <= N and row["completion_tokens"] == len(row["token_ids"])
         assert row["finish_reason"] in ("length", "stop")
         if row["finish_reason"] == "length":
             assert len(row["token_ids"]) == N
-        assert row["text"] == tokenizer.decode(row["token_ids"], skip_special_tokens=True)
+        assert row["text"] == decode_continuation(tokenizer, prefix_ids[row["pair_id"]], row["token_ids"])
         assert row["cand_id"] == cand_id(row["pair_id"], row["text"])
         assert row["prompt_tokens"] == prefix_len[row["pair_id"]]  # the raw prefix ids, no chat template
     card = json.loads((resumed.stage / "card.json").read_text())["summary"]
@@ -111,13 +113,13 @@ def test_rollout_rows_decode_the_sampled_ids_and_give_k_rows_whatever_happened(t
     ids = tokenizer.encode(" a sampled end", add_special_tokens=False).ids
     blank = tokenizer.encode("  ", add_special_tokens=False).ids
     ok = Result("p", texts=["x", "y"], token_ids=[ids + [2], blank], finish_reasons=["stop", "length"], prompt_tokens=5)
-    rows = rollout_rows({"pair_id": "p"}, ok, 2, tokenizer, "m")
+    rows = rollout_rows({"pair_id": "p", "prefix_ids": tokenizer.encode("The").ids}, ok, 2, tokenizer, "m")
     assert [(r["sample"], r["status"], r["text"]) for r in rows] == [(0, "ok", " a sampled end"), (1, "empty", "  ")]
     assert rows[0]["token_ids"] == ids + [2] and rows[0]["cand_id"] == cand_id("p", " a sampled end")  # eos kept in ids
     too_long = Result("p", status="too_long", error="100 prompt + 16 new tokens > max_model_len 64", prompt_tokens=100)
     short = Result("p", texts=["x"], token_ids=[ids], finish_reasons=["length"])
     for result, status in ((too_long, "too_long"), (short, "error")):
-        rows = rollout_rows({"pair_id": "p"}, result, 2, tokenizer, "m")
+        rows = rollout_rows({"pair_id": "p", "prefix_ids": [1]}, result, 2, tokenizer, "m")
         assert [(r["sample"], r["status"], r["text"], r["token_ids"]) for r in rows] == [(0, status, None, []),
                                                                                       (1, status, None, [])]
     assert "expected 2" in rows[0]["error"]

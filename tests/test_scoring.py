@@ -22,7 +22,9 @@ def test_assembly_clips_the_rewrite_to_n_tokens_and_keeps_sampled_ids(tokenizer)
     original, rewrite, rollout = s.candidates
     assert (original.source, original.token_ids) == ("original", (11, 12, 13))
     assert long_rewrite.startswith(rewrite.text) and len(rewrite.token_ids) <= 8
-    assert list(rewrite.token_ids) == tokenizer.encode(rewrite.text, add_special_tokens=False).ids
+    prefix_ids = tokenizer.encode(pair()["prefix"], add_special_tokens=False).ids
+    assert prefix_ids + list(rewrite.token_ids) == tokenizer.encode(pair()["prefix"] + rewrite.text,
+                                                                     add_special_tokens=False).ids
     assert rollout.token_ids == (5, 6, 7)  # never re-encoded
     assert s.empty == 1 and s.duplicates == 0
     assert rollout.cand_id == cand_id("p", " A rollout.")

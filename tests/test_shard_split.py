@@ -4,7 +4,7 @@ from datatrove.data import Document
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.tokenizer import char_boundaries
+from pipeline.tokenizer import char_boundaries, decode_continuation
 from stages.shard import PairSplitter, split_points
 
 WORDS = st.sampled_from(
@@ -52,7 +52,7 @@ def test_pairs_are_contiguous_windows_of_the_document(embedded_dir, tokenizer, t
         assert r["prefix_ids"] + r["suffix_ids"] == enc.ids[s - len(r["prefix_ids"]) : s + n]
         # The text is exactly what the ids say: no characters cut in half at either end.
         assert tokenizer.decode(r["prefix_ids"], skip_special_tokens=False) == r["prefix"]
-        assert tokenizer.decode(r["suffix_ids"], skip_special_tokens=False) == r["suffix"]
+        assert decode_continuation(tokenizer, r["prefix_ids"], r["suffix_ids"]) == r["suffix"]
         assert (r["prefix"] + r["suffix"]) in text
         assert r["doc_tokens"] == len(enc.ids)
     # Same inputs, same pairs: ids and split points do not depend on anything else.

