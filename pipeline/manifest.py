@@ -257,6 +257,11 @@ class OnlineConfig(_Section):
         "(llama-style policies); trainer: decode with the module being trained (any LitGPT architecture).")
     push_every: int = Field(default=1, gt=0, description="vllm sampler: steps between weight pushes (1: rollouts "
                             "always come from the weights being trained; k: up to k-1 steps stale).")
+    offline_mix: float = Field(default=0.0, ge=0, lt=1, description="Fraction of each micro-batch's rows taken "
+                               "from the objective's offline table (dpo: preferences, rf_nll: sft) instead of online "
+                               "prefixes (original + rewrite wins mixed with the policy's own rollouts). 0: online only.")
+    offline_table: str | None = Field(default=None, description="The offline_mix table; default by objective: "
+                                      "prefs/ (dpo) or prefs/sft/ (rf_nll) of this run.")
 
 
 class PhaseConfig(_Section):
@@ -294,6 +299,11 @@ class PhaseConfig(_Section):
                                  "dpo or rf_nll (ntp needs no rollouts: use source: table)")
             if self.online is None:
                 self.online = OnlineConfig()
+            offline = self.offline_rows_per_micro_batch
+            if self.online.offline_mix and not 0 < offline < self.batch_size:
+                raise ValueError(f"phase '{self.name}': online.offline_mix {self.online.offline_mix} x batch_size "
+                                 f"{self.batch_size} gives {offline} offline rows per micro-batch; it must leave at "
+                                 "least one offline and one online row (raise batch_size or change offline_mix)")
         elif self.online is not None:
             raise ValueError(f"phase '{self.name}': 'online' settings need source: online")
         return self
@@ -301,6 +311,11 @@ class PhaseConfig(_Section):
     @property
     def table_kind(self) -> str:
         return "prefixes" if self.source == "online" else OBJECTIVE_TABLES[self.objective]
+
+    @property
+    def offline_rows_per_micro_batch(self) -> int:
+        """An online phase's rows per micro-batch from its offline table (the rest are online prefixes)."""
+        return round(self.batch_size * self.online.offline_mix) if self.online is not None else 0
 
 
 class CheckpointConfig(_Section):
@@ -387,6 +402,8 @@ class Manifest(_Section):
             data["train"]["model"]["init"] = init if init in ("scratch", "policy") else fix(init)
             for phase in data["train"]["phases"]:
                 phase["table"] = fix(phase["table"])
+                if phase.get("online"):
+                    phase["online"]["offline_table"] = fix(phase["online"]["offline_table"])
         return data
 
     @property

@@ -104,6 +104,19 @@ def test_an_online_phase_gets_the_default_rollout_settings(tmp_path):
     assert m.train.phases[0].table_kind == "prefixes"
 
 
+@pytest.mark.parametrize("mix, batch, message", [
+    (0.5, 1, r"online.offline_mix 0.5 x batch_size 1 gives 0 offline rows per micro-batch"),
+    (0.9, 4, r"online.offline_mix 0.9 x batch_size 4 gives 4 offline rows per micro-batch"),
+])
+def test_offline_mix_must_leave_offline_and_online_rows(tmp_path, mix, batch, message):
+    with pytest.raises(ManifestError, match=message):
+        _parse(tmp_path, {"model": {"init": "scratch", "config": "x"}, "phases": [
+            {**PHASE, "objective": "dpo", "source": "online", "batch_size": batch, "online": {"offline_mix": mix}}]})
+    m = _parse(tmp_path, {"model": {"init": "scratch", "config": "x"}, "phases": [
+        {**PHASE, "objective": "dpo", "source": "online", "batch_size": 4, "online": {"offline_mix": 0.25}}]})
+    assert m.train.phases[0].offline_rows_per_micro_batch == 1
+
+
 @pytest.mark.parametrize("change, message", [
     ({"judge": None}, r"train.phases\[0\] \(a\) is online: the manifest has no 'judge' section"),
     ({"judge": {"model": "http://127.0.0.1:9/v1", "served_name": "j"}},

@@ -307,3 +307,39 @@ def test_two_processes_sample_and_judge_their_own_share(online_run, tmp_path):
         assert mine["weights_version"].unique().to_list() == [step - 1]
     metrics = losses(out / "train", "version_0")
     assert sorted(metrics) == [1, 2] and all(float(m["loss"]) == float(m["loss"]) for m in metrics.values())
+
+
+@pytest.mark.slow
+def test_offline_mix_trains_offline_rows_beside_the_online_picks(online_run, tmp_path):
+    """online.offline_mix 0.5, batch 2: each micro-batch judges one online prefix and adds one
+    row of the offline preferences table (its reference log-probs from the frozen phase start);
+    the chosen rates count the online picks only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, path = online_run
+    out = tmp_path / "out"
+    for stage in ("shard", "rewrite"):
+        shutil.copytree(root / "out" / stage, out / stage)
+    pairs = pl.read_parquet(str(out / "shard" / "*.parquet"))
+    prefs = tmp_path / "prefs"
+    prefs.mkdir()
+    pq.write_table(pa.Table.from_pylist([
+        {"pair_id": r["pair_id"], "prefix_ids": r["prefix_ids"], "chosen_ids": r["suffix_ids"],
+         "rejected_ids": r["suffix_ids"][::-1], "chosen_source": "original", "rejected_source": "rewrite"}
+        for r in pairs.iter_rows(named=True)]), prefs / "00000.parquet")
+    data = yaml.safe_load(path.read_text())
+    data["run"]["output_dir"] = str(out)
+    data["train"]["phases"] = [{**PHASE, "steps": 2, "online": {"rollouts": K, "offline_mix": 0.5,
+                                                               "offline_table": str(prefs)}}]
+    manifest = write_manifest(tmp_path / "m.yaml", data)
+    proc = run_sip("train", "-m", str(manifest), env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1200)
+    assert f"1 of {BATCH} rows per micro-batch from {prefs}" in proc.stdout
+    record = pl.read_parquet(str(out / "train" / "online" / "sip-online" / "*.parquet"))
+    assert record.group_by("step").agg(pl.col("pair_id").n_unique())["pair_id"].to_list() == [1, 1]
+    metrics = losses(out / "train", "version_0")
+    for step in (1, 2):
+        m = metrics[step]
+        assert float(m["offline_rows"]) == 1 and float(m["loss"]) == float(m["loss"])
+        picks = sum(float(m[f"chosen_rate_{s}"]) for s in ("original", "rewrite", "rollout"))
+        assert picks == pytest.approx(1.0) or picks == 0.0  # online picks only (0: the prefix tied)

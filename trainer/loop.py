@@ -231,8 +231,8 @@ class _Trainer:
         """The phase's ``micro_batch(micro, start)`` for :meth:`_step`."""
         size = plan.config.batch_size
         if online is not None:
-            return lambda micro, start: online.micro_batch(self.state["phase_step"] + 1, micro, source.examples(
-                source.row_indices(start, size)), self.state["global_step"])
+            return lambda micro, start: online.micro_batch(self.state["phase_step"] + 1, micro,
+                                                           *online.rows(source, start), self.state["global_step"])
 
         def from_table(micro: int, start: int) -> MicroBatch:
             rows = source.row_indices(start, size)

@@ -95,20 +95,21 @@ class Window:
         for source, count in sorted(self.sources.items()):
             out[f"chosen_rate_{source}"] = count / total
         if self.online:
-            out.update(online_metrics(self.online, self.sources, self.steps))
+            out.update(online_metrics(self.online, self.steps))
         if peak_flops:
             out["mfu"] = 6 * params * tokens_per_s / (peak_flops * world_size)  # 6N FLOPs per token (fwd+bwd)
         return out
 
 
-def online_metrics(o: Counter, chosen: Counter, steps: int) -> dict[str, float]:
-    """The online phase's window metrics from :class:`Window`'s sums: which sources win (every
-    source listed, 0.0 included: the rollout chosen rate is the curriculum's signal), rewards,
-    judge cost, and where a step's time goes."""
+def online_metrics(o: Counter, steps: int) -> dict[str, float]:
+    """The online phase's window metrics from :class:`Window`'s sums: which sources win among
+    the online picks (every source listed, 0.0 included: the rollout chosen rate is the
+    curriculum's signal; ``offline_mix`` rows are not picks and only counted), rewards, judge
+    cost, and where a step's time goes."""
     from pipeline.schema import CANDIDATE_SOURCES
 
-    picked = sum(chosen.values())
-    out = {f"chosen_rate_{s}": chosen.get(s, 0) / picked if picked else 0.0 for s in CANDIDATE_SOURCES}
+    picked = sum(o[f"chosen_{s}"] for s in CANDIDATE_SOURCES)
+    out = {f"chosen_rate_{s}": o[f"chosen_{s}"] / picked if picked else 0.0 for s in CANDIDATE_SOURCES}
     usable = o["pick_usable"]
     if o["rejected_original"] + o["rejected_rewrite"] + o["rejected_rollout"]:
         out.update({f"rejected_rate_{s}": o[f"rejected_{s}"] / usable for s in CANDIDATE_SOURCES})
@@ -123,7 +124,8 @@ def online_metrics(o: Counter, chosen: Counter, steps: int) -> dict[str, float]:
                 "judge_calls": o["judge_calls"], "judge_prompt_tokens": o["prompt_tokens"],
                 "push_s": o["push_s"] / max(1, steps), "sample_s": o["sample_s"] / max(1, steps),
                 "judge_s": o["judge_s"] / max(1, steps),
-                "train_s": o["train_s"] / max(1, steps), "replayed_micro_batches": o["replayed"]})
+                "train_s": o["train_s"] / max(1, steps), "replayed_micro_batches": o["replayed"],
+                "offline_rows": o["offline_rows"]})
     if o["sample_s"]:
         out["rollout_tokens_per_s"] = o["rollout_tokens"] / o["sample_s"]
     if o["logprob_gap_tokens"]:

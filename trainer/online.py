@@ -16,6 +16,9 @@ Each micro-batch of prefixes (rows of the pairs table, in the phase's seeded ord
    sampling and judging it again: no judge call is paid twice, and the data are the same as
    an uninterrupted run's even where the engine cannot be seeded.
 
+With ``online.offline_mix``, each micro-batch's last rows come from the objective's offline
+table instead (deterministic, so not recorded), trained beside the online picks.
+
 The DPO reference is the policy at the phase start, kept as a frozen copy (its weights are
 saved once under ``<train>/online/<phase>/reference/`` so a resumed phase uses the same
 one); its log-probs of the chosen and rejected suffixes are computed when they are picked and
@@ -117,6 +120,21 @@ class OnlinePhase:
                       "suffix_tokens": self.n, "prefix_context": self.context}))
         self.judge_calls_made = 0
         self.micro_batches_replayed = 0
+        # offline_mix: each micro-batch's first rows are online prefixes, the rest rows of the
+        # objective's offline table in its own seeded order (deterministic: nothing to record).
+        self.offline_rows = plan.config.offline_rows_per_micro_batch
+        self.online_rows = plan.config.batch_size - self.offline_rows
+        self.offline = None
+        if self.offline_rows:
+            from pipeline.manifest import OBJECTIVE_TABLES
+            from trainer.plan import offline_table_path
+            from trainer.source import TableSource, load_table
+
+            kind = OBJECTIVE_TABLES[self.objective]
+            table = load_table(offline_table_path(manifest, plan.config), kind,
+                               f"train.phases[{plan.index}].online.offline_table ({plan.name})")
+            self.offline = TableSource(table, kind, manifest.train_seed + plan.index + 1_000_003,
+                                       manifest.train.max_seq_len)
         if fabric.world_size > 1:
             self._engines()
 
@@ -150,9 +168,40 @@ class OnlinePhase:
         return sha
 
     # ------------------------------------------------------------------ micro-batches
-    def micro_batch(self, step: int, micro: int, rows: list[dict], weights_version: int) -> MicroBatch:
-        """Examples for phase step ``step`` (1-based) and micro-batch ``micro`` of this rank;
-        ``weights_version``: the optimizer steps taken so far (the weights being trained)."""
+    def rows(self, prefixes, start: int) -> tuple[list[dict], list[dict]]:
+        """The online prefixes (pairs-table rows) and offline examples of the micro-batch whose
+        rows start at phase sample ``start`` (a multiple of ``batch_size``; see the loop).
+
+        ``prefixes``: the phase's :class:`trainer.source.TableSource` of the pairs table. Micro-
+        batch ``j = start // batch_size`` reads online samples ``j * online_rows ..`` and
+        offline samples ``j * offline_rows ..``, so neither table skips rows.
+        """
+        j = start // self.plan.config.batch_size
+        rows = prefixes.examples(prefixes.row_indices(j * self.online_rows, self.online_rows))
+        if self.offline is None:
+            return rows, []
+        return rows, self.offline.examples(self.offline.row_indices(j * self.offline_rows, self.offline_rows))
+
+    def micro_batch(self, step: int, micro: int, rows: list[dict], offline: list[dict],
+                    weights_version: int) -> MicroBatch:
+        """Examples for phase step ``step`` (1-based) and micro-batch ``micro`` of this rank:
+        the online picks of ``rows``' prefixes, then the ``offline`` examples (their DPO
+        reference log-probs computed now by the phase's frozen reference); ``weights_version``:
+        the optimizer steps taken so far (the weights being trained)."""
+        return self._with_offline(self._online_micro_batch(step, micro, rows, weights_version), offline)
+
+    def _with_offline(self, batch: MicroBatch, offline: list[dict]) -> MicroBatch:
+        if not offline:
+            return batch
+        stats = {**batch.stats, "offline_rows": len(offline)}
+        if self.objective != "dpo":
+            return MicroBatch(batch.examples + offline, None, stats)
+        ref = [self._pair_reference(e["prefix"], e["chosen"], e["rejected"]) for e in offline]
+        chosen = torch.cat([batch.ref[0], torch.tensor([r["chosen"] for r in ref], dtype=torch.float32)])
+        rejected = torch.cat([batch.ref[1], torch.tensor([r["rejected"] for r in ref], dtype=torch.float32)])
+        return MicroBatch(batch.examples + offline, (chosen, rejected), stats)
+
+    def _online_micro_batch(self, step: int, micro: int, rows: list[dict], weights_version: int) -> MicroBatch:
         path = record_path(self.out, self.plan.name, step, self.fabric.global_rank, micro)
         if path.is_file():
             self.micro_batches_replayed += 1
@@ -255,13 +304,17 @@ class OnlinePhase:
                 })
         return rows
 
-    @torch.no_grad()
     def _reference_logps(self, prefix_ids: list[int], picked) -> dict[str, float]:
+        return self._pair_reference(prefix_ids, list(picked.chosen.candidate.token_ids),
+                                    list(picked.rejected.candidate.token_ids))
+
+    @torch.no_grad()
+    def _pair_reference(self, prefix_ids: list[int], chosen_ids: list[int], rejected_ids: list[int]) -> dict[str, float]:
+        """The frozen reference's sequence log-probs (nats) of a DPO pair's two sides."""
         from trainer.runtime import PAD_ID
         from trainer.steps import pair_logps
 
-        example = {"prefix": prefix_ids, "chosen": list(picked.chosen.candidate.token_ids),
-                   "rejected": list(picked.rejected.candidate.token_ids)}
+        example = {"prefix": prefix_ids, "chosen": chosen_ids, "rejected": rejected_ids}
         device = next(self.reference.parameters()).device
         chosen, rejected = pair_logps(self.reference, [example], PAD_ID, self.m.train.max_seq_len, device)
         return {"chosen": float(chosen[0]), "rejected": float(rejected[0])}
@@ -306,12 +359,14 @@ class OnlinePhase:
                                  "sampler_logprobs": (c["sampler_logprob"], r["sampler_logprob"])})
                 ref_c.append(c["ref_logprob"])
                 ref_r.append(r["ref_logprob"])
+                stats[f"chosen_{c['source']}"] += 1
                 stats[f"rejected_{r['source']}"] += 1
                 stats["reward_margin_sum"] += c["reward"] - r["reward"]
             elif self.objective == "rf_nll" and "best" in role:
                 b = role["best"]
                 examples.append({"prefix": prefix, "target": b["token_ids"], "source": b["source"],
                                  "sampler_logprobs": (b["sampler_logprob"],)})
+                stats[f"chosen_{b['source']}"] += 1
         ref = (torch.tensor(ref_c, dtype=torch.float32), torch.tensor(ref_r, dtype=torch.float32)) \
             if self.objective == "dpo" else None
         return MicroBatch(examples, ref, dict(stats))
@@ -349,12 +404,14 @@ def logprob_gap(examples: list[dict], trainer_logps: list[float], objective: str
     """
     if not examples or not trainer_logps:
         return {}
+    # Offline-table rows (offline_mix) and candidates that were not sampled have no sampler log-prob.
+    sampled = [e.get("sampler_logprobs", (None, None)) for e in examples]
     if objective == "dpo":
         half = len(examples)
-        pairs = [(e["sampler_logprobs"][0], trainer_logps[i], len(e["chosen"])) for i, e in enumerate(examples)]
-        pairs += [(e["sampler_logprobs"][1], trainer_logps[half + i], len(e["rejected"])) for i, e in enumerate(examples)]
+        pairs = [(sampled[i][0], trainer_logps[i], len(e["chosen"])) for i, e in enumerate(examples)]
+        pairs += [(sampled[i][1], trainer_logps[half + i], len(e["rejected"])) for i, e in enumerate(examples)]
     else:
-        pairs = [(e["sampler_logprobs"][0], trainer_logps[i], len(e["target"])) for i, e in enumerate(examples)]
+        pairs = [(sampled[i][0], trainer_logps[i], len(e["target"])) for i, e in enumerate(examples)]
     gaps = [(abs(s - t), n) for s, t, n in pairs if s is not None]
     if not gaps:
         return {}

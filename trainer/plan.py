@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.manifest import Manifest, ManifestError, PhaseConfig, diff_views, fingerprinted_view
+from pipeline.manifest import OBJECTIVE_TABLES, Manifest, ManifestError, PhaseConfig, diff_views, fingerprinted_view
 from pipeline.stage import StageConflict
 
 # Written last by a finished run (summary and settings): its presence marks the run done.
@@ -55,12 +55,22 @@ def _several_devices(manifest: Manifest) -> bool:
     return several_devices(manifest)
 
 
+def _default_table(manifest: Manifest, kind: str) -> Path:
+    return {"pairs": manifest.stage_dir("shard"), "prefixes": manifest.stage_dir("shard"),
+            "sft": manifest.stage_dir("prefs") / "sft", "preferences": manifest.stage_dir("prefs")}[kind]
+
+
 def table_path(manifest: Manifest, phase: PhaseConfig) -> Path:
     if phase.table is not None:
         return manifest.resolve_path(phase.table)
-    default = {"pairs": manifest.stage_dir("shard"), "prefixes": manifest.stage_dir("shard"),
-               "sft": manifest.stage_dir("prefs") / "sft", "preferences": manifest.stage_dir("prefs")}
-    return default[phase.table_kind]
+    return _default_table(manifest, phase.table_kind)
+
+
+def offline_table_path(manifest: Manifest, phase: PhaseConfig) -> Path:
+    """The table an online phase's ``offline_mix`` rows come from (its kind: ``OBJECTIVE_TABLES``)."""
+    if phase.online.offline_table is not None:
+        return manifest.resolve_path(phase.online.offline_table)
+    return _default_table(manifest, OBJECTIVE_TABLES[phase.objective])
 
 
 def require_train(manifest: Manifest) -> None:
@@ -78,6 +88,9 @@ def plan_phases(manifest: Manifest, world_size: int = 1) -> list[PhasePlan]:
     for i, phase in enumerate(manifest.train.phases):
         if phase.source == "online":
             check_online_phase(manifest, phase, i)
+            if phase.offline_rows_per_micro_batch:
+                load_table(offline_table_path(manifest, phase), OBJECTIVE_TABLES[phase.objective],
+                           f"train.phases[{i}].online.offline_table ({phase.name})")
         path = table_path(manifest, phase)
         table = load_table(path, phase.table_kind, f"train.phases[{i}].table ({phase.name})")
         source = TableSource(table, phase.table_kind, 0, manifest.train.max_seq_len)
@@ -100,6 +113,9 @@ def describe(manifest: Manifest, plans: list[PhasePlan]) -> str:
                       f"current weights ({sampler}; temperature {o.temperature}, top_p {o.top_p}), judged with the "
                       "original"
                       + (" and the rewrite" if o.rewrite and manifest.rewriter is not None else ""))
+            if c.offline_rows_per_micro_batch:
+                extra += (f"; {c.offline_rows_per_micro_batch} of {c.batch_size} rows per micro-batch from "
+                          f"{offline_table_path(manifest, c)}")
         lines.append(f"  phase {p.index + 1}/{len(plans)} '{p.name}': {c.objective} on {p.table} ({p.rows} rows); "
                      f"{p.steps} steps x {p.samples_per_step} rows = {p.steps * p.samples_per_step / p.rows:.2f} "
                      f"epochs, ~{p.tokens:,} tokens; lr {c.lr} (warmup {c.warmup_steps}, cosine to "

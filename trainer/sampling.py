@@ -186,7 +186,9 @@ class VLLMSampler:
         from pipeline.export import hf_state_dict
 
         started = time.perf_counter()
-        state = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
+        # hf_state_dict copies every tensor once (renamed, q/k/v split): the engine never holds a
+        # view of a parameter the optimizer updates in place.
+        state = {name: t.detach() for name, t in model.state_dict().items()}
         self.engine.push_weights(hf_state_dict(self.config, state).items())
         self.version = version
         self.pushes += 1
