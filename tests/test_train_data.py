@@ -109,3 +109,45 @@ def test_source_examples_per_table_kind(tmp_path):
         load_table(tmp_path / "shard", "preferences", "train.phases[0].table")
     with pytest.raises(TableError, match="no sft table at .*run `sip prefs` first"):
         load_table(tmp_path / "nowhere", "sft", "train.phases[1].table")
+
+
+def logp_given(model, context: list[int], target: list[int]) -> float:
+    """Sum of ``target``'s log-probs after ``context`` (nats), one unpadded sequence, by hand."""
+    import torch
+
+    ids = torch.tensor([context + target])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(ids)[0, :-1].double(), -1)
+    return sum(float(logps[len(context) + i - 1, token]) for i, token in enumerate(target))
+
+
+def test_both_sides_of_a_dpo_pair_continue_the_same_prefix_tokens_when_trimmed(one_thread):
+    import torch
+    from litgpt import GPT, Config
+
+    from trainer.steps import dpo_step, pair_batch
+
+    long = {"prefix": _run(0, 300), "chosen": _run(50, 40), "rejected": _run(7, 48),  # 340 and 348 > 256 tokens
+            "chosen_source": "original"}
+    short = {"prefix": _run(3, 10), "chosen": _run(13, 6), "rejected": _run(70, 5),  # fits: untouched
+             "chosen_source": "rewrite"}
+    batch = pair_batch([long, short], pad_id=0, max_len=256)
+    shared = long["prefix"][-(256 - 48):]  # the last 208 tokens, for both sides (each side's own fit: 216 and 208)
+    ids, mask = batch["input_ids"].tolist(), batch["target_mask"].tolist()  # chosen rows, then rejected rows
+    assert ids[0] == shared + long["chosen"] + [0] * 8
+    assert ids[2] == shared + long["rejected"]
+    assert ids[1] == short["prefix"] + short["chosen"] + [0] * 240
+    assert ids[3] == short["prefix"] + short["rejected"] + [0] * 241
+    assert [row.index(True) for row in mask] == [208, 10, 208, 10]
+    assert [sum(row) for row in mask] == [40, 6, 48, 5]
+
+    # The training step scores each side under that shared prefix, and counts the tokens it read.
+    torch.manual_seed(0)
+    model = GPT(Config(block_size=256, vocab_size=VOCAB, padded_vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16,
+                       intermediate_size=32, bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP"))
+    ref = (torch.zeros(2), torch.zeros(2))
+    _loss, stats = dpo_step(model, [long, short], ref, 0.1, 0, 256, torch.device("cpu"))
+    expected = [logp_given(model, shared, long["chosen"]), logp_given(model, short["prefix"], short["chosen"]),
+                logp_given(model, shared, long["rejected"]), logp_given(model, short["prefix"], short["rejected"])]
+    assert stats["seq_logps"] == pytest.approx(expected, abs=1e-4)
+    assert stats["tokens"] == (2 * 208 + 40 + 48) + (2 * 10 + 6 + 5)

@@ -18,7 +18,7 @@ from pipeline.io import read_table, table_provenance, write_table_atomic
 from pipeline.manifest import load_manifest
 from pipeline.schema import PREFERENCES, REF_LOGPS, read_provenance, with_provenance
 from tests.conftest import write_manifest
-from tests.test_train_data import TINY_MODEL, train_manifest, write_tables
+from tests.test_train_data import TINY_MODEL, logp_given, train_manifest, write_tables
 from tests.test_train_loop import metrics_rows
 
 DPO = {"name": "dpo", "objective": "dpo", "steps": 2, "batch_size": 8, "lr": 1e-3, "beta": 0.5}
@@ -135,6 +135,30 @@ def test_a_changed_max_seq_len_recomputes_under_a_new_fingerprint_with_fresh_val
     ids = sorted(used)
     np.testing.assert_allclose([used[p] for p in ids], [expected[p] for p in ids], rtol=0, atol=1e-9)
     assert np.abs(np.subtract([used[p] for p in ids], [stale[p] for p in ids])).max() > 0.1
+
+
+def test_the_reference_scores_both_sides_of_a_pair_under_one_shared_prefix(tmp_path, one_thread):
+    from trainer.model import build_model, model_config, state_sha
+    from trainer.ref_logps import run_ref_logps
+
+    manifest = load_manifest(write_manifest(tmp_path / "m.yaml", train_manifest(tmp_path, [DPO], max_seq_len=16)))
+    prefs = manifest.stage_dir("prefs")
+    rows = read_table(prefs).to_pylist()
+    for i, row in enumerate(rows):  # 12-token prefix, one side of 12 tokens and one of 8: 24 and 20 > 16
+        side = ("rejected_ids", "chosen_ids")[i % 2]
+        row[side] = row[side][:8]
+    write_table_atomic(str(prefs / "00000.parquet"), rows, with_provenance(PREFERENCES, table_provenance(prefs)))
+    stored = run_ref_logps(manifest, log=QUIET)
+
+    # The reference (the scratch init) scores each side after the pair's last 16 - 12 = 4 prefix
+    # tokens; the 8-token side alone would have had room for 8.
+    model = build_model(model_config(manifest), manifest.train_seed, None).eval()
+    assert state_sha(model.state_dict()) == stored["ref_model_sha"]
+    used = _by_pair(stored["ref_logps"])
+    for row in rows:
+        shared = row["prefix_ids"][-4:]
+        expected = (logp_given(model, shared, row["chosen_ids"]), logp_given(model, shared, row["rejected_ids"]))
+        assert used[row["pair_id"]] == pytest.approx(expected, abs=1e-4), row["pair_id"]
 
 
 def test_the_fingerprint_changes_with_what_changes_the_values_and_only_with_that(tmp_path):

@@ -23,7 +23,8 @@ The fingerprint is a hash of everything that changes the values (:func:`referenc
 - ``reference.model_config``: hash of the ``litgpt.Config`` the weights run in (heads, rope,
   norm, ...), ``block_size`` left out (it only sizes caches; truncation is the next key);
 - ``train.max_seq_len``: where a prefix loses its left tokens;
-- ``train.truncation``: how :func:`trainer.data.collate` trims (``trainer.data.TRUNCATION``);
+- ``train.truncation``: how a pair's prefix is trimmed (``trainer.data.TRUNCATION``: once per pair,
+  both sides on the same prefix tokens, :func:`trainer.steps.pair_prefix`);
 - ``train.precision``: the Fabric precision the forward passes run in;
 - ``logp``: what one value is (:data:`LOGP`);
 - ``preferences.stage_fingerprint``: the prefs stage fingerprint, from the table's provenance;

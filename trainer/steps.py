@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.data import collate
+from trainer.data import collate, fit_prefix
 from trainer.objectives import dpo_loss, mean_nll, sequence_logprobs, target_logprobs
 
 
@@ -26,9 +26,17 @@ class MicroBatch:
     stats: dict | None = None
 
 
+def pair_prefix(example: dict, max_len: int) -> list[int]:
+    """The prefix tokens both sides of a DPO pair continue: its last ``max_len - max(len(chosen),
+    len(rejected))``. DPO compares two continuations of one context, so the pair is trimmed once,
+    to fit its longer side, never each side to fit itself."""
+    return fit_prefix(example["prefix"], max(len(example["chosen"]), len(example["rejected"])), max_len)
+
+
 def pair_batch(examples: list[dict], pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows, in one batch (one forward pass for both)."""
-    prefixes = [e["prefix"] for e in examples] * 2
+    """Chosen rows then rejected rows, in one batch (one forward pass for both), each pair's two
+    rows on its :func:`pair_prefix`: ``input_ids`` and ``target_mask``, (2B, T) each."""
+    prefixes = [pair_prefix(e, max_len) for e in examples] * 2
     targets = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
     return collate(prefixes, targets, pad_id=pad_id, max_len=max_len)
 
@@ -61,8 +69,7 @@ def dpo_step(model, examples: list[dict], ref: tuple[torch.Tensor, torch.Tensor]
     chosen, rejected = pair_logps(model, examples, pad_id, max_len, device)
     out = dpo_loss(chosen, rejected, ref[0].to(device), ref[1].to(device), beta=beta)
     stats = {
-        "tokens": sum(min(len(e["prefix"]) + len(e["chosen"]), max_len) + min(len(e["prefix"]) + len(e["rejected"]), max_len)
-                      for e in examples),
+        "tokens": sum(2 * len(pair_prefix(e, max_len)) + len(e["chosen"]) + len(e["rejected"]) for e in examples),
         "target_tokens": sum(len(e["chosen"]) + len(e["rejected"]) for e in examples),
         "margin_sum": float(out.margin) * len(examples),
         "correct": float(out.accuracy) * len(examples),

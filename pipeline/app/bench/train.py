@@ -155,6 +155,8 @@ def bare_side(spec: dict) -> dict:
         if phase.objective == "ntp":
             batches.append((torch.cat([prefix, torch.tensor(picked["suffix_ids"].to_pylist())], 1), None))
         else:
+            # Both sides of a pair have suffix_len tokens after a prefix of seq_len - suffix_len
+            # (_write_tables): nothing is trimmed, here or in the trainer (trainer.steps.pair_prefix).
             suffixes = torch.tensor(picked["chosen_ids"].to_pylist() + picked["rejected_ids"].to_pylist())
             # Reference log-probs are stored beside the table; their values do not change the time.
             ref = [torch.zeros(len(rows)), torch.zeros(len(rows))]
