@@ -23,6 +23,8 @@ def configure_vllm_env(kv_cache_gb: int = 2) -> None:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
+    # Logs on stderr, like sip's own: stdout carries results (`sip bench ... > report.json`).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if not has_cuda():
         cores = sorted(os.sched_getaffinity(0))
         contiguous = cores == list(range(cores[0], cores[-1] + 1))

@@ -87,6 +87,14 @@ def _record(train_dir: Path, phase: str) -> list[tuple[list[dict], dict]]:
     return out
 
 
+def _logged_steps(train_dir: Path) -> list[dict]:
+    """The metrics CSV rows of the run (one per step: the bench logs every step)."""
+    import csv
+
+    with open(train_dir / "metrics" / "version_0" / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def _judge_calls(m: Manifest, phase, rows: list[dict], pairs: dict[str, dict], rewrites) -> tuple[list[dict], int]:
     """The engine calls (and judge prompts) the scoring core makes for one recorded micro-batch's
     candidates: its pairs' original, rewrite and distinct rollouts, rebuilt in sample order."""
@@ -140,6 +148,7 @@ def bench_online(manifest: Manifest, steps: int = 4, pairs: int = 32) -> dict:
 
         train_dir = m.stage_dir("train")
         record = _record(train_dir, phase.name)
+        logged = _logged_steps(train_dir)
         pair_rows = {p["pair_id"]: p for p in read_table(m.stage_dir("shard")).to_pylist()}
         rewrite_stage = online_rewrites(m, phase)
         rewrites = UpstreamCandidates(str(rewrite_stage.path) if rewrite_stage else None, "", 0).rewrites()
@@ -174,7 +183,9 @@ def bench_online(manifest: Manifest, steps: int = 4, pairs: int = 32) -> dict:
         "phase": phase.name, "steps": steps, "micro_batches": len(record),
         "prefixes_per_micro_batch": phase.batch_size, "rollouts_per_prefix": phase.online.rollouts,
         "suffix_tokens": m.shard.suffix_tokens, "sampler": phase.online.sampler,
-        "sip_step_split_s": {k: round(spent.get(k, 0) / n_steps, 3) for k in ("push_s", "sample_s", "judge_s")},
+        "sip_step_split_s": {**{k: round(spent.get(k, 0) / n_steps, 3) for k in ("push_s", "sample_s", "judge_s")},
+                             "train_s": round(sum(float(r["train_s"]) for r in logged) / max(1, len(logged)), 3),
+                             "step_s": round(sum(float(r["step_s"]) for r in logged) / max(1, len(logged)), 3)},
         "sip_train_process_wall_s": round(wall, 1),
         "rollouts": {"sip_tokens": int(spent.get("rollout_tokens", 0)), "sip_tokens_per_s": round(sip_tok_s, 1),
                      "bare_tokens": bare["rollout_tokens"], "bare_tokens_per_s": round(bare_tok_s, 1),
