@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +35,41 @@ def table_files(path: str | Path) -> list[Path]:
     return sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
 
 
+@contextmanager
+def part_file(path: str | Path, schema: pa.Schema, row_group_rows: int = 2048,
+              on_rows: Callable[[int], None] | None = None) -> Iterator[Callable[[dict], None]]:
+    """One task's Parquet file of a table, written in row groups with an explicit schema.
+
+    Yields ``add(row)``; the file appears (renamed from its temporary) only when the block ends
+    without an exception, and the temporaries of killed earlier attempts are then removed.
+
+    Args:
+        path: the final file, e.g. ``<stage>/00003.parquet``; its directory must exist.
+        schema: the table's schema, provenance included; a row that breaks it raises
+            ``pyarrow.ArrowInvalid`` / ``ArrowTypeError`` (and no file appears).
+        row_group_rows: rows per row group (the unit later stages deal out to their tasks).
+        on_rows: called with the number of rows of each row group written (stats).
+    """
+    buffer: list[dict] = []
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+
+        def flush() -> None:
+            if buffer:
+                writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+                if on_rows is not None:
+                    on_rows(len(buffer))
+                buffer.clear()
+
+        def add(row: dict) -> None:
+            buffer.append(row)
+            if len(buffer) >= row_group_rows:
+                flush()
+
+        yield add
+        flush()
+    remove_leftovers(path)
+
+
 class TableWriter(PipelineStep):
     """Last step of a stage: writes the rows (dicts) it receives with an explicit schema."""
 
@@ -48,22 +84,11 @@ class TableWriter(PipelineStep):
 
     def run(self, data: Iterable[dict] | None, rank: int = 0, world_size: int = 1) -> Iterator:
         os.makedirs(self.output_dir, exist_ok=True)
-        final = os.path.join(self.output_dir, part_name(rank))
-        buffer: list[dict] = []
-        with atomic_path(final) as tmp, pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
+        with part_file(os.path.join(self.output_dir, part_name(rank)), self.schema, self.row_group_rows,
+                       on_rows=lambda n: self.stat_update("rows_written", value=n)) as add:
             for row in data or ():
-                buffer.append(row)
-                if len(buffer) >= self.row_group_rows:
-                    self._flush(writer, buffer)
-            self._flush(writer, buffer)
-        remove_leftovers(final)  # of killed attempts at this task
+                add(row)
         yield from ()
-
-    def _flush(self, writer: pq.ParquetWriter, buffer: list[dict]) -> None:
-        if buffer:
-            writer.write_table(pa.Table.from_pylist(buffer, schema=self.schema))
-            self.stat_update("rows_written", value=len(buffer))
-            buffer.clear()
 
 
 # Schema-metadata key of a chunk file's own counters (judge calls, tokens, ...): they live with

@@ -62,7 +62,12 @@ class ShardConfig(_Section):
     min_prefix_tokens: int = Field(default=16, ge=1)
     max_prefix_tokens: int = Field(default=1920, gt=0, description="Prefix keeps at most this many tokens.")
     pairs_per_document: int = Field(default=1, gt=0)
-    seed: int | None = Field(default=None, ge=0, description="Split-point seed; default: run.seed.")
+    seed: int | None = Field(default=None, ge=0, description="Split-point and held-out seed; default: run.seed.")
+    eval_fraction: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="Share of documents held out for evaluation, chosen by a hash of (seed, document id); their "
+        "pairs go to the held-out table (shard/heldout/), never to the pairs table. 0: none held out.",
+    )
 
     @model_validator(mode="after")
     def _prefix_bounds(self) -> "ShardConfig":
@@ -424,6 +429,9 @@ class Manifest(_Section):
 
 # Keys that change how work is laid out or named, not what the outputs contain.
 _NOT_FINGERPRINTED = {"executor", "run.name", "run.output_dir"}
+# Keys added after runs existed, with the default that reproduces those runs: left out of every
+# view while at that default, so the fingerprints (and resume guards) of earlier runs still hold.
+_FINGERPRINTED_UNLESS_DEFAULT = {"shard.eval_fraction": 0.0}
 
 
 def _format_error(source: str, err: dict[str, Any], model: type[BaseModel]) -> str:
@@ -523,6 +531,8 @@ def fingerprinted_view(manifest: Manifest, sections: tuple[str, ...] | None = No
     kept = {}
     for key, value in flat.items():
         if any(key == skip or key.startswith(skip + ".") for skip in _NOT_FINGERPRINTED):
+            continue
+        if key in _FINGERPRINTED_UNLESS_DEFAULT and value == _FINGERPRINTED_UNLESS_DEFAULT[key]:
             continue
         if sections is not None and not any(key == s or key.startswith(s + ".") for s in sections):
             continue

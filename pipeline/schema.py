@@ -50,6 +50,12 @@ PAIRS = pa.schema(
     ]
 )
 
+# The shard stage's held-out split (``shard.eval_fraction``): the pairs of the documents kept for
+# evaluation, in the pairs schema (a prefix to continue, its true suffix as the reference). Its
+# provenance names the table ``heldout``, which no training phase reads (trainer/source.py).
+HELDOUT = PAIRS
+HELDOUT_TABLE = "heldout"
+
 REWRITE_STATUSES = ("ok", "copied", "refused", "empty", "too_long", "error")
 
 REWRITES = pa.schema(
@@ -171,6 +177,7 @@ SFT = pa.schema(
 
 TABLES: dict[str, pa.Schema] = {
     "pairs": PAIRS,
+    HELDOUT_TABLE: HELDOUT,
     "rewrites": REWRITES,
     "rollouts": ROLLOUTS,
     "judgments": JUDGMENTS,

@@ -22,6 +22,12 @@ and cutting between them would leave the text and the ids disagreeing.
 
 Documents shorter than ``min_prefix + N`` tokens are skipped and counted.
 
+With ``shard.eval_fraction`` > 0 a share of the documents is held out for evaluation, chosen by
+a hash of (seed, document id) (``stages/heldout.py``): their pairs, cut the same way, go to
+the held-out table ``<stage>/heldout/`` (one file per task, provenance table ``heldout``) and
+never to the pairs table, which every later stage and the trainer read. The trainer refuses a
+phase whose table is the held-out one.
+
 Document ids must be unique across the corpus: every task records the ids it read under
 ``<stage>/_doc_ids/`` and the stage is refused before its card is written (so no later stage
 starts) when one id occurs twice, in one file or in files that different tasks read.
@@ -51,10 +57,11 @@ from pipeline.doc_ids import check_unique_doc_ids
 from pipeline.io import TableWriter
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view, hash_view
 from pipeline.models import policy_tokenizer_dir
-from pipeline.schema import PAIRS, pair_id, provenance, with_provenance
+from pipeline.schema import HELDOUT, HELDOUT_TABLE, PAIRS, pair_id, provenance, with_provenance
 from pipeline.runner import StageJob
 from pipeline.stage import StageDir
 from pipeline.tokenizer import char_boundaries, load_tokenizer, tokenizer_id
+from stages.heldout import HELDOUT_DIR, HeldOutSplit, heldout_summary
 
 STAGE = "shard"
 
@@ -161,7 +168,6 @@ class PairSplitter(PipelineStep):
             yield from self._flush(batch)
 
 
-
 @dataclass
 class ShardPlan:
     manifest: Manifest
@@ -170,21 +176,34 @@ class ShardPlan:
     tokenizer_dir: Path
     tokenizer_id: str
 
-    @property
-    def schema(self) -> pa.Schema:
+    def _provenance(self, table: str) -> dict:
         m = self.manifest
-        prov = provenance(
+        return provenance(
             stage=STAGE,
-            table="pairs",
+            table=table,
             manifest_fingerprint=fingerprint(m),
             stage_fingerprint=self.stage.fingerprint,
             models={"policy_tokenizer": {"path": str(self.tokenizer_dir), "sha": self.tokenizer_id}},
             settings={**m.shard.model_dump(), "seed": m.shard_seed, "corpus": m.corpus.model_dump()},
         )
-        return with_provenance(PAIRS, prov)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return with_provenance(PAIRS, self._provenance("pairs"))
+
+    @property
+    def heldout_schema(self) -> pa.Schema:
+        return with_provenance(HELDOUT, self._provenance(HELDOUT_TABLE))
+
+    @property
+    def heldout_path(self) -> Path:
+        """The held-out table's directory (written only when ``shard.eval_fraction`` > 0)."""
+        return self.stage.path / HELDOUT_DIR
 
     def pipeline(self) -> list:
         m, c = self.manifest, self.manifest.shard
+        split = [HeldOutSplit(str(self.heldout_path), self.heldout_schema, fraction=c.eval_fraction,
+                              seed=m.shard_seed)] if c.eval_fraction > 0 else []
         return [
             CorpusReader(self.files, text_key=m.corpus.text_key, id_key=m.corpus.id_key,
                          doc_ids_dir=str(self.stage.path / DOC_IDS_DIR)),
@@ -194,6 +213,7 @@ class ShardPlan:
                 max_prefix_tokens=c.max_prefix_tokens, pairs_per_document=c.pairs_per_document,
                 seed=m.shard_seed,
             ),
+            *split,
             TableWriter(str(self.stage.path), self.schema),
         ]
 
@@ -247,6 +267,8 @@ def shard_summary(stage: StageDir, elapsed_s: float | None = None) -> dict:
         "prefix_tokens_mean": round(float(lengths["prefix_mean"] or 0), 1),
         "prefix_tokens_max": int(lengths["prefix_max"] or 0),
     }
+    if stage.manifest.shard.eval_fraction:
+        summary.update(heldout_summary(stage.path / HELDOUT_DIR, stage.manifest.shard.eval_fraction))
     if elapsed_s:
         summary["elapsed_s"] = round(elapsed_s, 2)
         summary["documents_per_s"] = round(summary["documents_read"] / elapsed_s, 1)
@@ -279,6 +301,9 @@ def finalize_shard(manifest: Manifest, elapsed_s: float | None = None) -> dict:
     if "embedded" in manifest.corpus.paths:
         notes = (assets.corpus_dir() / "ATTRIBUTION.md").read_text()
     summary = {**shard_summary(stage, elapsed_s), **ignored_files_summary(manifest)}
+    if manifest.shard.eval_fraction:
+        notes = (f"The held-out split (shard.eval_fraction {manifest.shard.eval_fraction}) is in `{HELDOUT_DIR}/`: "
+                 "the pairs of the documents kept for evaluation; no training phase reads it.\n\n" + notes)
     return write_card(stage, summary, notes)
 
 
@@ -293,4 +318,7 @@ def summary_line(card: dict) -> str:
     skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
     rate = f" in {s['elapsed_s']} s ({s['documents_per_s']} docs/s, {s['tokens_per_s']:.0f} tokens/s)" if "elapsed_s" in s else ""
     ignored = f"; ignored files (not a corpus format): {s['ignored_files']}" if s.get("ignored_files") else ""
-    return f"shard: {s['pairs']} pairs from {s['documents_read']} documents{rate}; skipped: {skipped}{ignored}"
+    heldout = (f"; held out for evaluation: {s['heldout_pairs']} pairs from {s['heldout_documents']} documents"
+               if "heldout_pairs" in s else "")
+    return (f"shard: {s['pairs']} pairs from {s['documents_read']} documents{rate}; skipped: {skipped}{ignored}"
+            f"{heldout}")

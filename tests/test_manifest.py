@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.manifest import ManifestError, fingerprint, load_manifest, parse_manifest
+from pipeline.manifest import ManifestError, fingerprint, fingerprinted_view, load_manifest, parse_manifest
 from tests.conftest import REPO, base_manifest
 
 
@@ -54,6 +54,19 @@ def test_fingerprint_ignores_layout_but_not_content(tmp_path):
     c = parse_manifest(base_manifest(tmp_path, ["x.jsonl"], shard={"suffix_tokens": 17}))
     assert fingerprint(a) == fingerprint(b)
     assert fingerprint(a) != fingerprint(c)
+
+
+def test_eval_fraction_is_checked_and_left_out_of_fingerprints_at_its_default(tmp_path):
+    # Runs made before the key existed held nothing out: at 0 their fingerprints must not change.
+    plain = parse_manifest(base_manifest(tmp_path, ["x.jsonl"]))
+    zero = parse_manifest(base_manifest(tmp_path, ["x.jsonl"], shard={"eval_fraction": 0}))
+    some = parse_manifest(base_manifest(tmp_path, ["x.jsonl"], shard={"eval_fraction": 0.1}))
+    assert plain.shard.eval_fraction == 0.0 and "shard.eval_fraction" not in fingerprinted_view(plain)
+    assert fingerprint(plain) == fingerprint(zero) != fingerprint(some)
+    assert fingerprinted_view(some, ("shard",))["shard.eval_fraction"] == 0.1
+    for bad in (1, -0.1):
+        with pytest.raises(ManifestError, match=r"'shard.eval_fraction': Input should be"):
+            parse_manifest(base_manifest(tmp_path, ["x.jsonl"], shard={"eval_fraction": bad}))
 
 
 def test_overrides_and_relative_paths(tmp_path):

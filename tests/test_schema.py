@@ -20,12 +20,15 @@ def test_ids_are_content_addressed():
 
 
 def test_every_table_has_an_explicit_schema_and_provenance_round_trips():
-    assert set(TABLES) == {"pairs", "rewrites", "rollouts", "judgments", "preferences", "sft", "ref_logps", "online"}
+    assert set(TABLES) == {"pairs", "heldout", "rewrites", "rollouts", "judgments", "preferences", "sft", "ref_logps",
+                           "online"}
     prov = provenance(stage="shard", table="pairs", manifest_fingerprint="m", stage_fingerprint="s")
     schema = with_provenance(PAIRS, prov)
     assert read_provenance(schema)["stage_fingerprint"] == "s"
     assert table_of(schema) == "pairs"
     assert table_of(TABLES["preferences"]) == "preferences"
+    # The held-out table has the pairs' columns; only its provenance tells it apart.
+    assert table_of(with_provenance(PAIRS, {**prov, "table": "heldout"})) == "heldout" and table_of(PAIRS) == "pairs"
     assert "prompt" in TABLES["preferences"].names and "chosen" in TABLES["preferences"].names
 
 

@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.errors import SipError
 from pipeline.io import read_table, table_files
+from pipeline.schema import HELDOUT_TABLE, read_provenance
 
 COLUMNS = {
     "pairs": ["prefix_ids", "suffix_ids"],
@@ -39,15 +41,32 @@ class TableError(SipError, ValueError):
     """A training table that is missing, empty or not the kind a phase needs."""
 
 
+def refuse_heldout(files: list[Path], key: str) -> None:
+    """Raise TableError when any of ``files`` belongs to the held-out table (by its provenance,
+    which travels with the file wherever it is copied): evaluation documents are never trained on."""
+    for file in files:
+        if (read_provenance(pq.read_schema(file)) or {}).get("table") == HELDOUT_TABLE:
+            raise TableError(f"{key}: {file} belongs to the held-out table (shard.eval_fraction): its documents are "
+                             f"kept for evaluation and no training phase may read them; set {key} to a training "
+                             "table (by default the objective's: shard/, prefs/sft/ or prefs/)")
+
+
 def load_table(path: Path, kind: str, key: str) -> pa.Table:
-    """Read the columns a ``kind`` table must have, with errors naming ``key`` and the file."""
-    if not table_files(path):
+    """Read the columns a ``kind`` table must have, with errors naming ``key`` and the file.
+
+    Raises:
+        TableError: no Parquet files at ``path``, unreadable or missing columns, no rows, or
+            files of the held-out table (:func:`refuse_heldout`).
+    """
+    files = table_files(path)
+    if not files:
         hint = {"pairs": "sip shard", "sft": "sip prefs", "preferences": "sip prefs", "prefixes": "sip shard"}[kind]
         raise TableError(f"{key}: no {kind} table at {path} (no .parquet files); run `{hint}` first or set {key}")
     try:
         table = read_table(path)
     except pa.ArrowInvalid as exc:
         raise TableError(f"{key}: {path} could not be read as Parquet: {exc}") from None
+    refuse_heldout(files, key)
     wanted = COLUMNS[kind]
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
