@@ -143,3 +143,35 @@ def test_an_online_phase_is_refused_before_any_phase_trains(tmp_path, change, me
     from pipeline.errors import SipError
 
     assert isinstance(err.value, SipError)  # one line on the command line, no traceback
+
+
+def test_push_every_must_divide_the_checkpoint_interval(tmp_path):
+    """A resumed run pushes on the global-step grid from its checkpoint: the checkpoint must be on it."""
+    from trainer.plan import check_online_phase
+
+    data = base_manifest(tmp_path, ["x.jsonl"], shard={"suffix_tokens": 16})
+    data["judge"] = {"model": "embedded"}
+    data["train"] = {"model": {"init": "scratch", "config": "x"}, "max_seq_len": 64, "checkpoint": {"every": 10},
+                     "phases": [{**PHASE, "objective": "dpo", "source": "online", "online": {"push_every": 3}}]}
+    m = parse_manifest(data, "m.yaml")
+    with pytest.raises(ManifestError, match=r"online.push_every \(3\) must divide train.checkpoint.every \(10\)"):
+        check_online_phase(m, m.train.phases[0], 0)
+
+
+def test_a_table_of_a_stage_that_did_not_finish_is_refused(tmp_path):
+    """A shard whose checks refused its outputs (no card) leaves Parquet files: training must not read them."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainer.source import TableError, load_table
+
+    shard = tmp_path / "out" / "shard"
+    shard.mkdir(parents=True)
+    (shard / "_stage.json").write_text(json.dumps({"stage": "shard"}))
+    pq.write_table(pa.table({"prefix_ids": [[1, 2]], "suffix_ids": [[3]]}), shard / "00000.parquet")
+    with pytest.raises(TableError, match=r"train.phases\[0\].table: the shard stage at .* did not finish \(no card"):
+        load_table(shard, "pairs", "train.phases[0].table")
+    (shard / "card.json").write_text("{}")
+    assert load_table(shard, "pairs", "train.phases[0].table").num_rows == 1

@@ -198,7 +198,8 @@ class _Trainer:
         fabric, c = self.fabric, plan.config
         losses, stats = [], []
         for micro in range(c.grad_accum):
-            start = self.state["samples"] + (micro * fabric.world_size + fabric.global_rank) * c.batch_size
+            start = self.state["samples"] + (micro * fabric.world_size + fabric.global_rank) * \
+                plan.rows_per_micro_batch
             batch = micro_batch(micro, start)
             started = time.perf_counter()
             with fabric.no_backward_sync(model, enabled=micro < c.grad_accum - 1):

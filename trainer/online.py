@@ -170,16 +170,17 @@ class OnlinePhase:
     # ------------------------------------------------------------------ micro-batches
     def rows(self, prefixes, start: int) -> tuple[list[dict], list[dict]]:
         """The online prefixes (pairs-table rows) and offline examples of the micro-batch whose
-        rows start at phase sample ``start`` (a multiple of ``batch_size``; see the loop).
+        prefixes start at phase sample ``start`` of the pairs table (a multiple of the online
+        rows per micro-batch; see the loop).
 
-        ``prefixes``: the phase's :class:`trainer.source.TableSource` of the pairs table. Micro-
-        batch ``j = start // batch_size`` reads online samples ``j * online_rows ..`` and
-        offline samples ``j * offline_rows ..``, so neither table skips rows.
+        ``prefixes``: the phase's :class:`trainer.source.TableSource` of the pairs table.
+        Micro-batch ``j = start // online_rows`` reads offline samples ``j * offline_rows ..``,
+        so neither table skips rows.
         """
-        j = start // self.plan.config.batch_size
-        rows = prefixes.examples(prefixes.row_indices(j * self.online_rows, self.online_rows))
+        rows = prefixes.examples(prefixes.row_indices(start, self.online_rows))
         if self.offline is None:
             return rows, []
+        j = start // self.online_rows
         return rows, self.offline.examples(self.offline.row_indices(j * self.offline_rows, self.offline_rows))
 
     def micro_batch(self, step: int, micro: int, rows: list[dict], offline: list[dict],
@@ -205,6 +206,10 @@ class OnlinePhase:
         path = record_path(self.out, self.plan.name, step, self.fabric.global_rank, micro)
         if path.is_file():
             self.micro_batches_replayed += 1
+            if self.cfg.sampler == "vllm" and self.cfg.push_every > 1:
+                # The engine must hold the weights an uninterrupted run's engine held when the
+                # first micro-batch after the replayed ones is sampled: keep pushing on the grid.
+                self._engines()[0].sync(self.policy.model.module, weights_version)
             return self._replay(path, rows)
         sampler, judge = self._engines()
         timings = {"push_s": sampler.sync(self.policy.model.module, weights_version)}

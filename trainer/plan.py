@@ -33,9 +33,15 @@ class PhasePlan:
         return self.config.name
 
     @property
+    def rows_per_micro_batch(self) -> int:
+        """Rows of the phase's table one micro-batch reads (an online phase: its prefixes; the
+        offline_mix rows come from another table)."""
+        return self.config.batch_size - self.config.offline_rows_per_micro_batch
+
+    @property
     def samples_per_step(self) -> int:
-        """Rows consumed by one optimizer step across all devices (DPO: pairs)."""
-        return self.config.batch_size * self.config.grad_accum * self.world_size
+        """Rows of the phase's table consumed by one optimizer step across all devices (DPO: pairs)."""
+        return self.rows_per_micro_batch * self.config.grad_accum * self.world_size
 
     @property
     def steps(self) -> int:
@@ -160,6 +166,12 @@ def check_online_phase(manifest: Manifest, phase: PhaseConfig, index: int) -> No
         # Both samplers need the whole model on each rank (one decodes with it, one is pushed it).
         raise ManifestError(f"train.strategy: online phase '{phase.name}' samples its rollouts from the whole model "
                             "on every rank; set train.strategy: ddp (FSDP shards the weights)")
+    if phase.online.sampler == "vllm" and phase.online.push_every > 1 and t.checkpoint.every % phase.online.push_every:
+        # A resumed run pushes on the global-step grid from its checkpoint; off the grid it would
+        # sample from other weights than the uninterrupted run did.
+        raise ManifestError(f"train.phases[{index}].online.push_every ({phase.online.push_every}) must divide "
+                            f"train.checkpoint.every ({t.checkpoint.every}) so a resumed run pushes the weights an "
+                            "uninterrupted run pushed")
     if phase.online.sampler == "vllm":
         from pipeline.export import ExportError, check_llama_mapping
         from trainer.model import model_config

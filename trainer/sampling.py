@@ -176,12 +176,17 @@ class VLLMSampler:
         self.pushes, self.push_s = 0, 0.0
 
     def sync(self, model, version: int) -> float:
-        """Push ``model``'s weights when none were pushed yet or ``push_every`` steps have passed
-        since the last push. Returns the seconds spent (0.0 when the engine's weights are kept).
+        """Push ``model``'s weights when none were pushed yet in this process, or ``version`` is
+        on the push grid (a multiple of ``push_every``). Returns the seconds spent (0.0 when the
+        engine's weights are kept).
+
+        The grid is the global step's, so a run resumed from a checkpoint on the grid (the plan
+        requires ``checkpoint.every`` to be a multiple of ``push_every``) pushes where an
+        uninterrupted run did, provided it syncs on replayed micro-batches too.
 
         ``model``: the unwrapped ``litgpt.GPT`` (its whole state dict on this rank).
         """
-        if self.version is not None and version - self.version < self.push_every:
+        if self.version is not None and (version == self.version or version % self.push_every):
             return 0.0
         from pipeline.export import hf_state_dict
 

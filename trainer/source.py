@@ -55,9 +55,11 @@ def load_table(path: Path, kind: str, key: str) -> pa.Table:
     """Read the columns a ``kind`` table must have, with errors naming ``key`` and the file.
 
     Raises:
-        TableError: no Parquet files at ``path``, unreadable or missing columns, no rows, or
-            files of the held-out table (:func:`refuse_heldout`).
+        TableError: no Parquet files at ``path``, unreadable or missing columns, no rows,
+            files of the held-out table (:func:`refuse_heldout`), or a table of a stage that
+            did not finish.
     """
+    _check_stage_finished(Path(path), key)
     files = table_files(path)
     if not files:
         hint = {"pairs": "sip shard", "sft": "sip prefs", "preferences": "sip prefs", "prefixes": "sip shard"}[kind]
@@ -75,6 +77,25 @@ def load_table(path: Path, kind: str, key: str) -> pa.Table:
     if table.num_rows == 0:
         raise TableError(f"{key}: the {kind} table at {path} has no rows")
     return table.select(wanted)
+
+
+def _check_stage_finished(path: Path, key: str) -> None:
+    """Refuse a table inside a sip stage directory whose card is not written: a task is still
+    running or failed, or the checks over all tasks' outputs refused them (a repeated document
+    id, say). ``prefs/sft`` belongs to the ``prefs`` stage directory above it."""
+    import json
+
+    from pipeline.stage import SETTINGS_FILE
+
+    for directory in (path, path.parent):
+        settings = directory / SETTINGS_FILE
+        if settings.is_file():
+            if not (directory / "card.json").is_file():
+                stage = json.loads(settings.read_text()).get("stage", "its")
+                raise TableError(f"{key}: the {stage} stage at {directory} did not finish (no card.json: a task is "
+                                 f"still running or failed, or its checks refused the outputs); run `sip {stage}` "
+                                 "(or `sip run`) first")
+            return
 
 
 def max_token_id(table: pa.Table) -> int:
