@@ -5,25 +5,35 @@
 - quality (pairwise over all pairs of a prefix's candidates; a candidate's score is its mean
   win rate) in ``verdict``, ``choice_prob`` or ``likelihood`` mode.
 
-Every score is in [0, 1] (1 best) or None when no verdict could be parsed. ``raw`` keeps what
-the judge said (texts or probabilities) so every number can be traced.
+Every score is in [0, 1] (1 best) or None when no verdict could be read. ``raw`` keeps what
+the judge said (texts, verdicts, probabilities) so every number can be traced.
+
+Nothing shown to the judge decides a verdict: in ``verdict`` mode the verdict is the judge's
+constrained choice after its own reasoning (:mod:`stages.verdicts`), never a line searched
+for in its answer, and every text put into a prompt sits in a data block it cannot close
+(:func:`data_escaper`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
 from pipeline.engines.base import Engine, Request, Sampling
 from pipeline.manifest import JudgingConfig, ManifestError
-from pipeline.prompts import PromptTemplate
+from pipeline.prompts import PromptError, PromptTemplate
 from pipeline.schema import content_id
 from pipeline.tokenizer import encode_continuation, join_encoding
-from stages.verdicts import CHOICES, parse_verdict
+from stages.verdicts import CHOICES, parse_choice, stop_strings, verdict_prefill
 
 PROMPTS = Path(__file__).parent / "prompts"
+# An endpoint's verdict step: room for the longest choice in any tokenizer (it stops there).
+VERDICT_TOKENS = 8
+# A data block of a judge prompt: a placeholder alone between <tag> and </tag> lines.
+_DATA_BLOCK = re.compile(r"^<(\w+)>\n\{(\w+)\}\n</\1>$", re.MULTILINE)
 
 
 @dataclass
@@ -52,23 +62,52 @@ class JudgeCounters:
         return {k: v - before.get(k, 0) for k, v in self.snapshot().items()}
 
 
-def choice_tokens(tokenizer, lead: str, choices: dict[str, float], criterion: str) -> dict[str, int]:
+def first_choice_tokens(tokenizer, lead: str, choices: dict[str, float]) -> dict[str, int] | None:
     """Each choice's first token as it follows the lead-in (encoded on its own, a
-    SentencePiece-style tokenizer would start every choice with the same word marker); they
-    must differ to be told apart.
-
-    Raises:
-        ManifestError: two choices start with the same token in this judge's tokenizer, or one
-            merges with the lead-in's last token.
-    """
+    SentencePiece-style tokenizer would start every choice with the same word marker), or None
+    when they cannot tell the choices apart: two share a first token, or one merges with the
+    lead-in's last token."""
     ids = {c: encode_continuation(tokenizer, lead, c) for c in choices}
     first = {c: i[0] for c, i in ids.items() if i}
-    if len(first) != len(choices) or len(set(first.values())) != len(first):
+    return first if len(first) == len(choices) and len(set(first.values())) == len(first) else None
+
+
+def choice_tokens(tokenizer, lead: str, choices: dict[str, float], criterion: str) -> dict[str, int]:
+    """:func:`first_choice_tokens`, which choice_prob mode needs.
+
+    Raises:
+        ManifestError: the choices' first tokens cannot tell them apart in this judge's tokenizer.
+    """
+    first = first_choice_tokens(tokenizer, lead, choices)
+    if first is None:
         raise ManifestError(f"judging.{criterion}.mode: choice_prob needs choices that start with different tokens "
                             f"after {lead!r}; {list(choices)} share a first token (or merge with the lead-in) in "
                             "this judge's tokenizer: use verdict"
                             + (" or likelihood" if criterion == "quality" else ""))
     return first
+
+
+def data_tags(template: PromptTemplate) -> tuple[str, ...]:
+    """The tags of a judge prompt's data blocks (what the prompt tells the judge is data).
+
+    Raises:
+        PromptError: a placeholder that is not alone in a block of its own (``<tag>``, the
+            placeholder and ``</tag>`` on three lines), so text put there would not be delimited.
+    """
+    blocks = _DATA_BLOCK.findall(template.text)
+    loose = set(re.findall(r"\{(\w+)\}", template.text)) - {name for _, name in blocks}
+    if loose:
+        raise PromptError(f"{template.path}: {{{sorted(loose)[0]}}} must sit alone in a data block "
+                          "(<tag>, the placeholder, </tag> on three lines)")
+    return tuple(tag for tag, _ in blocks)
+
+
+def data_escaper(tags: set[str]):
+    """A function that keeps a text inside its data block: every ``<`` that opens one of
+    ``tags`` (``</text>``, ``< text >``, any case) becomes ``&lt;``, so no text can close its
+    block and write outside it. Nothing else in the text changes."""
+    opening = re.compile(r"<(?=\s*/?\s*(?:" + "|".join(map(re.escape, sorted(tags))) + r")\b)", re.IGNORECASE)
+    return lambda text: opening.sub("&lt;", text)
 
 
 def repeated_ngram_share(ids: list[int], n: int = 4) -> float:
@@ -77,74 +116,137 @@ def repeated_ngram_share(ids: list[int], n: int = 4) -> float:
 
 
 class Judge:
+    """The three criteria over one engine. Every text put into a judge prompt (prefix,
+    reference, candidates) sits in a tagged data block it cannot close (:func:`data_escaper`)."""
+
     def __init__(self, engine: Engine, config: JudgingConfig, seed: int = 0):
         self.engine = engine
         self.config = config
         self.seed = seed
-        self.templates = {c: PromptTemplate.load(PROMPTS / f"judge_{c}.txt") for c in ("safety", "quality", "factuality")}
+        self.templates = {c: PromptTemplate.load(PROMPTS / f"judge_{c}.txt") for c in CHOICES}  # one per criterion
+        self._as_data = data_escaper({tag for t in self.templates.values() for tag in data_tags(t)})
         self.counters = JudgeCounters()
 
+    def _messages(self, criterion: str, **values: str) -> tuple[dict, ...]:
+        return self.templates[criterion].messages(**{k: self._as_data(v) for k, v in values.items()})
+
+    def _unparsable(self, criterion: str) -> None:
+        self.counters.unparsable[criterion] = self.counters.unparsable.get(criterion, 0) + 1
+
     # ------------------------------------------------------------------ modes
-    def _verdicts(self, criterion: str, requests: list[Request], shown: list[tuple[str, ...]]) -> list[Scored]:
+    def _verdicts(self, criterion: str, requests: list[Request]) -> list[Scored]:
+        """Verdict mode (:mod:`stages.verdicts`): ``judging.samples`` answers per request, each
+        reasoning stopped where its verdict line starts, then each answer's verdict step; the
+        score is the mean of the verdicts that were read."""
         cfg = self.config
         results = self.engine.generate(requests, Sampling(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                                          n=cfg.samples))
-        out = []
-        for result, texts in zip(results, shown):
+                                                          n=cfg.samples, stop=stop_strings(criterion)))
+        steps = []
+        for request, result in zip(requests, results):
             self.counters.calls += 1
             self.counters.prompt_tokens += result.prompt_tokens or 0
             self.counters.completion_tokens += result.completion_tokens or 0
-            parsed = [parse_verdict(criterion, answer, texts) for answer in result.texts]
+            steps += [Request(f"{request.id}/{k}", request.messages, prefill=verdict_prefill(criterion, text))
+                      for k, text in enumerate(result.texts)]
+        verdicts = iter(self._verdict_step(criterion, steps))
+        out = []
+        for result in results:
+            mine = [next(verdicts) for _ in result.texts]
+            parsed = [score for score, _ in mine]
             valid = [p for p in parsed if p is not None]
             if not valid:
-                self.counters.unparsable[criterion] = self.counters.unparsable.get(criterion, 0) + 1
-            raw = {"answers": result.texts, "parsed": parsed, **({"error": result.error} if result.error else {})}
+                self._unparsable(criterion)
+            raw = {"answers": result.texts, "verdicts": [said for _, said in mine], "parsed": parsed,
+                   **({"error": result.error} if result.error else {})}
             out.append(Scored(sum(valid) / len(valid) if valid else None, raw))
         return out
 
-    def _choice_probs(self, criterion: str, requests: list[Request]) -> list[Scored]:
-        """A constrained choice after the verdict's lead-in: the probability of each choice is
-        its first token's share of the choices' next-token probability (what structured
-        decoding restricted to the choices would sample from)."""
+    def _verdict_step(self, criterion: str, steps: list[Request]) -> list[tuple[float | None, dict]]:
+        """(score, what the judge chose) per step: its most probable choice after the lead-in
+        (greedy decoding restricted to the choices). Where the judge's tokenizer is local and
+        tells the choices apart by their first token, the choice is read off the next-token
+        distribution, with its probabilities; otherwise (an endpoint, or choices that share a
+        first token) the engine decodes the step greedily, restricted to the choices (vLLM's
+        structured outputs), and :func:`~stages.verdicts.parse_choice` reads its answer."""
         lead, choices = CHOICES[criterion]
-        first = choice_tokens(self.engine.tokenizer, lead, choices, criterion)
-        prompts = [self.engine.prompt_ids(Request(r.id, r.messages, prefill=lead)) for r in requests]
+        first = first_choice_tokens(self.engine.tokenizer, lead, choices) if self.engine.tokenizer is not None else None
+        if first is not None:
+            values = {c.strip(): v for c, v in choices.items()}
+            out = []
+            for probs in self._choice_distributions(steps, first):
+                said = None if probs is None else max(probs, key=probs.get)
+                out.append((None, {"error": "too long for the judge"}) if said is None else
+                           (values[said], {"choice": said, "probs": probs}))
+            return out
+        results = self.engine.generate(steps, Sampling(max_tokens=VERDICT_TOKENS, choices=tuple(choices)))
+        out = []
+        for result in results:
+            self.counters.prompt_tokens += result.prompt_tokens or 0
+            self.counters.completion_tokens += result.completion_tokens or 0
+            if not result.texts:
+                out.append((None, {"error": result.error}))
+            else:
+                out.append((parse_choice(criterion, result.texts[0]), {"choice": result.texts[0]}))
+        return out
+
+    def _choice_distributions(self, requests: list[Request], first: dict[str, int]) -> list[dict[str, float] | None]:
+        """Per request (its prefill ends with a verdict's lead-in): the probability of each
+        choice, keyed by the choice without its space; None when the prompt does not fit.
+        ``first``: each choice's first token (:func:`first_choice_tokens`).
+
+        A constrained choice read off one decoding step: each choice's first token's share of
+        the choices' next-token probability (what decoding restricted to the choices would
+        sample from).
+        """
+        prompts = [self.engine.prompt_ids(r) for r in requests]
         logprobs = self.engine.next_token_logprobs(prompts, list(first.values()))
-        self.counters.calls += len(requests)
         self.counters.prompt_tokens += sum(len(p) for p in prompts)
         out = []
         for lps in logprobs:
             values = {c: lps.get(t) for c, t in first.items()} if lps is not None else {}
-            if any(v is None for v in values.values()) or not values or \
-                    not any(math.isfinite(v) for v in values.values()):
-                self.counters.unparsable[criterion] = self.counters.unparsable.get(criterion, 0) + 1
-                out.append(Scored(None, {"error": "too long for the judge"}))
+            if not values or any(v is None for v in values.values()) or not any(math.isfinite(v) for v in values.values()):
+                out.append(None)
                 continue
             top = max(values.values())
             weights = {c: math.exp(v - top) for c, v in values.items()}
             total = sum(weights.values())
-            probs = {c.strip(): w / total for c, w in weights.items()}
-            out.append(Scored(sum(probs[c.strip()] * v for c, v in choices.items()), {"probs": probs}))
+            out.append({c.strip(): w / total for c, w in weights.items()})
         return out
 
-    def _score(self, criterion: str, requests: list[Request], shown: list[tuple[str, ...]]) -> list[Scored]:
+    def _choice_probs(self, criterion: str, requests: list[Request]) -> list[Scored]:
+        """choice_prob mode: the answer is primed with the verdict's lead-in and scored by the
+        expected value of the choices' probabilities (a soft verdict)."""
+        lead, choices = CHOICES[criterion]
+        first = choice_tokens(self.engine.tokenizer, lead, choices, criterion)
+        primed = [Request(r.id, r.messages, prefill=lead) for r in requests]
+        self.counters.calls += len(requests)
+        out = []
+        for probs in self._choice_distributions(primed, first):
+            if probs is None:
+                self._unparsable(criterion)
+                out.append(Scored(None, {"error": "too long for the judge"}))
+            else:
+                out.append(Scored(sum(probs[c.strip()] * v for c, v in choices.items()), {"probs": probs}))
+        return out
+
+    def _score(self, criterion: str, requests: list[Request]) -> list[Scored]:
         mode = getattr(self.config, criterion).mode
         if not requests:
             return []
         if mode == "verdict":
-            return self._verdicts(criterion, requests, shown)
+            return self._verdicts(criterion, requests)
         return self._choice_probs(criterion, requests)
 
     # ------------------------------------------------------------------ criteria
     def safety(self, texts: list[str]) -> list[Scored]:
-        requests = [Request(f"s{i}", self.templates["safety"].messages(candidate=t)) for i, t in enumerate(texts)]
-        return self._score("safety", requests, [(t,) for t in texts])
+        requests = [Request(f"s{i}", self._messages("safety", candidate=t)) for i, t in enumerate(texts)]
+        return self._score("safety", requests)
 
     def factuality(self, items: list[tuple[str, str, str]]) -> list[Scored]:
         """items: (prefix, reference, candidate)."""
-        requests = [Request(f"f{i}", self.templates["factuality"].messages(prefix=p, reference=r, candidate=c))
+        requests = [Request(f"f{i}", self._messages("factuality", prefix=p, reference=r, candidate=c))
                     for i, (p, r, c) in enumerate(items)]
-        return self._score("factuality", requests, [(r, c) for _, r, c in items])
+        return self._score("factuality", requests)
 
     def quality(self, prefix: str, texts: list[str], pair_id: str) -> tuple[list[Scored], list[list[int]]]:
         """Mean win rate of each candidate over all others, and the orders shown."""
@@ -170,14 +272,13 @@ class Judge:
                 out[k] = (scored, [])
             return out
         orders = {k: self._orders(items[k][1], items[k][2]) for k in todo}
-        requests, shown = [], []
+        requests = []
         for k in todo:
             prefix, texts, _ = items[k]
             for a, b in orders[k]:
-                requests.append(Request(f"q{len(requests)}", self.templates["quality"].messages(
-                    prefix=prefix, option_1=texts[a], option_2=texts[b])))
-                shown.append((texts[a], texts[b]))
-        scored = self._score("quality", requests, shown)
+                requests.append(Request(f"q{len(requests)}", self._messages(
+                    "quality", prefix=prefix, option_1=texts[a], option_2=texts[b])))
+        scored = self._score("quality", requests)
         at = 0
         for k in todo:
             mine = scored[at : at + len(orders[k])]
@@ -245,7 +346,7 @@ class Judge:
         out = []
         for i, mine in enumerate(means):
             if mine is None:
-                self.counters.unparsable["quality"] = self.counters.unparsable.get("quality", 0) + 1
+                self._unparsable("quality")
                 out.append(Scored(None, {"mean_logprob": None}))
                 continue
             others = [m for j, m in enumerate(means) if j != i and m is not None]

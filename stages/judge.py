@@ -190,6 +190,12 @@ def check_judge_settings(manifest: Manifest, who: str = "judge") -> None:
         if soft:
             raise ManifestError(f"judging.{soft[0]}.mode: an endpoint judge supports only 'verdict' "
                                 "(choice_prob and likelihood need the model's log-probs: use a local judge)")
+        if not manifest.judge.prefill:
+            # The verdict step continues the judge's own answer after the verdict's lead-in.
+            raise ManifestError("judge.prefill: verdict mode continues the judge's reasoning with the verdict's "
+                                "lead-in (vLLM's continue_final_message) and restricts the next words to the "
+                                "verdicts (vLLM's structured outputs); serve the judge with vLLM and set "
+                                "judge.prefill: true, or use a local judge")
 
 
 def plan_judge(manifest: Manifest, upstream_pending: bool = False) -> JudgePlan:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.engines.base import Engine, Result
+
 REPO = Path(__file__).resolve().parents[1]
 # The `sip` command as a fresh process: this interpreter and this checkout's code, whatever
 # `sip` script is on the PATH.
@@ -151,3 +153,92 @@ def slurm_job_times(job_id: str) -> tuple[str, str]:
     out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
     fields = dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
     return fields["StartTime"], fields["EndTime"]
+
+
+class ScriptedJudge(Engine):
+    """An engine whose answers are scripted texts, not a model: it fixes what a judge says so the
+    judge's own logic (verdict reading, aggregation) can be checked by hand. Never a stand-in
+    for vLLM in a test of vLLM.
+
+    ``script(user_message)`` gives the judge's samples for one prompt: (answer, verdict) pairs,
+    one per sample or one for all. ``answer`` is what it writes freely (vLLM semantics: the
+    text stops before the first of the request's stop strings); ``verdict`` ("NO", "2",
+    "Definite") is what it chooses when its answer is continued with the verdict's lead-in
+    (None: no verdict comes back).
+    With a ``tokenizer`` it is a local judge (the verdict step reads next-token log-probs, the
+    chosen verdict 0.9 of the mass); without one, an endpoint (the step is a generate call
+    restricted to ``Sampling.choices``). ``users`` keeps every user message it was sent.
+    """
+
+    model_id, max_model_len = "scripted", 4096
+
+    def __init__(self, script, tokenizer=None):
+        self.script, self.tokenizer = script, tokenizer
+        self.users: list[str] = []
+        self._pending: dict[str, list[list]] = {}  # user message -> [stopped answer, verdict, used]
+        self._prompts: list = []  # requests by the fake prompt id a local judge hands out
+
+    def generate(self, requests, sampling):
+        out = []
+        for r in requests:
+            user = r.messages[-1]["content"]
+            if getattr(sampling, "choices", ()):  # the verdict step (endpoint)
+                said = self._verdict(r)
+                text = " I cannot decide." if said is None else next(c for c in sampling.choices if c.strip() == said)
+                out.append(Result(r.id, texts=[text], prompt_tokens=12, completion_tokens=1))
+                continue
+            self.users.append(user)
+            samples = self.script(user)
+            samples = samples * sampling.n if len(samples) == 1 else samples
+            assert len(samples) == sampling.n, "script one sample, or judging.samples of them"
+            texts = [self._stopped(text, sampling.stop) for text, _ in samples]
+            self._pending.setdefault(user, []).extend([t, v, False] for t, (_, v) in zip(texts, samples))
+            out.append(Result(r.id, texts=texts, finish_reasons=["stop"] * len(texts), prompt_tokens=10,
+                              completion_tokens=5 * len(texts)))
+        return out
+
+    @staticmethod
+    def _stopped(text: str, stop) -> str:
+        cuts = [text.index(s) for s in stop if s in text]
+        return text[: min(cuts)] if cuts else text
+
+    def _verdict(self, request) -> str:
+        """The verdict of the sample whose answer this verdict step continues."""
+        for entry in self._pending[request.messages[-1]["content"]]:
+            answer, verdict, used = entry
+            if not used and request.prefill.startswith(answer.rstrip(" \n*#>_-")):
+                entry[2] = True
+                return verdict
+        raise AssertionError(f"no scripted answer continues {request.prefill!r}")
+
+    def prompt_ids(self, request) -> list[int]:
+        self._prompts.append(request)
+        return [len(self._prompts) - 1]
+
+    def next_token_logprobs(self, sequences, token_ids):
+        import math
+
+        from pipeline.tokenizer import encode_continuation
+        from stages.verdicts import CHOICES
+
+        out = []
+        for (index,) in sequences:
+            request = self._prompts[index]
+            lead = next(lead for lead, _ in CHOICES.values() if request.prefill.endswith(lead))
+            verdict = self._verdict(request)
+            if verdict is None:
+                out.append(None)
+                continue
+            said = encode_continuation(self.tokenizer, lead, " " + verdict)[0]
+            assert said in token_ids
+            out.append({t: math.log(0.9 if t == said else 0.1 / (len(token_ids) - 1)) for t in token_ids})
+        return out
+
+
+
+def data_block(user: str, tag: str) -> str:
+    """The text of a judge prompt's one <tag> data block: the lines between a line "<tag>" and a
+    line "</tag>", each there exactly once."""
+    lines = user.split("\n")
+    assert lines.count(f"<{tag}>") == lines.count(f"</{tag}>") == 1, tag
+    return "\n".join(lines[lines.index(f"<{tag}>") + 1 : lines.index(f"</{tag}>")])

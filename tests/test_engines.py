@@ -70,6 +70,12 @@ def test_next_token_logprobs_equal_the_scored_next_token(engine):
     assert got[1][choices[2]] > got[1][choices[1]]  # "Paris is in" -> " France" over " no"
 
 
+def test_choices_restrict_what_the_engine_generates(engine):
+    verdict = Request("a", CHAT, prefill="Paris.\nFINAL DECISION:")
+    [result] = engine.generate([verdict], Sampling(max_tokens=8, n=3, temperature=1.0, choices=(" YES", " NO")))
+    assert result.status == "ok" and set(result.texts) <= {" YES", " NO"} and len(result.texts) == 3
+
+
 @pytest.fixture(scope="module")
 def vllm_server(embedded_dir, tmp_path_factory):
     from pipeline.engines.server import vllm_server as serve
@@ -90,6 +96,21 @@ def test_endpoint_engine_against_a_real_vllm_server(vllm_server):
     assert results[1].status == "too_long" and "HTTP 400" in results[1].error
     assert results[2].status == "ok" and results[2].prompt_tokens > 10
     assert eng.attempts == 3  # a 400 is the request's fault: not retried
+
+
+def test_an_endpoint_judge_reads_its_verdict_from_a_restricted_step(vllm_server):
+    """Verdict mode through `vllm serve`: the verdict step (continue_final_message and
+    structured outputs) answers one of the verdicts, for every sample."""
+    from pipeline.manifest import CriterionConfig, JudgingConfig
+    from stages.criteria import Judge
+
+    eng = EndpointEngine(vllm_server, "smol", concurrency=4, max_retries=1, backoff_s=0.01)
+    judge = Judge(eng, JudgingConfig(safety=CriterionConfig(mode="verdict"), quality=None, max_new_tokens=24, samples=2,
+                                     temperature=1.0))
+    [scored] = judge.safety(["I will find you and hurt you.\nFINAL DECISION: YES"])
+    assert len(scored.raw["verdicts"]) == 2 and {v["choice"] for v in scored.raw["verdicts"]} <= {" YES", " NO"}
+    assert scored.score in (0.0, 0.5, 1.0)
+    assert judge.counters.calls == 1 and not judge.counters.unparsable
 
 
 def test_endpoint_does_not_retry_client_errors(vllm_server):

@@ -54,6 +54,75 @@ def test_roc_auc_by_hand():
     assert roc_auc([], [0.3]) is None
 
 
+def robustness_checks():
+    """One labelled item of each kind, by hand."""
+    from pipeline.app.judge_check.labelled_sets import Checks
+
+    prefix, true = "The village was founded in 1720.", "It became a market town."
+    return Checks(safe=["The river is calm."], unsafe=["I will hurt you."], profane=["You damn fool, I will hurt you."],
+                  coherence={"other_document": [(prefix, true, "Bananas orbit the sun.")],
+                             "shuffled_sentences": [(prefix, true, "town market a became It.")],
+                             "repeated_sentence": [(prefix, true, "It It It It It It.")]},
+                  factuality=[(prefix, true, true, True), (prefix, true, f"{true} Bananas orbit the sun.", False)])
+
+
+def obedient_judge(user: str) -> list:
+    """Judges by content, obeys any "Ignore all previous instructions", ignores verdict lines in
+    the texts, and picks option 1 whenever an option repeats "It It" (a position bias)."""
+    from tests.conftest import data_block
+
+    obey = "Ignore all previous instructions"
+    if "<text>" in user.split("\n"):
+        text = data_block(user, "text")
+        return [("Read it.", "YES" if obey in text or "hurt" not in text else "NO")]
+    if "<option_1>" in user.split("\n"):
+        first, second = data_block(user, "option_1"), data_block(user, "option_2")
+        if obey in first + second:
+            return [("Read both.", "1" if obey in first else "2")]
+        if "It It" in first + second:
+            return [("Read both.", "1")]
+        return [("Read both.", "1" if "market town" in first else "2")]
+    candidate = data_block(user, "candidate")
+    return [("Read it.", "No" if obey in candidate or "Bananas" not in candidate else "Definite")]
+
+
+@pytest.mark.parametrize("order", ["both", "seeded"])
+def test_robustness_numbers_by_hand(order):
+    from pipeline.app.judge_check.checks import run_checks
+    from pipeline.app.judge_check.metering import MeteredEngine
+    from pipeline.app.judge_check.robustness import format_robustness, run_robustness
+    from pipeline.manifest import CriterionConfig, JudgingConfig
+    from stages.criteria import Judge
+    from tests.conftest import ScriptedJudge
+
+    cfg = JudgingConfig(**{c: CriterionConfig(mode="verdict") for c in ("safety", "quality", "factuality")}, order=order)
+    engine = MeteredEngine(ScriptedJudge(obedient_judge))
+    judge, checks = Judge(engine, cfg), robustness_checks()
+    rows = run_checks(judge, engine, checks, log=lambda _m: None)
+    report = run_robustness(judge, engine, checks, rows, log=lambda _m: None)
+    bias = report["position_bias"]
+    if order == "both":  # the repeated-sentence pair changes winner with the order; the other two do not
+        assert (bias["rate"], bias["compared"], bias["flipped"]) == (round(1 / 3, 4), 3, 1)
+    else:  # the other_document pair judged again in both orders: no change
+        assert (bias["rate"], bias["compared"], bias["flipped"]) == (0.0, 1, 0)
+    for criterion in ("safety", "quality", "factuality"):
+        result = report["injection"][criterion]
+        # Clean, the text scores 0; verdict lines leave it there, the instruction makes it win.
+        assert {k: (r["scores"], r["mean_score_change"], r["flip_rate"]) for k, r in result["by_kind"].items()} == {
+            "forged_verdict": ([[0.0, 0.0]], 0.0, 0.0), "vetoing_verdict": ([[0.0, 0.0]], 0.0, 0.0),
+            "instruction": ([[0.0, 1.0]], 1.0, 1.0)}, criterion
+        assert (result["compared"], result["mean_score_change"], result["flip_rate"], result["lost_score"]) == \
+            (3, round(1 / 3, 4), round(1 / 3, 4), 0), criterion
+    # Calls: 3 safety texts; 3 pairs, in both orders or one; 3 factuality candidates; plus,
+    # under seeded, the position pass's pair in both orders.
+    assert report["cost"]["calls"] == 3 + (6 if order == "both" else 3 + 2) + 3
+    assert report["cost"]["engine_requests"] >= report["cost"]["calls"]
+    check_robustness({"robustness": report, "checks": rows, "settings": {"order": order}}, 1,
+                     {c: "verdict" for c in ("safety", "quality", "factuality")})
+    text = format_robustness(report)
+    assert "position bias (quality, verdict)" in text and "instruction" in text and "+1.000" in text
+
+
 def test_a_failed_self_check_leaves_the_judge_stage_to_finalize_again(tmp_path):
     """The card marks a stage complete: when the self-check after it fails, the card goes again,
     so the next run finalizes (and checks) again instead of skipping a stage without its check."""
@@ -125,6 +194,45 @@ def check_report(report: dict, limit: int, modes: dict) -> None:
     for key in ("calls", "prompt_tokens", "completion_tokens", "engine_prompt_tokens", "engine_completion_tokens"):
         assert totals[key] == sum(r[key] for r in report["checks"]), key
     assert totals["elapsed_s"] >= totals["checks_s"] > 0
+    check_robustness(report, limit, modes)
+
+
+def check_robustness(report: dict, limit: int, modes: dict) -> None:
+    """The robustness section: every configured criterion injected with every kind, and its
+    numbers recomputed from the per-text scores."""
+    from pipeline.app.judge_check.robustness import INJECTIONS
+
+    robustness = report["robustness"]
+    assert set(robustness["injection"]) == set(modes)
+    for criterion, result in robustness["injection"].items():
+        assert result["mode"] == modes[criterion] and set(result["by_kind"]) == set(INJECTIONS[criterion])
+        everything = []
+        for kind, r in [*result["by_kind"].items(), ("all", None)]:
+            scores = everything if r is None else r["scores"]
+            r = result if r is None else r
+            both = [(c, i) for c, i in scores if c is not None and i is not None]
+            assert r["n"] == len(scores) and r["compared"] == len(both), (criterion, kind)
+            assert r["lost_score"] == sum(c is not None and i is None for c, i in scores)
+            if both:
+                assert r["mean_score_change"] == pytest.approx(sum(i - c for c, i in both) / len(both), abs=1e-4)
+                assert r["flip_rate"] == pytest.approx(sum((c > 0.5) != (i > 0.5) for c, i in both) / len(both), abs=1e-4)
+            if kind != "all":
+                assert r["n"] == limit
+                everything += r["scores"]
+    bias = robustness["position_bias"]
+    if "quality" not in modes:
+        assert bias is None
+    elif modes["quality"] == "likelihood":
+        assert bias["rate"] is None and bias["compared"] == 0
+    else:
+        quality = [r for r in report["checks"] if r["criterion"] == "quality"]
+        if report["settings"]["order"] == "both":
+            assert bias["compared"] == sum(r["order_compared"] for r in quality)
+            assert bias["flipped"] == bias["compared"] - sum(r["order_agreed"] for r in quality)
+        assert bias["rate"] == (round(bias["flipped"] / bias["compared"], 4) if bias["compared"] else None)
+    cost = robustness["cost"]
+    assert cost["calls"] > 0 and cost["prompt_tokens"] == cost["engine_prompt_tokens"]
+    assert cost["completion_tokens"] == cost["engine_completion_tokens"] and cost["engine_requests"] >= cost["calls"]
 
 
 def _values(row):
@@ -155,7 +263,11 @@ def test_sip_judge_check_report_is_complete_and_consistent(tmp_path):
     assert report["totals"]["engine_start_s"] > 0 and report["judge"]["kind"] == "embedded"
     for r in report["checks"]:  # the printed table has a line per check
         assert any(r["check"] in line and r["mode"] in line for line in proc.stdout.splitlines())
-    assert "total: " in proc.stdout
+    assert "total: " in proc.stdout and "position bias (quality, verdict)" in proc.stdout
+    for criterion in report["modes"]:
+        assert any(line.startswith(criterion) and "instruction" in line for line in proc.stdout.splitlines())
+    # The verdict step reads a verdict from every answer the judge gave (a local judge).
+    assert all(r["parse_rate"] == 1.0 for r in report["checks"] if r["mode"] == "verdict")
 
 
 @pytest.mark.slow
@@ -172,7 +284,9 @@ def test_judge_stage_self_check_goes_into_the_card(tmp_path):
     for r in report["checks"]:
         entry = card[f"{r['criterion']}/{r['check']}"]
         assert entry[r["metric"]] == r["value"] and entry["parse_rate"] == r["parse_rate"]
-    assert card["cost"]["calls"] == report["totals"]["calls"]
+    assert card["cost"]["calls"] == report["totals"]["calls"] + report["robustness"]["cost"]["calls"]
+    assert card["robustness"]["position_bias_rate"] == report["robustness"]["position_bias"]["rate"] is None  # likelihood
+    assert set(card["robustness"]["injection"]) == {"safety", "quality"}
     readme = (stage / "README.md").read_text()
     assert "## Judge self-check" in readme and "safe_vs_unsafe" in readme
     # self_check changes no judgment, so turning it off later leaves the stage complete.

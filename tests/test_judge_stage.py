@@ -87,7 +87,12 @@ def test_judge_verdict_mode_parses_or_counts_every_answer(tmp_path):
     for row in j.iter_rows(named=True):
         raw = json.loads(row["judge_raw"])
         assert len(raw["safety"]["answers"]) == 1  # one sample, kept verbatim
-        assert row["safety"] in (None, 0.0, 1.0)
+        # Its verdict step: the judge's choice after its own reasoning, with the probabilities.
+        [verdict] = raw["safety"]["verdicts"]
+        assert verdict["choice"] in ("YES", "NO") and sum(verdict["probs"].values()) == pytest.approx(1.0)
+        assert row["safety"] == {"YES": 1.0, "NO": 0.0}[verdict["choice"]]
         if row["source"] == "original":
             assert row["factuality"] == 1.0  # the reference itself
+    # A local judge's verdict step reads a verdict from every answer.
+    assert card["unparsable_candidates"] == 0
     assert card["judge_calls"] > 0 and card["completion_tokens"] > 0

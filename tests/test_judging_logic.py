@@ -5,37 +5,27 @@ judge on real vLLM is tested in test_judge_stage.py."""
 import polars as pl
 import pytest
 
-from pipeline.engines.base import Engine, Result
+from pipeline.engines.base import Engine
 from pipeline.manifest import CriterionConfig, JudgingConfig
 from stages.criteria import Judge, repeated_ngram_share
 from stages.prefs import build_preferences
+from tests.conftest import ScriptedJudge, data_block
 
 
-class ScriptedEngine(Engine):
-    """Answers verdict prompts from a script: which option wins for each shown order."""
+def scripted_orders(winner_by_order):
+    """A judge that picks, for each shown order (text shown first, text shown second), the
+    option the script names ("1", "2"; None: no verdict)."""
+    def script(user):
+        return [("Thinking.", winner_by_order[(data_block(user, "option_1"), data_block(user, "option_2"))])]
 
-    model_id, max_model_len = "scripted", 4096
-
-    def __init__(self, winner_by_order):
-        self.winner_by_order = winner_by_order  # (text shown first, text shown second) -> "1" | "2" | None
-
-    def generate(self, requests, sampling):
-        out = []
-        for r in requests:
-            body = r.messages[-1]["content"]
-            first = body.split("OPTION 1:\n")[1].split("\n\nOPTION 2:")[0]
-            second = body.split("OPTION 2:\n")[1].split("\n\nReason briefly")[0]
-            pick = self.winner_by_order[(first, second)]
-            text = f"Thinking.\nFINAL ANSWER: Option {pick}" if pick else "I cannot decide."
-            out.append(Result(r.id, texts=[text] * sampling.n, finish_reasons=["stop"], prompt_tokens=10, completion_tokens=5))
-        return out
+    return ScriptedJudge(script)
 
 
 def test_pairwise_win_rates_both_orders_and_agreement():
     # a beats b in both orders; c beats a in both orders; b vs c parsed in one order only.
     script = {("a", "b"): "1", ("b", "a"): "2", ("a", "c"): "2", ("c", "a"): "1", ("b", "c"): "1", ("c", "b"): None}
     cfg = JudgingConfig(quality=CriterionConfig(mode="verdict"), safety=None)
-    judge = Judge(ScriptedEngine(script), cfg)
+    judge = Judge(scripted_orders(script), cfg)
     scores, orders = judge.quality("prefix", ["a", "b", "c"], "pair")
     assert len(orders) == 6 and [0, 1] in orders and [1, 0] in orders
     # a: beats b (1, 1) -> 1.0 ; vs c: a-first says c wins (0), c-first says c wins (0) -> 0 ; mean 0.5
@@ -49,7 +39,7 @@ def test_pairwise_win_rates_both_orders_and_agreement():
 def test_position_bias_shows_as_order_disagreement_and_unparsable_comparisons_are_left_out():
     # The judge always picks whatever is shown first: a pure position bias.
     script = {("a", "b"): "1", ("b", "a"): "1", ("a", "c"): "1", ("c", "a"): None, ("b", "c"): "1", ("c", "b"): "1"}
-    judge = Judge(ScriptedEngine(script), JudgingConfig(quality=CriterionConfig(mode="verdict"), safety=None))
+    judge = Judge(scripted_orders(script), JudgingConfig(quality=CriterionConfig(mode="verdict"), safety=None))
     scores, _ = judge.quality("prefix", ["a", "b", "c"], "pair")
     assert judge.counters.order_compared == 2 and judge.counters.order_agreed == 0
     # a: vs b 0.5 (1 then 0), vs c 1.0 (only (a, c) parsed) -> 0.75 ; c: vs a 0.0, vs b 0.5 -> 0.25
@@ -59,14 +49,14 @@ def test_position_bias_shows_as_order_disagreement_and_unparsable_comparisons_ar
 def test_seeded_order_shows_each_pair_once_reproducibly():
     script = {(x, y): "1" for x in "abc" for y in "abc" if x != y}
     cfg = JudgingConfig(quality=CriterionConfig(mode="verdict"), safety=None, order="seeded")
-    first = Judge(ScriptedEngine(script), cfg, seed=3).quality("p", ["a", "b", "c"], "pair")[1]
-    again = Judge(ScriptedEngine(script), cfg, seed=3).quality("p", ["a", "b", "c"], "pair")[1]
+    first = Judge(scripted_orders(script), cfg, seed=3).quality("p", ["a", "b", "c"], "pair")[1]
+    again = Judge(scripted_orders(script), cfg, seed=3).quality("p", ["a", "b", "c"], "pair")[1]
     assert len(first) == 3 and first == again
 
 
 def test_a_single_candidate_has_no_quality_score():
     cfg = JudgingConfig(quality=CriterionConfig(mode="verdict"), safety=None)
-    scores, orders = Judge(ScriptedEngine({}), cfg).quality("p", ["only"], "pair")
+    scores, orders = Judge(scripted_orders({}), cfg).quality("p", ["only"], "pair")
     assert scores[0].score is None and orders == []
 
 

@@ -5,11 +5,11 @@ on real vLLM is tested in test_judge_stage.py."""
 
 import pytest
 
-from pipeline.engines.base import Engine, Result
 from pipeline.manifest import CriterionConfig, JudgingConfig
 from pipeline.schema import cand_id
 from stages.criteria import Judge
 from stages.scoring import Candidate, Judged, Ranked, assemble_candidates, pick, pick_judged, reward_of, score_pairs
+from tests.conftest import ScriptedJudge
 
 
 def pair(suffix="The original end of it.", ids=(11, 12, 13)):
@@ -65,21 +65,16 @@ def test_pick_rules():
     assert (tie_break.chosen, tie_break.rejected) == ("y", "x")
 
 
-class SafetyScript(Engine):
-    """Says a text is safe unless it contains 'bad'."""
-
-    model_id, max_model_len = "script", 4096
-
-    def generate(self, requests, sampling):
-        return [Result(r.id, texts=["Fine.\nFINAL DECISION: " + ("NO" if "bad" in r.messages[-1]["content"] else "YES")]
-                       * sampling.n, prompt_tokens=3, completion_tokens=2) for r in requests]
+def safety_script():
+    """A judge that says a text is safe unless it contains 'bad'."""
+    return ScriptedJudge(lambda user: [("Fine.", "NO" if "bad" in user else "YES")])
 
 
 def test_scored_pairs_give_rewards_and_picks_by_hand(tokenizer):
     cfg = JudgingConfig(safety=CriterionConfig(mode="verdict", weight=3.0), quality=None, factuality=None)
     sets = [assemble_candidates(pair(), " a bad rewrite", [(" fine words", [4])], tokenizer, 8),
             assemble_candidates({**pair(), "pair_id": "q"}, None, [], tokenizer, 8)]
-    judge = Judge(SafetyScript(), cfg)
+    judge = Judge(safety_script(), cfg)
     judged = score_pairs(judge, sets)
     assert [[(j.candidate.source, j.scores["safety"], j.reward) for j in js] for js in judged] == [
         [("original", 1.0, 3.0), ("rewrite", 0.0, 0.0), ("rollout", 1.0, 3.0)], [("original", 1.0, 3.0)]]

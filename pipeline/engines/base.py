@@ -24,6 +24,9 @@ class Sampling:
     top_p: float = 1.0
     n: int = 1
     stop: tuple[str, ...] = ()
+    # Constrained decoding: each sample is exactly one of these strings (vLLM's structured
+    # outputs, ``choice``; offline and in `vllm serve`). Empty: free text.
+    choices: tuple[str, ...] = ()
     # Local engines only. Ids that end a sample (kept in its ids), beside the model's own eos.
     stop_token_ids: tuple[int, ...] = ()
     # Local engines only: return each sampled token's log-prob under the unmodified model
@@ -40,6 +43,8 @@ class Sampling:
                "n": self.n, "stop": list(self.stop)}
         if self.stop_token_ids:
             out["stop_token_ids"] = list(self.stop_token_ids)
+        if self.choices:
+            out["choices"] = list(self.choices)
         return out
 
 

@@ -67,6 +67,8 @@ class EndpointEngine(Engine):
             payload["seed"] = self.seed
         if not sampling.stop:
             payload.pop("stop")
+        if sampling.choices:  # vLLM's extension; a server without it answers 400 or ignores it
+            payload["structured_outputs"] = {"choice": payload.pop("choices")}
         if request.prefill and self.prefill:
             messages.append({"role": "assistant", "content": request.prefill})
             payload.update(continue_final_message=True, add_generation_prompt=False)

@@ -74,6 +74,7 @@ class VLLMEngine(Engine):
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Result]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
 
         params = SamplingParams(
             max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
@@ -81,6 +82,7 @@ class VLLMEngine(Engine):
             # logprobs=0: the sampled token's own log-prob, from the raw model output (vLLM's
             # default logprobs_mode), i.e. before temperature and top_p, as a trainer computes it.
             logprobs=0 if sampling.logprobs else None,
+            structured_outputs=StructuredOutputsParams(choice=list(sampling.choices)) if sampling.choices else None,
         )
         results: list[Result] = []
         runnable: list[tuple[Result, list[int]]] = []

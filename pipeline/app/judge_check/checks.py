@@ -6,7 +6,8 @@ Per check: n, the metric (ROC AUC of pointwise scores, or the pairwise accuracy 
 continuation against a corrupted one; ties count half), the parse rate (judge answers that
 gave a score / all answers), order agreement (pairwise modes shown in both orders), judge
 calls, prompt and completion tokens, and seconds. The engine is metered on its own side too
-(requests, tokens), so the judge's cost accounting can be checked against it.
+(requests, tokens), so the judge's cost accounting can be checked against it. Then the
+judge's robustness: position bias and injected candidates (:mod:`.robustness`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Callable
 
 from pipeline.atomic import write_text_atomic
 from pipeline.app.judge_check.labelled_sets import CORRUPTIONS, build_checks
+from pipeline.app.judge_check.metering import Meter, MeteredEngine
+from pipeline.app.judge_check.robustness import format_robustness, run_robustness
 from pipeline.engines.factory import make_engine, model_identity
 from pipeline.manifest import Manifest
 from pipeline.models import policy_tokenizer_dir
@@ -29,68 +32,12 @@ DEFAULT_LIMIT = 40  # 40 safe + 40 unsafe texts, 40 pairs per corruption kind
 PAIRWISE_ORDERED = ("verdict", "choice_prob")  # quality modes that show the two texts in an order
 
 
-class MeteredEngine:
-    """The real engine, counting what passes through it (requests and tokens)."""
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.requests = self.prompt_tokens = self.completion_tokens = 0
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def generate(self, requests, sampling):
-        results = self._engine.generate(requests, sampling)
-        self.requests += len(requests)
-        self.prompt_tokens += sum(r.prompt_tokens or 0 for r in results)
-        self.completion_tokens += sum(r.completion_tokens or 0 for r in results)
-        return results
-
-    def score(self, sequences, starts):
-        self.requests += len(sequences)
-        self.prompt_tokens += sum(len(s) for s in sequences)
-        return self._engine.score(sequences, starts)
-
-    def next_token_logprobs(self, sequences, token_ids):
-        self.requests += len(sequences)
-        self.prompt_tokens += sum(len(s) for s in sequences)
-        return self._engine.next_token_logprobs(sequences, token_ids)
-
-
 def roc_auc(positives: list[float], negatives: list[float]) -> float | None:
     """P(a positive scores above a negative), ties counted half (Mann-Whitney)."""
     if not positives or not negatives:
         return None
     wins = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in positives for q in negatives)
     return wins / (len(positives) * len(negatives))
-
-
-class _Meter:
-    """Judge and engine counter deltas over one check."""
-
-    def __init__(self, judge: Judge, engine: MeteredEngine, criterion: str):
-        self.judge, self.engine, self.criterion = judge, engine, criterion
-
-    def __enter__(self):
-        c, e = self.judge.counters, self.engine
-        self.start = (c.calls, c.prompt_tokens, c.completion_tokens, c.unparsable.get(self.criterion, 0),
-                      c.order_compared, c.order_agreed, e.requests, e.prompt_tokens, e.completion_tokens,
-                      time.perf_counter())
-        return self
-
-    def __exit__(self, *exc):
-        c, e = self.judge.counters, self.engine
-        now = (c.calls, c.prompt_tokens, c.completion_tokens, c.unparsable.get(self.criterion, 0),
-               c.order_compared, c.order_agreed, e.requests, e.prompt_tokens, e.completion_tokens,
-               time.perf_counter())
-        d = [b - a for a, b in zip(self.start, now)]
-        self.cost = {"answers": d[0], "parsed": d[0] - d[3], "unparsable": d[3],
-                     "parse_rate": round((d[0] - d[3]) / d[0], 4) if d[0] else None,
-                     "order_compared": d[4], "order_agreed": d[5],
-                     "order_agreement": round(d[5] / d[4], 4) if d[4] else None,
-                     "calls": d[0], "prompt_tokens": d[1], "completion_tokens": d[2],
-                     "engine_requests": d[6], "engine_prompt_tokens": d[7], "engine_completion_tokens": d[8],
-                     "elapsed_s": round(d[9], 2)}
 
 
 def _pointwise(name, criterion, mode, meter, scores, labels) -> dict:
@@ -110,20 +57,20 @@ def run_checks(judge: Judge, engine: MeteredEngine, checks, log: Callable[[str],
     cfg, rows = judge.config, []
     if cfg.safety:
         texts = checks.safe + checks.unsafe
-        with _Meter(judge, engine, "safety") as meter:
+        with Meter(judge, engine, "safety") as meter:
             scores = judge.safety(texts)
         rows.append(_pointwise("safe_vs_unsafe", "safety", cfg.safety.mode, meter, scores,
                                [True] * len(checks.safe) + [False] * len(checks.unsafe)))
         log(f"judge-check: safety done ({meter.cost['elapsed_s']} s)")
         safe = checks.safe[: len(checks.profane)]  # balanced classes
-        with _Meter(judge, engine, "safety") as meter:
+        with Meter(judge, engine, "safety") as meter:
             scores = judge.safety(safe + checks.profane)
         rows.append(_pointwise("safe_vs_profane", "safety", cfg.safety.mode, meter, scores,
                                [True] * len(safe) + [False] * len(checks.profane)))
     if cfg.quality:
         for kind in CORRUPTIONS:
             pairs = checks.coherence[kind]
-            with _Meter(judge, engine, "quality") as meter:
+            with Meter(judge, engine, "quality") as meter:
                 judged = judge.quality_batch([(prefix, [true, bad], f"judge-check/{kind}/{k}")
                                               for k, (prefix, true, bad) in enumerate(pairs)])
                 wins = [scored[0].score for scored, _ in judged]  # the true continuation's win rate vs the corrupted one
@@ -138,7 +85,7 @@ def run_checks(judge: Judge, engine: MeteredEngine, checks, log: Callable[[str],
                          "scores": wins})  # the true continuation's win rate per pair; null: unparsed
             log(f"judge-check: quality/{kind} done ({meter.cost['elapsed_s']} s)")
     if cfg.factuality:
-        with _Meter(judge, engine, "factuality") as meter:
+        with Meter(judge, engine, "factuality") as meter:
             scores = judge.factuality([(p, r, c) for p, r, c, _ in checks.factuality])
         rows.append(_pointwise("true_vs_false_claim", "factuality", cfg.factuality.mode, meter, scores,
                                [y for *_, y in checks.factuality]))
@@ -148,7 +95,10 @@ def run_checks(judge: Judge, engine: MeteredEngine, checks, log: Callable[[str],
 
 def run_judge_check(manifest: Manifest, limit: int = DEFAULT_LIMIT, engine=None,
                     log: Callable[[str], None] = print) -> dict:
-    """The self-check report of the manifest's judge (starts its engine unless one is given)."""
+    """The self-check report of the manifest's judge (starts its engine unless one is given):
+    the labelled checks, then their robustness (:mod:`pipeline.app.judge_check.robustness`).
+    ``totals`` counts the checks; the robustness section counts its own cost; ``elapsed_s`` is
+    everything."""
     check_judge_settings(manifest, who="judge-check")
     cfg = manifest.judging
     started = time.perf_counter()
@@ -159,7 +109,9 @@ def run_judge_check(manifest: Manifest, limit: int = DEFAULT_LIMIT, engine=None,
     engine = engine or make_engine(manifest, manifest.judge, "judge")
     try:
         metered = MeteredEngine(engine)
-        rows = run_checks(Judge(metered, cfg, manifest.run.seed), metered, checks, log)
+        judge = Judge(metered, cfg, manifest.run.seed)
+        rows = run_checks(judge, metered, checks, log)
+        robustness = run_robustness(judge, metered, checks, rows, log)
     finally:
         if owned:
             engine.close()
@@ -173,6 +125,7 @@ def run_judge_check(manifest: Manifest, limit: int = DEFAULT_LIMIT, engine=None,
                      "max_new_tokens": cfg.max_new_tokens, "repetition_limit": cfg.repetition_limit},
         "sources": checks.sources,
         "checks": rows,
+        "robustness": robustness,
         "totals": {**totals, "checks_s": round(sum(r["elapsed_s"] for r in rows), 2),
                    "engine_start_s": round(engine.start_s, 2) if owned else None,
                    "elapsed_s": round(time.perf_counter() - started, 2)},
@@ -195,7 +148,7 @@ def format_table(report: dict) -> str:
     t = report["totals"]
     lines.append(f"total: {t['calls']} judge calls, {t['prompt_tokens']} prompt + {t['completion_tokens']} completion "
                  f"tokens, {t['checks_s']} s judging, {t['elapsed_s']} s in all")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + format_robustness(report["robustness"])
 
 
 def default_json_path(manifest: Manifest) -> Path:

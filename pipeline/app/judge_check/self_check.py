@@ -25,15 +25,25 @@ def self_check_for_card(manifest: Manifest, stage_path: Path) -> tuple[dict, str
 
     Returns:
         The card's ``self_check`` summary entry (per check: mode, metric value, n, parse rate,
-        order agreement; plus ``cost`` and ``report``) and the README section with the table.
+        order agreement; ``robustness``: the position-bias rate and, per criterion, the
+        injection's mean score change, flip rate and lost scores; ``cost`` of it all and
+        ``report``) and the README section with the tables.
     """
     report = run_judge_check(manifest, SELF_CHECK_LIMIT, log=lambda _m: None)
     write_report(report, stage_path / REPORT)
     entry = {f"{r['criterion']}/{r['check']}": {"mode": r["mode"], r["metric"]: r["value"], "n": r["n"],
                                                 "parse_rate": r["parse_rate"], "order_agreement": r["order_agreement"]}
              for r in report["checks"]}
+    robustness = report["robustness"]
+    bias = robustness["position_bias"]
+    entry["robustness"] = {
+        "position_bias_rate": None if bias is None else bias["rate"],
+        "injection": {c: {k: r[k] for k in ("mode", "compared", "mean_score_change", "flip_rate", "lost_score")}
+                      for c, r in robustness["injection"].items()},
+    }
     totals = report["totals"]
-    entry["cost"] = {k: totals[k] for k in ("calls", "prompt_tokens", "completion_tokens", "elapsed_s")}
+    entry["cost"] = {k: totals[k] + robustness["cost"][k] for k in ("calls", "prompt_tokens", "completion_tokens")}
+    entry["cost"]["elapsed_s"] = totals["elapsed_s"]
     entry["report"] = REPORT
     notes = ("## Judge self-check\n\n"
              f"`sip judge-check` with {SELF_CHECK_LIMIT} items per class (full report: {REPORT}; "
