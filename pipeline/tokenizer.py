@@ -86,10 +86,13 @@ def join_encoding(tokenizer, prefix: str, text: str) -> Joined:
     tok = _backend(tokenizer)
     own = tok.encode(prefix, add_special_tokens=False).ids
     joint = tok.encode(prefix + text, add_special_tokens=False)
+    # Each read of an Encoding's ids builds a new list: read them once (a loop over reads is
+    # quadratic in the prefix's length).
+    ids = joint.ids
     start = 0
-    while start < min(len(own), len(joint.ids)) and own[start] == joint.ids[start]:
+    while start < min(len(own), len(ids)) and own[start] == ids[start]:
         start += 1
-    return Joined(joint.ids, joint.offsets, len(own), start)
+    return Joined(ids, joint.offsets, len(own), start)
 
 
 def encode_continuation(tokenizer, prefix: str, text: str) -> list[int] | None:
@@ -132,10 +135,19 @@ def decode_continuation(tokenizer, prefix_ids: list[int], ids: list[int]) -> str
     first word (or keep the '##' of a word's inner piece). Where decoding the prefix does not
     give the start of the joint text (a decoder that rewrites across the boundary), the ids
     are decoded on their own."""
+    return decode_continuations(tokenizer, prefix_ids, [ids])[0]
+
+
+def decode_continuations(tokenizer, prefix_ids: list[int], samples: list[list[int]]) -> list[str]:
+    """:func:`decode_continuation` of each of ``samples`` after one prefix (the prefix decoded once)."""
     tok = _backend(tokenizer)
-    before = tok.decode(list(prefix_ids), skip_special_tokens=True)
-    joint = tok.decode(list(prefix_ids) + list(ids), skip_special_tokens=True)
-    return joint[len(before):] if joint.startswith(before) else tok.decode(list(ids), skip_special_tokens=True)
+    prefix_ids = list(prefix_ids)
+    before = tok.decode(prefix_ids, skip_special_tokens=True)
+    out = []
+    for ids in samples:
+        joint = tok.decode(prefix_ids + list(ids), skip_special_tokens=True)
+        out.append(joint[len(before):] if joint.startswith(before) else tok.decode(list(ids), skip_special_tokens=True))
+    return out
 
 
 def _backend(tokenizer) -> Tokenizer:

@@ -34,7 +34,7 @@ from pipeline.policy import check_context, policy_hf_dir, policy_identity
 from pipeline.runner import StageJob
 from pipeline.schema import ROLLOUT_STATUSES, ROLLOUTS, cand_id, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
-from pipeline.tokenizer import decode_continuation, load_tokenizer
+from pipeline.tokenizer import decode_continuations, load_tokenizer
 from stages.shard import plan_shard
 
 STAGE = "rollout"
@@ -53,8 +53,8 @@ def rollout_rows(pair: dict, result: Result, k: int, tokenizer, model: str) -> l
         return [{**base, "sample": s, "cand_id": None, "text": None, "token_ids": [], "finish_reason": None,
                  "status": status, "error": error, "completion_tokens": 0} for s in range(k)]
     rows = []
-    for s, (ids, reason) in enumerate(zip(result.token_ids, result.finish_reasons)):
-        text = decode_continuation(tokenizer, pair["prefix_ids"], ids)
+    texts = decode_continuations(tokenizer, pair["prefix_ids"], result.token_ids)
+    for s, (ids, reason, text) in enumerate(zip(result.token_ids, result.finish_reasons, texts)):
         rows.append({**base, "sample": s, "cand_id": cand_id(pair["pair_id"], text), "text": text, "token_ids": ids,
                      "finish_reason": reason, "status": "ok" if text.strip() else "empty", "error": None,
                      "completion_tokens": len(ids)})

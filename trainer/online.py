@@ -45,7 +45,7 @@ from pipeline.engines.factory import make_engine, model_identity
 from pipeline.io import write_table_atomic
 from pipeline.manifest import Manifest, PhaseConfig, fingerprint
 from pipeline.schema import ONLINE, content_id, provenance, read_provenance, with_provenance
-from pipeline.tokenizer import decode_continuation, end_of_text_ids, load_tokenizer
+from pipeline.tokenizer import decode_continuations, end_of_text_ids, load_tokenizer
 from stages.criteria import Judge
 from stages.judge import UpstreamCandidates
 from stages.rewrite import plan_rewrite
@@ -133,6 +133,7 @@ class OnlinePhase:
             kind = OBJECTIVE_TABLES[self.objective]
             table = load_table(offline_table_path(manifest, plan.config), kind,
                                f"train.phases[{plan.index}].online.offline_table ({plan.name})")
+            # A seed apart from the pairs table's (train_seed + index), so the two orders differ.
             self.offline = TableSource(table, kind, manifest.train_seed + plan.index + 1_000_003,
                                        manifest.train.max_seq_len)
         if fabric.world_size > 1:
@@ -271,7 +272,7 @@ class OnlinePhase:
         drawn_all = self.sampler.sample([prefixes[pair["pair_id"]] for pair in rows], self.cfg.rollouts, self.n, seeds)
         for pair, drawn in zip(rows, drawn_all):
             tokens += sum(len(s.token_ids) for s in drawn)
-            texts = [decode_continuation(self.tokenizer, prefixes[pair["pair_id"]], s.token_ids) for s in drawn]
+            texts = decode_continuations(self.tokenizer, prefixes[pair["pair_id"]], [s.token_ids for s in drawn])
             sets.append(assemble_candidates(pair, self.candidates.rewrites().get(pair["pair_id"]),
                                             [(t, s.token_ids) for t, s in zip(texts, drawn)], self.tokenizer, self.n))
             # The first sample that gave each text (a repeated text is judged once).

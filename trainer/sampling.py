@@ -2,8 +2,8 @@
 
 - :class:`VLLMSampler` (``online.sampler: vllm``, the default): a vLLM engine beside the
   trainer, started from the policy's config with no weights on disk; the trainer pushes its
-  weights into it every ``online.push_every`` steps (``reload_weights``; 0.07 s for the demo's
-  4-layer model on 2 CPU cores). All prefixes of a micro-batch go to vLLM in one call.
+  weights into it every ``online.push_every`` steps (``reload_weights``; 0.1-0.4 s a push for
+  the demo's 4-layer model on 2 CPU cores, measured). All prefixes of a micro-batch go to vLLM in one call.
 - :class:`TrainerSampler` (``online.sampler: trainer``): decodes with the very module the
   trainer updates, so no copy of the weights exists that could go stale; for architectures
   vLLM cannot be handed (export supports llama-style models).
@@ -119,8 +119,6 @@ def sample_continuations(model, prefix_ids: list[int], k: int, n: int, *, temper
 class TrainerSampler:
     """Samples with the module being trained (``online.sampler: trainer``)."""
 
-    name = "trainer"
-
     def __init__(self, model, *, temperature: float, top_p: float, eos_ids: frozenset[int]):
         self.model, self.temperature, self.top_p, self.eos_ids = model, temperature, top_p, eos_ids
         self.version: int | None = None
@@ -158,8 +156,6 @@ class VLLMSampler:
         ExportError: the policy's architecture has no exact Hugging Face mapping (use
             ``online.sampler: trainer``).
     """
-
-    name = "vllm"
 
     def __init__(self, config, tokenizer_dir: Path, directory: Path, *, precision: str, max_model_len: int,
                  seed: int, push_every: int, temperature: float, top_p: float, eos_ids: frozenset[int]):

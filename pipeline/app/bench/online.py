@@ -31,6 +31,7 @@ import yaml
 from pipeline.app.bench.fresh_process import CLI_MODULE, bare_engine_spec, run_python, run_side, start_bare_llm
 from pipeline.app.bench.judge import replay_calls
 from pipeline.app.bench.pairs import bench_pairs
+from pipeline.app.registry import run_stages
 from pipeline.io import CHUNK_STATS_KEY, read_table
 from pipeline.manifest import Manifest, ManifestError, parse_manifest
 
@@ -95,9 +96,11 @@ def _logged_steps(train_dir: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def _judge_calls(m: Manifest, phase, rows: list[dict], pairs: dict[str, dict], rewrites) -> tuple[list[dict], int]:
-    """The engine calls (and judge prompts) the scoring core makes for one recorded micro-batch's
-    candidates: its pairs' original, rewrite and distinct rollouts, rebuilt in sample order."""
+def _judge_calls(m: Manifest, phase, record: list[tuple[list[dict], dict]], pairs: dict[str, dict],
+                 rewrites: dict[str, str]) -> list[tuple[list[dict], int]]:
+    """Per recorded micro-batch, the engine calls and the judge prompts the scoring core makes
+    for its candidates (its pairs' original, rewrite and distinct rollouts, rebuilt in sample
+    order), counted by one :class:`CallCounter` judge."""
     from pipeline.engines.counter import CallCounter
     from pipeline.models import policy_tokenizer_dir, resolve_model_dir
     from pipeline.tokenizer import load_tokenizer
@@ -108,15 +111,19 @@ def _judge_calls(m: Manifest, phase, rows: list[dict], pairs: dict[str, dict], r
     ref = m.judge
     counter = CallCounter(resolve_model_dir(m, ref.model, "judge.model"), ref.model, ref.max_model_len)
     judge = Judge(counter, m.judging, m.run.seed)
-    sets = []
-    for pair_id in dict.fromkeys(r["pair_id"] for r in rows):
-        rollouts = sorted((r for r in rows if r["pair_id"] == pair_id and r["source"] == "rollout"),
-                          key=lambda r: r["sample"])
-        rewrite = rewrites.get(pair_id) if phase.online.rewrite else None
-        sets.append(assemble_candidates(pairs[pair_id], rewrite, [(r["text"], r["token_ids"]) for r in rollouts],
-                                        tokenizer, m.shard.suffix_tokens))
-    score_pairs(judge, sets)
-    return counter.calls, judge.counters.calls
+    out = []
+    for rows, _spent in record:
+        sets = []
+        for pair_id in dict.fromkeys(r["pair_id"] for r in rows):
+            rollouts = sorted((r for r in rows if r["pair_id"] == pair_id and r["source"] == "rollout"),
+                              key=lambda r: r["sample"])
+            rewrite = rewrites.get(pair_id) if phase.online.rewrite else None
+            sets.append(assemble_candidates(pairs[pair_id], rewrite, [(r["text"], r["token_ids"]) for r in rollouts],
+                                            tokenizer, m.shard.suffix_tokens))
+        calls_before, before = len(counter.calls), judge.counters.snapshot()
+        score_pairs(judge, sets)
+        out.append((counter.calls[calls_before:], judge.counters.since(before).get("judge_calls", 0)))
+    return out
 
 
 def bench_online(manifest: Manifest, steps: int = 4, pairs: int = 32) -> dict:
@@ -138,8 +145,6 @@ def bench_online(manifest: Manifest, steps: int = 4, pairs: int = 32) -> dict:
         m = bench_pairs(manifest, tmp, pairs)
         m = _bench_manifest(m, phase, steps)
         phase = m.train.phases[0]
-        from pipeline.app.registry import run_stages
-
         if phase.online.rewrite and m.rewriter is not None:
             run_stages(m, ["rewrite"], log=lambda _m: None)  # the phase's upstream (not timed)
         manifest_path = tmp / "train-manifest.yaml"
@@ -157,11 +162,10 @@ def bench_online(manifest: Manifest, steps: int = 4, pairs: int = 32) -> dict:
             "max_model_len": m.train.max_seq_len, "seed": m.train_seed,
             "dtype": "float32" if m.train.precision.startswith("32") else "bfloat16"}}
         micro_batches, judge_prompts = [], 0
-        for rows, _spent in record:
+        for (rows, _spent), (calls, prompts) in zip(record, _judge_calls(m, phase, record, pair_rows, rewrites)):
             prefix_ids = {}
             for r in rows:
                 prefix_ids.setdefault(r["pair_id"], clipped_prefix(pair_rows[r["pair_id"]], m))
-            calls, prompts = _judge_calls(m, phase, rows, pair_rows, rewrites)
             judge_prompts += prompts
             micro_batches.append({"rollouts": {
                 "prompts": list(prefix_ids.values()), "n": phase.online.rollouts, "max_tokens": m.shard.suffix_tokens,
