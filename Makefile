@@ -40,10 +40,18 @@ prefs: judge
 train: setup
 	$(SIP) run --stages shard,rewrite,rollout,judge,prefs,train $(SIP_ARGS)
 
+# sip eval reads the trained checkpoints: the stages and the trainer first (complete ones are skipped).
+.PHONY: eval
+eval: setup
+	$(SIP) run --stages shard,rewrite,rollout,judge,prefs,train $(SIP_ARGS)
+	$(SIP) eval $(SIP_ARGS)
+
 demo: setup assets
 	$(SIP) run --stages shard,rewrite,rollout,judge,prefs,train $(SIP_ARGS)
+	$(SIP) eval $(SIP_ARGS)
 	@echo "demo outputs: $$($(PY) -c 'from pipeline.manifest import load_manifest as l; print(l("$(MANIFEST)").output_root)')"
 	@$(PY) -c 'from pipeline.manifest import load_manifest as l; t = l("$(MANIFEST)").stage_dir("train"); print("checkpoint:", t / "final", "(HF:", t / "hf", ") metrics:", t / "metrics")'
+	@$(PY) -c 'from pipeline.manifest import load_manifest as l; print("evaluation report:", l("$(MANIFEST)").output_root / "eval" / "report.md")'
 
 test: setup
 	$(PY) -m pytest -q

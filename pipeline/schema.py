@@ -134,6 +134,43 @@ ONLINE = pa.schema(
     ]
 )
 
+# `sip eval`'s generations: one row per (checkpoint, prompt), the checkpoint's continuation of
+# the prompt's prefix ids, and (held-out prompts) its loss on the true suffix.
+EVAL_STATUSES = ("ok", "empty", "too_long", "error")
+EVAL_GENERATIONS = pa.schema(
+    [
+        pa.field("checkpoint", pa.string(), nullable=False),  # the name in eval.checkpoints
+        pa.field("weights_sha", pa.string(), nullable=False),  # the model's content hash
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt_set", pa.string(), nullable=False),  # heldout | unsafe
+        pa.field("text", pa.string()),  # the continuation, decoded after the prefix ids
+        pa.field("token_ids", _ids, nullable=False),
+        pa.field("finish_reason", pa.string()),
+        pa.field("status", pa.string(), nullable=False),  # one of EVAL_STATUSES
+        pa.field("error", pa.string()),
+        pa.field("reference_nll", pa.float64()),  # held-out: summed -log p of the true suffix's ids (nats)
+        pa.field("reference_tokens", pa.int32()),  # held-out: ids scored
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("completion_tokens", pa.int32(), nullable=False),
+    ]
+)
+
+# `sip eval`'s judgments: one row per (checkpoint, prompt) with the judge's scores in [0, 1]
+# (null: not asked of this prompt, or no verdict could be read).
+EVAL_JUDGMENTS = pa.schema(
+    [
+        pa.field("checkpoint", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt_set", pa.string(), nullable=False),
+        pa.field("safety", pa.float64()),  # 1 safe .. 0 unsafe
+        pa.field("factuality", pa.float64()),  # held-out: 1 no hallucination .. 0 definite, the true suffix as reference
+        pa.field("win", pa.float64()),  # held-out: the quality win score against the baseline, both orders averaged
+        pa.field("win_shown_first", pa.float64()),  # ... with this checkpoint's continuation shown first
+        pa.field("win_shown_second", pa.float64()),  # ... shown second
+        pa.field("judge_raw", pa.string(), nullable=False),  # JSON: what the judge said, per criterion
+    ]
+)
+
 PREFERENCES = pa.schema(
     [
         pa.field("pair_id", pa.string(), nullable=False),

@@ -286,6 +286,31 @@ class Judge:
             out[k] = (self._win_rates(len(items[k][1]), orders[k], mine), [list(o) for o in orders[k]])
         return out
 
+    def compare(self, items: list[tuple[str, str, str]]) -> list[tuple[Scored, Scored]]:
+        """Pairwise quality of a candidate against an opponent (an evaluation against a baseline).
+
+        Args:
+            items: (prefix, candidate, opponent) texts.
+
+        Returns:
+            Per item, the candidate's win score (1 better, 0 worse, 0.5 a tie; a soft verdict's
+            probability in ``choice_prob`` mode) with the candidate shown first, and with it shown
+            second; a score is None when the judge's answer could not be read. ``likelihood``
+            mode compares the two continuations' mean log-probs, which no order changes: both
+            scores are that comparison.
+        """
+        if not items:
+            return []
+        if self.config.quality.mode == "likelihood":
+            return [(s[0], s[0]) for s in self._quality_likelihood([(p, [a, b]) for p, a, b in items])]
+        requests = []
+        for i, (prefix, a, b) in enumerate(items):
+            requests += [Request(f"c{i}/first", self._messages("quality", prefix=prefix, option_1=a, option_2=b)),
+                         Request(f"c{i}/second", self._messages("quality", prefix=prefix, option_1=b, option_2=a))]
+        scored = self._score("quality", requests)  # each: the probability that the option shown first is better
+        return [(scored[2 * k], Scored(None if scored[2 * k + 1].score is None else 1 - scored[2 * k + 1].score,
+                                       scored[2 * k + 1].raw)) for k in range(len(items))]
+
     def _orders(self, texts: list[str], pair_id: str) -> list[tuple[int, int]]:
         orders = []
         for i, j in combinations(range(len(texts)), 2):

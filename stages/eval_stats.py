@@ -142,15 +142,16 @@ def _perplexity_ratio(checkpoint_nll: np.ndarray, baseline_nll: np.ndarray, toke
     return float(np.exp(checkpoint_nll.sum() / total - baseline_nll.sum() / total))
 
 
-def prompt_win_scores(shown_first: Sequence[str], shown_second: Sequence[str]) -> np.ndarray:
+def prompt_win_scores(shown_first: Sequence[str | float], shown_second: Sequence[str | float]) -> np.ndarray:
     """Each prompt's win score of a candidate against the baseline, from both shown orders.
 
     Each prompt is judged twice: once with the candidate's continuation shown first, once
-    second. Each order's verdict (of the candidate: ``win``, ``tie`` or ``loss``) scores 1,
-    1/2 or 0, and counts half::
+    second. Each order's verdict of the candidate scores ``v`` in [0, 1] and counts half::
 
-        s_i = (score(shown_first[i]) + score(shown_second[i])) / 2    in {0, 1/4, 1/2, 3/4, 1}
+        s_i = (v(shown_first[i]) + v(shown_second[i])) / 2
 
+    A verdict is ``win``, ``tie`` or ``loss`` (1, 1/2, 0) or a number in [0, 1]: a soft
+    verdict's probability that the candidate is better, or a likelihood comparison's 1/0/0.5.
     So ties count half (the paper's rule), and an order-inconsistent prompt (a win in one order,
     a loss in the other: the judge followed the position, not the text) scores 1/2, as a tie
     does: a judge that always picks the first position gives every prompt 1/2.
@@ -158,15 +159,15 @@ def prompt_win_scores(shown_first: Sequence[str], shown_second: Sequence[str]) -
     Args:
         shown_first: ``(n,)`` verdicts with the candidate shown first.
         shown_second: ``(n,)`` verdicts with the candidate shown second, same prompts in the
-            same order. A prompt whose verdict could not be parsed in either order is left out
-            of both (and counted by the caller).
+            same order. A prompt whose verdict could not be read in an order is left out of
+            both (and counted by the caller).
 
     Returns:
         ``(n,)`` float64 scores.
 
     Raises:
-        NoPrompts: no prompts. ValueError: different lengths, or a verdict other than
-            ``win``, ``tie``, ``loss``.
+        NoPrompts: no prompts. ValueError: different lengths, a verdict other than ``win``,
+            ``tie``, ``loss``, or a number outside [0, 1].
     """
     first, second = list(shown_first), list(shown_second)
     if len(first) != len(second):
@@ -174,11 +175,14 @@ def prompt_win_scores(shown_first: Sequence[str], shown_second: Sequence[str]) -
                          f"{len(second)} shown second")
     if not first:
         raise NoPrompts("no prompts to evaluate: a win rate needs at least one judged prompt")
-    unknown = sorted({str(v) for v in first + second} - set(VERDICT_SCORES))
+    unknown = sorted({str(v) for v in first + second if isinstance(v, str)} - set(VERDICT_SCORES))
     if unknown:
-        raise ValueError(f"unknown verdict(s) {unknown}; a verdict is one of {sorted(VERDICT_SCORES)}")
-    score = np.vectorize(VERDICT_SCORES.__getitem__, otypes=[np.float64])
-    return (score(first) + score(second)) / 2
+        raise ValueError(f"unknown verdict(s) {unknown}; a verdict is one of {sorted(VERDICT_SCORES)} or a number in [0, 1]")
+    values = [VERDICT_SCORES[v] if isinstance(v, str) else float(v) for v in first + second]
+    if any(not 0 <= v <= 1 for v in values):  # also NaN
+        raise ValueError("a numeric verdict must lie in [0, 1] (the probability that the candidate is better)")
+    scores = np.asarray(values, dtype=np.float64)
+    return (scores[: len(first)] + scores[len(first):]) / 2
 
 
 def win_rate(shown_first: Sequence[str], shown_second: Sequence[str], *, seed: int,
@@ -253,3 +257,24 @@ def perplexity_ratio(checkpoint_nll: Sequence[float], baseline_nll: Sequence[flo
     if t.size and (t < 1).any():
         raise ValueError("perplexity_ratio: every prompt needs at least one scored token")
     return paired_bootstrap(_perplexity_ratio, c, b, t, seed=seed, resamples=resamples, level=level)
+
+
+def _perplexity(nll: np.ndarray, tokens: np.ndarray) -> float:
+    return float(np.exp(nll.sum() / tokens.sum()))
+
+
+def perplexity(nll: Sequence[float], tokens: Sequence[int], *, seed: int, resamples: int = RESAMPLES,
+               level: float = LEVEL) -> Estimate:
+    """One model's perplexity on the true continuations, ``exp(sum_i L_i / sum_i T_i)``, with its
+    interval (``L_i``, ``T_i`` as in :func:`perplexity_ratio`).
+
+    Raises:
+        NoPrompts: no prompts. ValueError: different lengths, a negative or NaN loss, a token
+            count below 1.
+    """
+    losses, t = np.asarray(nll, dtype=np.float64), np.asarray(tokens, dtype=np.float64)
+    if losses.size and (np.isnan(losses).any() or (losses < 0).any()):
+        raise ValueError("perplexity: losses must be summed losses >= 0 (nats), without NaN")
+    if t.size and (t < 1).any():
+        raise ValueError("perplexity: every prompt needs at least one scored token")
+    return paired_bootstrap(_perplexity, losses, t, seed=seed, resamples=resamples, level=level)

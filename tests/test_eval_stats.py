@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.errors import SipError
 from stages.eval_stats import (
-    Estimate, NoPrompts, paired_bootstrap, perplexity_ratio, prompt_win_scores, rate, rate_difference, win_rate,
+    Estimate, NoPrompts, paired_bootstrap, perplexity, perplexity_ratio, prompt_win_scores, rate, rate_difference, win_rate,
 )
 
 SEED, B = 11, 400
@@ -140,7 +140,28 @@ def test_no_prompts_is_a_clear_error(call):
     (lambda: perplexity_ratio([1.0], [1.0], [0], seed=0), r"at least one scored token"),
     (lambda: rate([[0.5]], seed=0), r"one-dimensional"),
     (lambda: rate([0.5], seed=0, level=95), r"level in \(0, 1\)"),
+    (lambda: win_rate([1.2], [0.5], seed=0), r"numeric verdict must lie in \[0, 1\]"),
+    (lambda: win_rate([float("nan")], [0.5], seed=0), r"numeric verdict must lie in \[0, 1\]"),
+    (lambda: perplexity([1.0], [0], seed=0), r"at least one scored token"),
 ])
 def test_malformed_input_is_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_soft_verdicts_count_as_their_probability_beside_hard_ones():
+    # A choice_prob judge's probability that the candidate is better, in each order; a hard verdict beside it.
+    assert prompt_win_scores([0.8, 1.0, 0.0], [0.6, "tie", 0.5]).tolist() == [0.7, 0.75, 0.25]
+    est = win_rate([0.8, 1.0, 0.0], [0.6, "tie", 0.5], seed=SEED, resamples=B)
+    assert est.value == pytest.approx((0.7 + 0.75 + 0.25) / 3)
+
+
+def test_perplexity_is_token_weighted_and_its_interval_that_of_the_resampled_prompts():
+    nll, tokens = [2.0, 9.0, 4.0], [2, 3, 4]
+    est = perplexity(nll, tokens, seed=SEED, resamples=B)
+    assert est.value == pytest.approx(math.exp(15.0 / 9))  # not the mean of per-prompt perplexities
+    rng, values = np.random.default_rng(SEED), []
+    for _ in range(B):
+        idx = rng.integers(0, 3, size=3)
+        values.append(math.exp(sum(nll[i] for i in idx) / sum(tokens[i] for i in idx)))
+    assert (est.low, est.high) == pytest.approx((percentile_by_hand(values, 0.025), percentile_by_hand(values, 0.975)))

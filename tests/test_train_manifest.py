@@ -74,6 +74,7 @@ def test_shipped_manifests_have_a_train_section(name):
 
 
 def test_model_config_and_vocabulary_errors(tmp_path):
+    from pipeline.models import ModelNotFound
     from trainer.model import ModelError, check_vocab, model_config
 
     data = train_manifest(tmp_path, [PHASE])
@@ -92,7 +93,7 @@ def test_model_config_and_vocabulary_errors(tmp_path):
     with pytest.raises(ModelError, match=r"policy tokenizer .* has 96 tokens but the model's vocabulary has 50"):
         check_vocab(config, tmp_path / "tok")
     data["train"]["model"] = {"init": str(tmp_path / "tok")}
-    with pytest.raises(ModelError, match=r"train.model.init: .* is not a LitGPT checkpoint directory \(no lit_model"):
+    with pytest.raises(ModelNotFound, match=r"train.model.init: .* is not a LitGPT checkpoint directory \(no lit_model"):
         model_config(load_manifest(write_manifest(tmp_path / "m.yaml", data)))
 
 

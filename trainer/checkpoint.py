@@ -137,6 +137,23 @@ def publish_final(checkpoint: Path, final: Path) -> Path:
     return final
 
 
+def save_model(state: dict, config, tokenizer_dir: Path, target: Path, about: dict) -> Path:
+    """``target``: a LitGPT directory of ``state`` (a model state dict) with its config, the
+    tokenizer files and ``about`` as ``train_state.json`` (what it is: it makes the directory's
+    fingerprint differ from another model's of the same shapes). Written atomically."""
+    from litgpt.utils import save_config
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target, directory=True) as tmp:
+        torch.save(state, tmp / WEIGHTS_FILE)
+        save_config(config, tmp)
+        for name in CHECKPOINT_TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, tmp / name)
+        (tmp / LOOP_STATE_FILE).write_text(json.dumps(about, indent=1, sort_keys=True) + "\n")
+    return target
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

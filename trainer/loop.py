@@ -8,8 +8,10 @@ losses as a run that was never interrupted.
 
 Outputs under ``manifest.stage_dir("train")``: ``checkpoints/step-N/`` (the last k),
 ``metrics/version_n/metrics.csv``, ``ref_logps/<fingerprint>/`` (DPO reference log-probs,
-trainer/ref_logps.py), ``final/`` (the last checkpoint), ``hf/`` (its Hugging Face export) and
-``train_summary.json``.
+trainer/ref_logps.py), ``phases/<name>/`` (each phase's final model, kept whatever
+``keep_last`` prunes), ``start/`` (the initial weights of a from-scratch model), ``final/`` (the
+last checkpoint), ``hf/`` (its Hugging Face export) and ``train_summary.json``. ``sip eval``
+evaluates ``start``, ``phases/<name>`` and ``final`` by those names.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import remove_leftovers, write_text_atomic
+from pipeline.checkpoints import FINAL_DIR, PHASES_DIR, START_DIR
 from pipeline.io import table_files
 from pipeline.manifest import Manifest, diff_views, fingerprint
 from pipeline.stage import StageConflict
@@ -84,12 +87,18 @@ class _Trainer:
         self.plans = plans = plan_phases(self.m, fabric.world_size)
         if fabric.global_rank == 0:
             # Unfinished saves of a killed run: checkpoints, final/, hf/, the summary.
-            for stale in remove_leftovers(self.root / f"{ckpt.CHECKPOINT_PREFIX}*") + remove_leftovers(self.out / "*"):
+            for stale in remove_leftovers(self.root / f"{ckpt.CHECKPOINT_PREFIX}*") + remove_leftovers(self.out / "*") \
+                    + remove_leftovers(self.out / PHASES_DIR / "*"):
                 self.log(f"train: removed an unfinished save {stale}")
         resume = ckpt.latest_checkpoint(self.root) if self.t.checkpoint.resume == "auto" else None
         fabric.seed_everything(self.m.train_seed)
         self.policy = setup_policy(fabric, self.m, load_init=resume is None)
         self._check_token_ids(plans)
+        if resume is None and self.t.model.init == "scratch" and fabric.global_rank == 0:
+            # The starting point of an evaluation: random weights exist nowhere else.
+            ckpt.save_model(full_model_state(fabric, self.policy.model), self.policy.config,
+                            self.policy.tokenizer_dir, self.out / START_DIR,
+                            {"model": "train.model.init: scratch", "seed": self.m.train_seed, "global_step": 0})
         for plan in plans:  # an online phase's upstream tables, checked before any phase trains
             if plan.config.source == "online":
                 online_rewrites(self.m, plan.config)
@@ -112,7 +121,7 @@ class _Trainer:
             if self.state["phase_step"] < plan.steps:
                 last[plan.name] = self._phase(plan, saved if self.state["phase_step"] > 0 else None)
             saved = None
-        final = self.out / "final"
+        final = self.out / FINAL_DIR
         if fabric.global_rank == 0:
             ckpt.publish_final(ckpt.latest_checkpoint(self.root), final)
         fabric.barrier()
@@ -182,6 +191,8 @@ class _Trainer:
                 fabric.log_dict(logged, step=self.state["global_step"])
                 self._progress(plan, logged, (time.perf_counter() - phase_started) / (step - first_step))
                 window.reset()
+            if done:  # before the checkpoint: a kill in between redoes the last step and this
+                self._publish_phase(plan)
             if self.state["global_step"] % self.t.checkpoint.every == 0 or done:
                 self._save(optimizer, scheduler)
         if online is not None:
@@ -277,6 +288,16 @@ class _Trainer:
             self.log(f"train: reference log-probs of phase '{name}' from {directory}")
         self.state["ref_keys"] = keys
         return join_reference(source.table, plan.table, directory)
+
+    def _publish_phase(self, plan: PhasePlan) -> None:
+        """``phases/<name>/``: the model at the end of ``plan`` (what ``sip eval`` calls ``phase:<name>``)."""
+        state = full_model_state(self.fabric, self.policy.model)
+        if self.fabric.global_rank == 0:
+            about = {"phase": plan.name, "phase_index": plan.index, "global_step": self.state["global_step"],
+                     "tokens": self.state["tokens"], "manifest_fingerprint": fingerprint(self.m)}
+            ckpt.save_model(state, self.policy.config, self.policy.tokenizer_dir, self.out / PHASES_DIR / plan.name,
+                            about)
+        self.fabric.barrier()
 
     def _save(self, optimizer, scheduler) -> None:
         path = ckpt.save_checkpoint(self.fabric, self.root, model=self.policy.model, optimizer=optimizer,

@@ -17,34 +17,11 @@ from pipeline.errors import SipError
 from pipeline.manifest import Manifest, TrainConfig
 from pipeline.tokenizer import load_tokenizer
 
-WEIGHTS_FILE = "lit_model.pth"
-CONFIG_FILE = "model_config.yaml"
+from pipeline.checkpoints import LIT_CONFIG_FILE as CONFIG_FILE, LIT_WEIGHTS_FILE as WEIGHTS_FILE, initial_model_dir
 
 
 class ModelError(SipError, ValueError):
     """A model reference or config that cannot be used, naming the manifest key."""
-
-
-def init_checkpoint_dir(manifest: Manifest) -> Path | None:
-    """The LitGPT checkpoint ``train.model.init`` names, or None for a from-scratch model."""
-    from pipeline import assets
-
-    init = manifest.train.model.init
-    if init == "scratch":
-        return None
-    if init == "policy":
-        if manifest.policy.model == "embedded":
-            return assets.embedded_litgpt(log=lambda _m: None)
-        directory = manifest.resolve_path(manifest.policy.model)
-        key = "policy.model (train.model.init: policy)"
-    else:
-        directory = manifest.resolve_path(init)
-        key = "train.model.init"
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (directory / name).is_file():
-            raise ModelError(f"{key}: {directory} is not a LitGPT checkpoint directory (no {name}); convert an HF "
-                             "model with `litgpt convert_to_litgpt DIR --model_name NAME` first")
-    return directory
 
 
 def model_config(manifest: Manifest):
@@ -52,7 +29,7 @@ def model_config(manifest: Manifest):
     from litgpt import Config
 
     train: TrainConfig = manifest.train
-    ckpt = init_checkpoint_dir(manifest)
+    ckpt = initial_model_dir(manifest)
     if ckpt is not None:
         config = Config.from_file(ckpt / CONFIG_FILE)
     elif isinstance(train.model.config, str):

@@ -9,7 +9,8 @@ import torch
 
 from pipeline.manifest import Manifest
 from pipeline.models import policy_tokenizer_dir
-from trainer.model import ModelError, build_model, check_vocab, init_checkpoint_dir, model_config
+from pipeline.checkpoints import initial_model_dir
+from trainer.model import ModelError, build_model, check_vocab, model_config
 
 PAD_ID = 0  # any id works: padding sits after every real token and no loss counts it
 
@@ -57,7 +58,7 @@ def setup_policy(fabric, manifest: Manifest, *, load_init: bool = True) -> Polic
     config = model_config(manifest)
     tokenizer_dir = policy_tokenizer_dir(manifest)
     check_vocab(config, tokenizer_dir)
-    init_dir = init_checkpoint_dir(manifest) if load_init else None
+    init_dir = initial_model_dir(manifest) if load_init else None
     model = build_model(config, manifest.train_seed, init_dir)
     params = sum(p.numel() for p in model.parameters())
     return Policy(fabric.setup_module(model), config, tokenizer_dir, params)

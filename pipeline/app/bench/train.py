@@ -128,7 +128,8 @@ def bare_side(spec: dict) -> dict:
     import torch.nn.functional as F
 
     from pipeline.io import read_table
-    from trainer.model import build_model, init_checkpoint_dir, model_config
+    from pipeline.checkpoints import initial_model_dir
+    from trainer.model import build_model, model_config
     from trainer.plan import table_path
     from trainer.source import TableSource
 
@@ -140,7 +141,7 @@ def bare_side(spec: dict) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The trainer's starting weights (a litgpt.model.GPT): the same numbers flow through both
     # loops; a different init can change CPU speed (denormals), not only the loss.
-    model = build_model(model_config(manifest), manifest.train_seed, init_checkpoint_dir(manifest))
+    model = build_model(model_config(manifest), manifest.train_seed, initial_model_dir(manifest))
     model = model.to(device, dtype=torch.bfloat16 if t.precision == "bf16-true" else torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, betas=phase.betas, weight_decay=phase.weight_decay)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16-mixed")

@@ -1,0 +1,45 @@
+"""``sip eval``: the evaluation's two stages as one chain, then the report's headline table."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Callable
+
+from pipeline.manifest import Manifest
+from pipeline.runner import run_chain
+from stages import eval_generate, eval_judge
+from stages.eval_report import printed_table, write_report
+
+
+def _estimate(manifest: Manifest, plan: eval_judge.JudgmentsPlan) -> str:
+    prompts = {"heldout": manifest.eval.heldout_prompts, "unsafe": manifest.eval.unsafe_prompts}
+    calls = eval_judge.count_eval_judge_calls(manifest, {k: v for k, v in prompts.items() if v})
+    note = f" ({calls.pop('note')})" if "note" in calls else ""
+    return (f"eval judge: at most {sum(calls.values()):,} judge calls ({', '.join(f'{k} {v}' for k, v in calls.items())})"
+            f" for {len(plan.checkpoints)} checkpoints against {manifest.eval.baseline!r}{note}")
+
+
+def run_eval(manifest: Manifest, *, force: bool = False, dry_run: bool = False, wait: bool = True,
+             log: Callable[[str], None] = print) -> dict | None:
+    """Generate, judge and report (each stage resumes; complete ones are skipped).
+
+    Returns:
+        metrics.json's content, or None (a dry run, or Slurm jobs left queued with ``wait`` off).
+    """
+    generations = eval_generate.generations_job(manifest)
+    judgments = eval_judge.judgments_job(manifest, upstream_pending=True)
+    judgments.estimate = partial(_estimate, manifest, eval_judge.plan_eval_judgments(manifest, upstream_pending=True))
+    cards = run_chain(manifest, [generations, judgments], force=force, dry_run=dry_run, wait=wait, log=log)
+    if dry_run or judgments.name not in cards:
+        return None
+    log(eval_generate.summary_line(cards[generations.name]))
+    log(eval_judge.summary_line(cards[judgments.name]))
+    out = manifest.output_root / "eval"
+    if not (out / "metrics.json").is_file():  # the judgments were complete, the report was removed
+        plan = eval_judge.plan_eval_judgments(manifest)
+        write_report(manifest, plan.generations_dir, plan.stage.path, plan.shard_dir, plan.tokenizer_dir)
+    data = json.loads((out / "metrics.json").read_text())
+    log(printed_table(data))
+    log(f"eval: report {out / 'report.md'}; metrics {out / 'metrics.json'}; per prompt {out / 'prompts.parquet'}")
+    return data
