@@ -252,6 +252,16 @@ def unsafe_eval_prompts(log: Callable[[str], None] = print) -> list[dict]:
     return [{"id": f"rtp-eval/{a}/{k}", "text": files[a][k]} for k in range(RTP_EVAL_PER_FILE) for a in files]
 
 
+def mmlu_sample(log: Callable[[str], None] = print) -> list[dict]:
+    """The MMLU sample of the evals 3.0.1.post1 wheel (``sandbagging/samples-all-large.jsonl``,
+    1,000 questions in MMLU's 5-way-free format: the question, options A-D, then ``Answer:``).
+    Rows ``{"id": "mmlu/<k>", "question": ..., "answer": "A" | "B" | "C" | "D"}`` in file order."""
+    with zipfile.ZipFile(fetch_wheel(EVALS, log)) as zf:
+        lines = zf.read("evals/registry/data/sandbagging/samples-all-large.jsonl").decode().splitlines()
+    return [{"id": f"mmlu/{k}", **{key: json.loads(line)[key] for key in ("question", "answer")}}
+            for k, line in enumerate(lines) if line.strip()]
+
+
 def _build_corpus(out: Path, log: Callable[[str], None]) -> None:
     docs = _corpus_documents(log)
     random.Random(0).shuffle(docs)  # mix kinds so any prefix of the corpus has all of them

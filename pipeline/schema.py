@@ -150,6 +150,7 @@ EVAL_GENERATIONS = pa.schema(
         pa.field("error", pa.string()),
         pa.field("reference_nll", pa.float64()),  # held-out: summed -log p of the true suffix's ids (nats)
         pa.field("reference_tokens", pa.int32()),  # held-out: ids scored
+        pa.field("mc_correct", pa.bool_()),  # mc: whether the most probable letter is the answer (text: that letter)
         pa.field("prompt_tokens", pa.int32()),
         pa.field("completion_tokens", pa.int32(), nullable=False),
     ]

@@ -36,8 +36,8 @@ from pipeline.policy import cached_hf_export, policy_context
 from pipeline.runner import StageJob
 from pipeline.schema import EVAL_GENERATIONS, EVAL_STATUSES, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
-from pipeline.tokenizer import decode_continuations, load_tokenizer
-from stages.eval_prompts import eval_prompts
+from pipeline.tokenizer import decode_continuations, encode_continuation, load_tokenizer
+from stages.eval_prompts import MC_LETTERS, eval_prompts
 from stages.shard import plan_shard
 
 STAGE = "eval-generations"
@@ -108,7 +108,7 @@ def generation_rows(rows: list[dict], results, nll: dict[int, list[float] | None
     for i, (row, result) in enumerate(zip(rows, results)):
         base = {"checkpoint": model.name, "weights_sha": model.weights_sha, "prompt_id": row["prompt_id"],
                 "prompt_set": row["prompt_set"], "prompt_tokens": result.prompt_tokens, "reference_nll": None,
-                "reference_tokens": None}
+                "reference_tokens": None, "mc_correct": None}
         if (lps := nll.get(i)) is not None:
             base.update(reference_nll=-sum(lps), reference_tokens=len(lps))
         if result.status != "ok" or not result.token_ids:
@@ -120,6 +120,33 @@ def generation_rows(rows: list[dict], results, nll: dict[int, list[float] | None
         text = decode_continuations(tokenizer, row["prefix_ids"], [ids])[0]
         out.append({**base, "text": text, "token_ids": ids, "finish_reason": result.finish_reasons[0],
                     "status": "ok" if text.strip() else "empty", "error": None, "completion_tokens": len(ids)})
+    return out
+
+
+def mc_rows(rows: list[dict], engine: Engine, tokenizer, model: EvalModel) -> list[dict]:
+    """The table rows of one checkpoint's answers to multiple-choice ``rows``: the letter whose
+    token is most probable after the question (``text``), and ``mc_correct``; ``too_long``
+    when the question does not fit (lm-evaluation-harness scores MMLU the same way: the
+    log-likelihood of each answer letter after "Answer:")."""
+    letters = {}
+    for letter in MC_LETTERS:
+        ids = encode_continuation(tokenizer, rows[0]["prefix"], f" {letter}")
+        if not ids:
+            raise StageFailed(f"eval.mc_questions: the policy tokenizer merges ' {letter}' with 'Answer:'")
+        letters[ids[0]] = letter
+    if len(letters) != len(MC_LETTERS):
+        raise StageFailed("eval.mc_questions: the answer letters share a first token in the policy tokenizer")
+    out = []
+    for row, lps in zip(rows, engine.next_token_logprobs([r["prefix_ids"] for r in rows], list(letters))):
+        base = {"checkpoint": model.name, "weights_sha": model.weights_sha, "prompt_id": row["prompt_id"],
+                "prompt_set": row["prompt_set"], "prompt_tokens": len(row["prefix_ids"]), "reference_nll": None,
+                "reference_tokens": None, "token_ids": [], "finish_reason": None, "completion_tokens": 0}
+        if not lps or len(lps) != len(letters):
+            out.append({**base, "text": None, "status": "too_long", "mc_correct": None,
+                        "error": f"{len(row['prefix_ids'])} question tokens do not fit max_model_len {engine.max_model_len}"})
+            continue
+        said = letters[max(lps, key=lps.get)]
+        out.append({**base, "text": said, "status": "ok", "error": None, "mc_correct": said == row["reference"]})
     return out
 
 
@@ -163,8 +190,11 @@ class GenerateStep(EngineStep):
             # its last ids, as the trainer's max_seq_len does (the judge still sees all of it).
             room = engine.max_model_len - max(self.sampling.max_tokens, max(len(r["reference_ids"]) for r in group))
             group = [{**r, "prefix_ids": r["prefix_ids"][-room:] if room > 0 else r["prefix_ids"]} for r in group]
+            answered = mc_rows([r for r in group if r["prompt_set"] == "mc"], engine, tokenizer, self.current) \
+                if any(r["prompt_set"] == "mc" for r in group) else []
+            group = [r for r in group if r["prompt_set"] != "mc"]
             results = engine.generate([Request(r["prompt_id"], prompt_ids=tuple(r["prefix_ids"])) for r in group],
-                                      self.sampling)
+                                      self.sampling) if group else []
             scored = [i for i, r in enumerate(group) if r["reference_ids"]]
             nll = dict(zip(scored, engine.score([group[i]["prefix_ids"] + group[i]["reference_ids"] for i in scored],
                                                 [len(group[i]["prefix_ids"]) for i in scored])))
@@ -172,7 +202,7 @@ class GenerateStep(EngineStep):
             if len(results) > 1 and all(r.status == "error" for r in results):
                 raise StageFailed(f"eval: all {len(results)} requests of a chunk failed for checkpoint {name!r}, "
                                   f"e.g. {results[0].error}")
-            for row in generation_rows(group, results, nll, self.current, tokenizer):
+            for row in generation_rows(group, results, nll, self.current, tokenizer) + answered:
                 self.count(f"status_{row['status']}")
                 self.count("completion_tokens", row["completion_tokens"])
                 out.append(row)

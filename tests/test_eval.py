@@ -18,7 +18,7 @@ TINY = {"name": "eval-tiny", "n_layer": 2, "n_head": 2, "n_query_groups": 2, "n_
         "vocab_size": 49152, "padded_vocab_size": 49152, "bias": False, "norm_class_name": "RMSNorm",
         "mlp_class_name": "LLaMAMLP", "parallel_residual": False, "rotary_percentage": 1.0, "block_size": 128}
 CHECKPOINTS = {"start": "start", "ntp": "phase:ntp", "final": "final", "again": "final"}
-HELDOUT, UNSAFE = 6, 2
+HELDOUT, UNSAFE, MC = 6, 2, 4
 
 
 def eval_manifest(root, **eval_section):
@@ -29,7 +29,7 @@ def eval_manifest(root, **eval_section):
                                 {"name": "more", "objective": "ntp", "steps": 3, "batch_size": 4, "lr": 1e-3}],
                      "checkpoint": {"every": 3, "keep_last": 1}}
     data["eval"] = {"checkpoints": CHECKPOINTS, "baseline": "final", "heldout_prompts": HELDOUT,
-                    "unsafe_prompts": UNSAFE, "max_new_tokens": 12, "chunk_size": 3, **eval_section}
+                    "unsafe_prompts": UNSAFE, "mc_questions": MC, "max_new_tokens": 12, "chunk_size": 3, **eval_section}
     return write_manifest(path, data)
 
 
@@ -62,11 +62,15 @@ def test_a_killed_generation_stage_resumes_with_every_row_once(evaluated):
     after = {p.name: p.stat().st_mtime_ns for p in generations.glob("*.parquet")}
     assert before and all(after[name] == mtime for name, mtime in before.items()), "a finished chunk was redone"
     table = pl.from_arrow(read_table(generations))
-    assert table.height == len(CHECKPOINTS) * (HELDOUT + UNSAFE)
+    assert table.height == len(CHECKPOINTS) * (HELDOUT + UNSAFE + MC)
     assert table.select("checkpoint", "prompt_id").n_unique() == table.height
-    assert set(table["prompt_set"]) == {"heldout", "unsafe"}
+    assert set(table["prompt_set"]) == {"heldout", "unsafe", "mc"}
     ok = table.filter(pl.col("status") == "ok")
     assert ok.height >= table.height - 2 and ok["token_ids"].list.len().max() <= 12
+    # A question is answered with its most probable letter, not continued.
+    mc = table.filter(pl.col("prompt_set") == "mc")
+    assert set(mc["text"]) <= set("ABCD") and mc["mc_correct"].is_not_null().all()
+    assert (mc["token_ids"].list.len() == 0).all() and table.filter(pl.col("prompt_set") != "mc")["mc_correct"].is_null().all()
     held = table.filter(pl.col("prompt_set") == "heldout")
     assert held["reference_nll"].is_not_null().all() and (held["reference_tokens"] == 16).all()
     # Distinct checkpoints are told apart by their weights' contents, not their shapes.
@@ -93,7 +97,7 @@ def test_metrics_match_the_per_prompt_table_and_the_report_shows_them(evaluated)
     out = root / "out" / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
     prompts = pl.read_parquet(out / "prompts.parquet")
-    assert metrics["prompts"] == {"heldout": HELDOUT, "unsafe": UNSAFE}
+    assert metrics["prompts"] == {"heldout": HELDOUT, "mc": MC, "unsafe": UNSAFE}
     assert list(metrics["checkpoints"]) == list(CHECKPOINTS)  # the manifest's order
     seed = yaml.safe_load((root / "manifest.yaml").read_text())["run"]["seed"]
     for name in ("start", "ntp"):
@@ -104,12 +108,17 @@ def test_metrics_match_the_per_prompt_table_and_the_report_shows_them(evaluated)
                                          seed=seed).as_dict()
         safety = mine.filter(pl.col("prompt_set") == "unsafe")["safety"].drop_nulls().to_numpy()
         assert m["safety/unsafe"]["value"] == pytest.approx(safety.mean())
+        texts = mine.filter((pl.col("prompt_set") != "mc") & pl.col("text").is_not_null())
+        assert m["toxicity"]["n"] == texts.height and set(texts["toxicity"]) <= {0.0, 1.0}
+        correct = mine.filter(pl.col("prompt_set") == "mc")["mc_correct"].cast(float).to_numpy()
+        assert m["mc_accuracy"]["value"] == pytest.approx(correct.mean()) and m["mc_accuracy"]["n"] == MC
         for key in ("safety/heldout_vs_baseline", "factuality_vs_baseline", "perplexity_vs_baseline",
-                    "repetition_vs_baseline"):
+                    "repetition_vs_baseline", "toxicity_vs_baseline", "mc_accuracy_vs_baseline"):
             assert m[key]["low"] <= m[key]["value"] <= m[key]["high"], key
     assert "win_rate" not in metrics["checkpoints"]["final"]["metrics"]  # the baseline is the reference point
     report = (out / "report.md").read_text()
     assert "| checkpoint | win rate vs baseline |" in report and "final (baseline)" in report
+    assert "MC accuracy (MMLU sample)" in report and "toxicity (classifier)" in report
     for name in CHECKPOINTS:
         assert f"| {name}" in report
     for plot in ("metrics.png", "training.png"):
@@ -128,3 +137,10 @@ def test_dry_run_counts_the_judge_calls_and_a_missing_phase_is_named(evaluated, 
     bad = run_sip("eval", "-m", str(write_manifest(tmp_path / "bad.yaml", data)), check=False)
     assert bad.returncode != 0 and "eval.checkpoints.mid: 'phase:nope' names no phase of train.phases (ntp, more)" \
         in bad.stderr
+
+
+def test_the_independent_toxicity_classifier_flags_an_insult_and_not_plain_text():
+    from stages.eval_report import toxicity
+
+    assert toxicity(["you stupid fucking idiot", "The museum opens at nine on weekdays.", None, ""]) == \
+        [1.0, 0.0, None, 0.0]

@@ -13,7 +13,8 @@ from stages.eval_report import printed_table, write_report
 
 
 def _estimate(manifest: Manifest, plan: eval_judge.JudgmentsPlan) -> str:
-    prompts = {"heldout": manifest.eval.heldout_prompts, "unsafe": manifest.eval.unsafe_prompts}
+    prompts = {"heldout": manifest.eval.heldout_prompts, "unsafe": manifest.eval.unsafe_prompts,
+               "mc": manifest.eval.mc_questions}
     calls = eval_judge.count_eval_judge_calls(manifest, {k: v for k, v in prompts.items() if v})
     note = f" ({calls.pop('note')})" if "note" in calls else ""
     return (f"eval judge: at most {sum(calls.values()):,} judge calls ({', '.join(f'{k} {v}' for k, v in calls.items())})"

@@ -17,7 +17,7 @@ from pathlib import Path
 from loguru import logger
 
 from pipeline.engines.base import Engine, Request, Result, Sampling
-from pipeline.engines.vllm_env import configure_vllm_env, has_cuda
+from pipeline.engines.vllm_env import configure_vllm_env, cpu_dtype, has_cuda
 
 
 def llm_kwargs(
@@ -33,7 +33,7 @@ def llm_kwargs(
         # CPU: eager start ~25 s vs 1.5-2 min compiling (and the compile cache does not reload).
         enforce_eager=not cuda,
         disable_log_stats=False,  # keeps the prefix-cache counters the judge card reports
-        dtype=("bfloat16" if not cuda else "auto") if dtype == "auto" else dtype,
+        dtype=(cpu_dtype() if not cuda else "auto") if dtype == "auto" else dtype,
         load_format=load_format,  # "dummy": random weights, replaced by a push (an online sampler)
     )
     if cuda:
