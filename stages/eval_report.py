@@ -192,6 +192,8 @@ def _plot_metrics(metrics: dict[str, dict[str, Estimate]], keys: list[str], path
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
         if key == "perplexity":
             ax.set_yscale("log")
+        else:  # a rate: the whole [0, 1] range, so a small difference does not look large
+            ax.set_ylim(0, 1.05)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_title(key + (" (lower is better)" if key.split("/")[0] in LOWER_IS_BETTER else ""), fontsize=9)
     fig.suptitle("sip eval: per checkpoint, with 95% bootstrap intervals", fontsize=10)
@@ -201,17 +203,22 @@ def _plot_metrics(metrics: dict[str, dict[str, Estimate]], keys: list[str], path
     plt.close(fig)
 
 
-def training_curves(train_dir: Path) -> dict[str, list[tuple[float, float]]]:
-    """metric -> (step, value) from the trainer's metrics CSVs (every version, in step order)."""
+def training_curves(train_dir: Path, phase_names: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """metric -> (step, value) from the trainer's metrics CSVs (every version, in step order);
+    the loss is split by phase (``loss:<phase>``): an NLL and a DPO loss are not one curve."""
     wanted = ("loss", "dpo_margin", "chosen_rate_original", "chosen_rate_rewrite", "chosen_rate_rollout")
-    series: dict[str, dict[float, float]] = {k: {} for k in wanted}
+    series: dict[str, dict[float, float]] = {}
     for path in sorted(train_dir.glob("metrics/**/metrics.csv")):
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
                 step = row.get("step")
                 for key in wanted:
                     if step and row.get(key):
-                        series[key][float(step)] = float(row[key])
+                        name = key
+                        if key == "loss" and row.get("phase_index"):
+                            index = int(float(row["phase_index"]))
+                            name = f"loss:{phase_names[index] if index < len(phase_names) else index}"
+                        series.setdefault(name, {})[float(step)] = float(row[key])
     return {k: sorted(v.items()) for k, v in series.items() if v}
 
 
@@ -223,7 +230,7 @@ def _plot_training(curves: dict[str, list[tuple[float, float]]], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [("loss", ["loss"]), ("DPO margin", ["dpo_margin"]),
+    groups = [("loss by phase", [k for k in curves if k.split(":")[0] == "loss"]), ("DPO margin", ["dpo_margin"]),
               ("chosen rate by source", [k for k in curves if k.startswith("chosen_rate_")])]
     groups = [(title, [k for k in keys if k in curves]) for title, keys in groups]
     groups = [g for g in groups if g[1]]
@@ -231,7 +238,7 @@ def _plot_training(curves: dict[str, list[tuple[float, float]]], path: Path) -> 
     for ax, (title, keys) in zip(axes[0], groups):
         for key in keys:
             xs, ys = zip(*curves[key])
-            ax.plot(xs, ys, marker=".", label=key.removeprefix("chosen_rate_"))
+            ax.plot(xs, ys, marker=".", label=key.removeprefix("chosen_rate_").removeprefix("loss:"))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("optimizer step")
         if len(keys) > 1:
@@ -304,7 +311,8 @@ def write_report(manifest: Manifest, generations_dir: Path, judgments_dir: Path,
     keys = ["win_rate", *(f"safety/{s}" for s in prompt_sets if s != "mc"), "factuality", "perplexity", "repetition",
             "distinct_2", "toxicity", "mc_accuracy"]
     _plot_metrics(metrics, keys, out / "plots" / "metrics.png")
-    trained = _plot_training(training_curves(manifest.stage_dir("train")), out / "plots" / "training.png")
+    phases = [p.name for p in manifest.train.phases] if manifest.train else []
+    trained = _plot_training(training_curves(manifest.stage_dir("train"), phases), out / "plots" / "training.png")
     n = ", ".join(f"{v} {k}" for k, v in data["prompts"].items())
     report = [
         f"# sip eval: {manifest.run.name}", "",

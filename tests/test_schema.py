@@ -21,7 +21,7 @@ def test_ids_are_content_addressed():
 
 def test_every_table_has_an_explicit_schema_and_provenance_round_trips():
     assert set(TABLES) == {"pairs", "heldout", "rewrites", "rollouts", "judgments", "preferences", "sft", "ref_logps",
-                           "online"}
+                           "online", "eval_generations", "eval_judgments"}
     prov = provenance(stage="shard", table="pairs", manifest_fingerprint="m", stage_fingerprint="s")
     schema = with_provenance(PAIRS, prov)
     assert read_provenance(schema)["stage_fingerprint"] == "s"
