@@ -510,6 +510,8 @@ def _format_error(source: str, err: dict[str, Any], model: type[BaseModel]) -> s
             return f"{source}: '{parent}' has no key {err.get('input')!r}; allowed: {expected}"
         return f"{source}: '{loc}' is {err.get('input')!r}; allowed: {expected}"
     where = f"'{loc}'" if loc else "manifest"
+    if kind == "value_error":  # a validator's own message already says what was wrong and what to do
+        return f"{source}: {where}: {err['msg'].removeprefix('Value error, ')}"
     return f"{source}: {where}: {err['msg']} (got {err.get('input')!r})"
 
 

@@ -48,6 +48,20 @@ def test_bad_values_name_the_key_and_what_is_allowed(tmp_path):
         parse_manifest(data)
 
 
+@pytest.mark.parametrize("section, message", [
+    ({"baseline": "nope"}, r"^<manifest>: 'eval': baseline: 'nope' is not one of checkpoints \(start, final\)$"),
+    ({"checkpoints": {"a/b": "final"}, "baseline": "a/b"},
+     r"'eval.checkpoints': checkpoint name 'a/b': use letters, digits, '.', '_' or '-' \(it names files\)$"),
+    ({"heldout_prompts": 0}, r"heldout_prompts, unsafe_prompts and mc_questions are all 0: nothing to evaluate on$"),
+    ({"baselin": "start"}, r"unknown key 'eval.baselin' \(did you mean 'baseline'\?\)"),
+    ({"checkpoints": {}}, r"'eval.checkpoints': name at least one checkpoint to evaluate$"),
+])
+def test_an_eval_section_that_cannot_be_evaluated_is_refused_naming_the_key(tmp_path, section, message):
+    data = base_manifest(tmp_path, ["x.jsonl"], eval=section)
+    with pytest.raises(ManifestError, match=message):
+        parse_manifest(data)
+
+
 def test_fingerprint_ignores_layout_but_not_content(tmp_path):
     a = parse_manifest(base_manifest(tmp_path, ["x.jsonl"]))
     b = parse_manifest(base_manifest(tmp_path / "elsewhere", ["x.jsonl"], executor={"tasks": 9, "type": "slurm"}))
