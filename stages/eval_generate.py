@@ -150,9 +150,36 @@ def mc_rows(rows: list[dict], engine: Engine, tokenizer, model: EvalModel) -> li
     return out
 
 
+def same_architecture(a: Path, b: Path) -> bool:
+    """Whether two Hugging Face directories hold the same architecture, dtype and shapes (their
+    config.json equal but for the name and the library version): one engine serves both."""
+    def config(d: Path) -> dict:
+        data = json.loads((d / "config.json").read_text())
+        return {k: v for k, v in data.items() if k not in ("_name_or_path", "transformers_version")}
+
+    return config(a) == config(b)
+
+
+def hf_weights(directory: Path) -> dict | None:
+    """The (Hugging Face name -> tensor) weights of a directory's safetensors files, or None
+    when it has none (``*.bin`` weights: the engine is restarted instead)."""
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return None
+    weights: dict = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
 class GenerateStep(EngineStep):
-    """Chunks of (checkpoint, prompt) rows -> continuations; one engine per checkpoint, started
-    when the task reaches its first row (a resumed task whose chunks are written starts none)."""
+    """Chunks of (checkpoint, prompt) rows -> continuations. The engine starts when the task
+    reaches its first row (a resumed task whose chunks are written starts none); a checkpoint of
+    the same architecture as the engine's then has its weights pushed into it (vLLM's
+    ``reload_weights``, :meth:`VLLMEngine.push_weights`), another architecture gets an engine
+    of its own."""
 
     name = "eval generate"
     type = "🧪 - EVAL"
@@ -164,13 +191,14 @@ class GenerateStep(EngineStep):
         cfg = manifest.eval
         self.sampling = Sampling(max_tokens=cfg.max_new_tokens or manifest.shard.suffix_tokens,
                                  temperature=cfg.temperature)
-        self.current: EvalModel | None = None  # whose engine is running
+        self.current: EvalModel | None = None  # whose weights the engine holds
+        self.engine_dir: Path | None = None  # the directory the engine was started from
 
     def start_engine(self) -> Engine:
         from pipeline.engines.vllm_engine import VLLMEngine
 
         started = time.perf_counter()
-        directory = hf_dir(self.current, Path(self.tokenizer_dir))
+        directory = self.engine_dir = hf_dir(self.current, Path(self.tokenizer_dir))
         self.stat_update("export_ms", value=int((time.perf_counter() - started) * 1000))
         # A small model trained from scratch may have a shorter context than eval.max_model_len:
         # prompts that do not fit it get status too_long.
@@ -183,8 +211,7 @@ class GenerateStep(EngineStep):
         for name, group in groupby(rows, key=lambda r: r["checkpoint"]):
             group = list(group)
             if self.current is None or self.current.name != name:
-                EngineStep.finish(self)  # the previous checkpoint's engine
-                self.current = self.models[name]
+                self._switch_to(self.models[name])
             engine, started = self.engine, time.perf_counter()
             # A prefix longer than the model's context leaves room for the continuation keeps
             # its last ids, as the trainer's max_seq_len does (the judge still sees all of it).
@@ -207,6 +234,26 @@ class GenerateStep(EngineStep):
                 self.count("completion_tokens", row["completion_tokens"])
                 out.append(row)
         return out
+
+
+    def _switch_to(self, model: EvalModel) -> None:
+        """Make the engine hold ``model``'s weights: pushed when it is running and of the same
+        architecture, else (the first checkpoint, or another architecture) a new engine later."""
+        if self._engine is not None:
+            started = time.perf_counter()
+            directory = hf_dir(model, Path(self.tokenizer_dir))
+            weights = hf_weights(directory) if same_architecture(self.engine_dir, directory) else None
+            if weights is not None:
+                self._engine.push_weights(weights.items())
+                self.stat_update("weight_push_ms", value=int((time.perf_counter() - started) * 1000))
+                self.current = model
+                return
+        EngineStep.finish(self)  # the previous checkpoint's engine
+        self.current = model
+
+    def finish(self) -> None:
+        super().finish()
+        self.current = None
 
 
 @dataclass
@@ -258,6 +305,7 @@ def generations_summary(plan: GenerationsPlan, elapsed_s: float | None) -> dict:
         "engine_s": round(stats.get("engine_ms", 0) / 1000, 2),
         "engine_start_s": round(task_stats.get("engine_start_ms", 0) / 1000, 2),
         "export_s": round(task_stats.get("export_ms", 0) / 1000, 2),
+        "weight_push_s": round(task_stats.get("weight_push_ms", 0) / 1000, 2),
     }
     if elapsed_s:
         summary["elapsed_s"] = round(elapsed_s, 2)

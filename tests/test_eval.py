@@ -5,6 +5,7 @@ after its first chunk and resumed; the report checked against its own per-prompt
 from __future__ import annotations
 
 import json
+import shutil
 
 import polars as pl
 import pytest
@@ -89,6 +90,30 @@ def test_a_checkpoint_against_itself_wins_half_and_its_interval_holds_half(evalu
     win = metrics["checkpoints"]["again"]["metrics"]["win_rate"]
     assert win["n"] == HELDOUT and win["low"] <= 0.5 <= win["high"]
     assert win["value"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_weights_pushed_into_a_running_engine_continue_as_a_fresh_engine_of_that_checkpoint(evaluated, tmp_path):
+    # The first run started its engine with `start` and pushed the other checkpoints' weights into
+    # it; this one starts with `final` and pushes `start`'s. Greedy texts must not depend on which.
+    root, path, *_ = evaluated
+    out, train = tmp_path / "out", root / "out" / "train"
+    shutil.copytree(root / "out" / "shard", out / "shard")
+    data = yaml.safe_load(path.read_text())
+    data["run"]["output_dir"] = str(out)
+    data["eval"].update(checkpoints={"final": str(train / "final"), "start": str(train / "start")}, baseline="final",
+                        unsafe_prompts=0, mc_questions=0)
+    run_sip("eval", "-m", str(write_manifest(tmp_path / "swapped.yaml", data)), timeout=900)
+    stats = json.loads((out / "eval" / "generations" / "card.json").read_text())["stats"]
+    assert stats.get("weight_push_ms", 0) > 0  # `start` was pushed, not loaded by a second engine
+    swapped = pl.from_arrow(read_table(out / "eval" / "generations"))
+    first = pl.from_arrow(read_table(root / "out" / "eval" / "generations")).filter(pl.col("prompt_set") == "heldout")
+    for name in ("final", "start"):
+        texts = [dict(t.filter(pl.col("checkpoint") == name).select("prompt_id", "text").iter_rows()) for t in (first, swapped)]
+        assert texts[0] == texts[1], name
+    # And the checkpoints really differ: pushing did change the weights the engine continued with.
+    assert dict(swapped.filter(pl.col("checkpoint") == "final").select("prompt_id", "text").iter_rows()) != \
+        dict(swapped.filter(pl.col("checkpoint") == "start").select("prompt_id", "text").iter_rows())
 
 
 @pytest.mark.slow
