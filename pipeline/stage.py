@@ -60,6 +60,15 @@ class StageDir:
     def tasks(self) -> int:
         return int(self.layout["executor.tasks"])
 
+    def conflicts(self) -> list[str]:
+        """The settings that differ from those the existing directory was made with (what
+        :meth:`prepare` would refuse), without touching anything; empty when none differ."""
+        state_file = self.path / SETTINGS_FILE
+        if not state_file.is_file():
+            return []
+        old = json.loads(state_file.read_text())
+        return diff_views({**old["view"], **old["layout"]}, {**self.view, **self.layout})
+
     def prepare(self, force: bool = False) -> None:
         """Create the directory, or check that an existing one was made with the same settings.
 
@@ -70,9 +79,7 @@ class StageDir:
         if force and self.path.exists():
             shutil.rmtree(self.path)
         if state_file.is_file():
-            old = json.loads(state_file.read_text())
-            changes = diff_views({**old["view"], **old["layout"]}, {**self.view, **self.layout})
-            if changes:
+            if changes := self.conflicts():
                 raise StageConflict(
                     f"{self.path} was made with different settings:\n  "
                     + "\n  ".join(changes)

@@ -263,6 +263,15 @@ class GenerationsPlan:
     shard_dir: Path
     tokenizer_dir: Path
     models: dict[str, EvalModel]
+    prompts: dict[str, int]  # prompt set -> prompts that exist (held-out: at most eval.heldout_prompts)
+
+    def shortfall(self) -> str | None:
+        """Why fewer held-out prompts are used than ``eval.heldout_prompts`` asks, or None."""
+        asked, found = self.manifest.eval.heldout_prompts, self.prompts.get("heldout", 0)
+        if found >= asked:
+            return None
+        return (f"eval: the held-out table ({self.shard_dir / 'heldout'}) has {found} pairs, eval.heldout_prompts "
+                f"asks {asked}: all {found} are used (raise shard.eval_fraction for more)")
 
     def pipeline(self) -> list:
         m = self.manifest
@@ -279,9 +288,13 @@ class GenerationsPlan:
 
 
 def plan_eval_generations(manifest: Manifest) -> GenerationsPlan:
-    """Raises ModelNotFound (a checkpoint missing) or StageFailed (the shard stage not complete)."""
+    """Raises ModelNotFound (a checkpoint missing) or StageFailed (the shard stage not complete,
+    or no prompts), before anything is written."""
     shard = plan_shard(manifest)
     shard.stage.check_upstream_of("eval")
+    prompts: dict[str, int] = {}
+    for p in eval_prompts(manifest, shard.stage.path, shard.tokenizer_dir):
+        prompts[p["prompt_set"]] = prompts.get(p["prompt_set"], 0) + 1
     models = eval_models(manifest)
     view = {k: v for k, v in fingerprinted_view(manifest, ("eval", "run.seed", "shard.suffix_tokens")).items()
             if not any(k == s or k.startswith(s + ".") for s in _NOT_GENERATION)}
@@ -290,7 +303,7 @@ def plan_eval_generations(manifest: Manifest) -> GenerationsPlan:
     tasks = min(manifest.executor.for_stage("eval").tasks, len(models))
     layout = {"executor.tasks": tasks, "eval.chunk_size": manifest.eval.chunk_size}
     return GenerationsPlan(manifest, StageDir(manifest, STAGE, "eval_generations", view, layout), shard.stage.path,
-                           shard.tokenizer_dir, models)
+                           shard.tokenizer_dir, models, prompts)
 
 
 def generations_summary(plan: GenerationsPlan, elapsed_s: float | None) -> dict:

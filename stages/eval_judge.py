@@ -150,6 +150,7 @@ class JudgmentsPlan:
     tokenizer_dir: Path
     checkpoints: list[str]
     model: dict
+    prompts: dict[str, int]  # prompt set -> prompts
 
     def pipeline(self) -> list:
         m = self.manifest
@@ -176,7 +177,8 @@ def plan_eval_judgments(manifest: Manifest, upstream_pending: bool = False) -> J
     tasks = manifest.executor.for_stage("eval").tasks
     layout = {"executor.tasks": tasks, "eval.chunk_size": manifest.eval.chunk_size}
     return JudgmentsPlan(manifest, StageDir(manifest, STAGE, "eval_judgments", view, layout), generations.stage.path,
-                         generations.shard_dir, generations.tokenizer_dir, list(generations.models), model)
+                         generations.shard_dir, generations.tokenizer_dir, list(generations.models), model,
+                         generations.prompts)
 
 
 def count_eval_judge_calls(manifest: Manifest, prompts: dict[str, int]) -> dict[str, int]:

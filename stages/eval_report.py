@@ -39,6 +39,7 @@ from stages.criteria import repeated_ngram_share
 from stages.eval_prompts import eval_prompts
 from stages.eval_stats import Estimate, perplexity, perplexity_ratio, rate, rate_difference, win_rate
 
+REPORT_FILES = ("report.md", "metrics.json", "prompts.parquet", "plots")  # under <output_dir>/eval/
 LOWER_IS_BETTER = {"repetition", "perplexity", "toxicity"}
 # alt-profanity-check's probability above which a continuation counts as toxic (its own predict()).
 TOXIC_PROBABILITY = 0.5
@@ -132,10 +133,10 @@ def checkpoint_metrics(t: pl.DataFrame, name: str, baseline: str, seed: int) -> 
     return out
 
 
-def _fmt(e: Estimate | None, signed: bool = False) -> str:
+def _fmt(e: Estimate | None, signed: bool = False, f: str = "{:.3f}") -> str:
     if e is None:
         return "–"
-    f = "{:+.3f}" if signed else "{:.3f}"
+    f = "{:+.3f}" if signed else f
     return f"{f.format(e.value)} [{f.format(e.low)}, {f.format(e.high)}]"
 
 
@@ -160,7 +161,7 @@ def headline_table(metrics: dict[str, dict[str, Estimate]], baseline: str, promp
     for name, m in metrics.items():
         cells = []
         for _, key, versus in cols:
-            cell = _fmt(m.get(key))
+            cell = _fmt(m.get(key), f="{:,.1f}" if key == "perplexity" else "{:.3f}")
             if versus and versus in m:
                 ratio = versus.startswith("perplexity")
                 cell += f"<br>{'×' if ratio else 'Δ'} {_fmt(m[versus], signed=not ratio)}"

@@ -169,3 +169,24 @@ def test_the_independent_toxicity_classifier_flags_an_insult_and_not_plain_text(
 
     assert toxicity(["you stupid fucking idiot", "The museum opens at nine on weekdays.", None, ""]) == \
         [1.0, 0.0, None, 0.0]
+
+
+@pytest.mark.slow
+def test_a_new_baseline_is_judged_again_keeping_the_generations(evaluated, tmp_path):
+    root, path, *_ = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    data = yaml.safe_load(path.read_text())
+    data["run"]["output_dir"] = str(out)
+    data["eval"]["baseline"] = "start"
+    moved = write_manifest(tmp_path / "moved.yaml", data)
+    dry = run_sip("eval", "-m", str(moved), "--dry-run")
+    assert "eval-judgments: would be refused" in dry.stdout and "eval.baseline: 'final' -> 'start'" in dry.stdout
+    refused = run_sip("eval", "-m", str(moved), check=False)
+    assert refused.returncode != 0 and "`sip eval --rejudge` judges again and keeps the generations" in refused.stderr
+    generations = {p.name: p.stat().st_mtime_ns for p in (out / "eval" / "generations").glob("*.parquet")}
+    run_sip("eval", "-m", str(moved), "--rejudge", timeout=900)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "eval" / "generations").glob("*.parquet")} == generations
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["baseline"] == "start" and "win_rate" in metrics["checkpoints"]["final"]["metrics"]
+    assert "win_rate" not in metrics["checkpoints"]["start"]["metrics"]

@@ -55,6 +55,8 @@ def test_bad_values_name_the_key_and_what_is_allowed(tmp_path):
     ({"heldout_prompts": 0}, r"heldout_prompts, unsafe_prompts and mc_questions are all 0: nothing to evaluate on$"),
     ({"baselin": "start"}, r"unknown key 'eval.baselin' \(did you mean 'baseline'\?\)"),
     ({"checkpoints": {}}, r"'eval.checkpoints': name at least one checkpoint to evaluate$"),
+    ({"unsafe_prompts": 500}, r"'eval.unsafe_prompts': Input should be less than or equal to 112"),
+    ({"mc_questions": 5000}, r"'eval.mc_questions': Input should be less than or equal to 1000"),
 ])
 def test_an_eval_section_that_cannot_be_evaluated_is_refused_naming_the_key(tmp_path, section, message):
     data = base_manifest(tmp_path, ["x.jsonl"], eval=section)

@@ -161,13 +161,16 @@ def train(manifest_path, overrides, executor, force, dry_run, wait) -> None:
 
 @main.command("eval")
 @stage_options
-def eval_cmd(manifest_path, overrides, executor, force, dry_run, wait) -> None:
+@click.option("--rejudge", is_flag=True, help="Judge again, keeping the generations (after changing eval.baseline "
+              "or the judge).")
+def eval_cmd(manifest_path, overrides, executor, force, dry_run, wait, rejudge) -> None:
     """Evaluate eval.checkpoints against eval.baseline: continuations of held-out and unsafe
     prompts, judged for quality (win rate), safety and factuality, with perplexity and
     repetition; writes <output_dir>/eval/report.md, metrics.json, prompts.parquet and plots/."""
     from pipeline.app.evaluate import run_eval
 
-    run_eval(_load(manifest_path, overrides, executor), force=force, dry_run=dry_run, wait=wait, log=click.echo)
+    run_eval(_load(manifest_path, overrides, executor), force=force, rejudge=rejudge, dry_run=dry_run, wait=wait,
+             log=click.echo)
 
 
 @main.command("ref-logps")
