@@ -94,7 +94,7 @@ def test_held_out_pairs_are_cut_as_without_the_split_and_a_zero_fraction_changes
     fingerprints = [plan_shard(m).stage.fingerprint for m in (zero, whole, split)]
     assert fingerprints[0] == fingerprints[1] != fingerprints[2]
     # Holding documents out of an existing pairs table is refused, with the key named.
-    with pytest.raises(StageConflict, match=r"shard.eval_fraction: '<absent>' -> 0.2"):
+    with pytest.raises(StageConflict, match=r"shard.eval_fraction: 0.0 -> 0.2"):
         run_shard(manifest(tmp_path, paths, "whole"), log=quiet)
 
 
