@@ -94,11 +94,14 @@ class _Trainer:
         fabric.seed_everything(self.m.train_seed)
         self.policy = setup_policy(fabric, self.m, load_init=resume is None)
         self._check_token_ids(plans)
-        if resume is None and self.t.model.init == "scratch" and fabric.global_rank == 0:
-            # The starting point of an evaluation: random weights exist nowhere else.
-            ckpt.save_model(full_model_state(fabric, self.policy.model), self.policy.config,
-                            self.policy.tokenizer_dir, self.out / START_DIR,
-                            {"model": "train.model.init: scratch", "seed": self.m.train_seed, "global_step": 0})
+        if resume is None and self.t.model.init == "scratch":
+            # The starting point of an evaluation: random weights exist nowhere else. Every rank
+            # gathers (a collective under FSDP), rank 0 writes.
+            state = full_model_state(fabric, self.policy.model)
+            if fabric.global_rank == 0:
+                ckpt.save_model(state, self.policy.config, self.policy.tokenizer_dir, self.out / START_DIR,
+                                {"model": "train.model.init: scratch", "seed": self.m.train_seed, "global_step": 0})
+            fabric.barrier()
         for plan in plans:  # an online phase's upstream tables, checked before any phase trains
             if plan.config.source == "online":
                 online_rewrites(self.m, plan.config)
