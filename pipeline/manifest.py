@@ -116,9 +116,10 @@ class RewriteConfig(_Section):
 
 
 class CriterionConfig(_Section):
-    mode: Literal["verdict", "choice_prob", "likelihood"] = Field(
+    mode: Literal["verdict", "choice_prob", "likelihood", "classifier"] = Field(
         description="verdict: reason, then a parsed verdict; choice_prob: probability of each verdict; "
-        "likelihood: the judge's mean token log-prob of the candidate (quality only)."
+        "likelihood: the judge's mean token log-prob of the candidate (quality only); classifier: 1 - P(offensive) "
+        "of a bundled text classifier, alt-profanity-check (safety only; no judge call)."
     )
     weight: float = Field(default=1.0, ge=0)
 
@@ -135,6 +136,12 @@ class JudgingConfig(_Section):
         default=0.5, ge=0, le=1,
         description="likelihood: a candidate whose share of repeated 4-grams exceeds this scores as worst.",
     )
+    likelihood: Literal["mean_logprob", "pmi"] = Field(
+        default="mean_logprob",
+        description="likelihood mode's score: mean_logprob, the candidate's mean token log-prob given the prefix; "
+        "pmi, that minus its mean token log-prob at a document's start (pointwise mutual information with the "
+        "prefix: text likely anywhere gains nothing, text the prefix explains does).",
+    )
     chunk_size: int = Field(default=64, gt=0, description="Pairs per checkpointed chunk (one engine batch per criterion).")
     self_check: bool = Field(
         default=False,
@@ -147,6 +154,11 @@ class JudgingConfig(_Section):
             crit = getattr(self, name)
             if crit is not None and crit.mode == "likelihood":
                 raise ValueError(f"{name}.mode: likelihood scores coherence only; use verdict or choice_prob")
+        for name in ("quality", "factuality"):
+            crit = getattr(self, name)
+            if crit is not None and crit.mode == "classifier":
+                raise ValueError(f"{name}.mode: the classifier scores offensive text (safety) only; use verdict, "
+                                 "choice_prob" + (" or likelihood" if name == "quality" else ""))
         if not any((self.safety, self.quality, self.factuality)):
             raise ValueError("at least one of safety, quality, factuality must be set")
         return self
@@ -339,7 +351,11 @@ class TrainConfig(_Section):
     strategy: Literal["auto", "fsdp", "ddp"] = Field(default="auto", description="auto: FSDP when several devices.")
     seed: int | None = Field(default=None, ge=0, description="Default: run.seed.")
     max_seq_len: int = Field(default=2048, gt=1, description="Prefix tokens are dropped from the left beyond this.")
-    phases: list[PhaseConfig] = Field(min_length=1)
+    phases: list[PhaseConfig] = Field(
+        default_factory=list, description="The phases, in order (an experiment manifest gives them per arm instead).")
+    output_dir: str | None = Field(
+        default=None, description="Where the trainer writes; default <run.output_dir>/train (layout only: not "
+        "fingerprinted). `sip experiment` gives each arm and seed its own.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log_every: int = Field(default=10, gt=0, description="Optimizer steps between metric rows and progress lines.")
     export_hf: bool = Field(default=True, description="Also export the final checkpoint as an HF directory.")
@@ -353,10 +369,14 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _unique_phase_names(self) -> "TrainConfig":
-        names = [p.name for p in self.phases]
-        if dupes := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"phase names must be unique; repeated: {', '.join(dupes)}")
+        _check_phase_names(self.phases)
         return self
+
+
+def _check_phase_names(phases: list[PhaseConfig]) -> None:
+    names = [p.name for p in phases]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"phase names must be unique; repeated: {', '.join(dupes)}")
 
 
 _CHECKPOINT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -371,6 +391,9 @@ class EvalConfig(_Section):
         "'phase:<name>' (a phase's final model) or a LitGPT/Hugging Face directory.",
     )
     baseline: str = Field(default="start", description="The checkpoint the others are compared with (a name above).")
+    versus: dict[str, list[str]] = Field(
+        default_factory=dict, description="checkpoint -> further checkpoints its held-out continuations are compared "
+        "with, beyond the baseline (a win rate each, both shown orders).")
     heldout_prompts: int = Field(
         default=64, ge=0, description="Held-out pairs continued (needs shard.eval_fraction > 0): the first by pair id."
     )
@@ -405,9 +428,57 @@ class EvalConfig(_Section):
     def _baseline_named(self) -> "EvalConfig":
         if self.baseline not in self.checkpoints:
             raise ValueError(f"baseline: {self.baseline!r} is not one of checkpoints ({', '.join(self.checkpoints)})")
+        for name, others in self.versus.items():
+            for other in [name, *others]:
+                if other not in self.checkpoints:
+                    raise ValueError(f"versus: {other!r} is not one of checkpoints ({', '.join(self.checkpoints)})")
+            if name in others or self.baseline in others:
+                raise ValueError(f"versus.{name}: a checkpoint is not compared with itself, and every checkpoint is "
+                                 f"already compared with the baseline {self.baseline!r}")
         if not self.heldout_prompts and not self.unsafe_prompts and not self.mc_questions:
             raise ValueError("heldout_prompts, unsafe_prompts and mc_questions are all 0: nothing to evaluate on")
         return self
+
+
+class ArmConfig(_Section):
+    """One arm of an experiment: the phases it trains, from the experiment's shared start."""
+
+    phases: list[PhaseConfig] = Field(min_length=1, description="As train.phases.")
+    seeds: list[int] | None = Field(default=None, min_length=1, description="Training seeds; default experiment.seeds.")
+
+    @model_validator(mode="after")
+    def _checked(self) -> "ArmConfig":
+        _check_phase_names(self.phases)
+        if self.seeds is not None and (len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0):
+            raise ValueError(f"seeds {self.seeds}: give distinct seeds >= 0")
+        return self
+
+
+class ExperimentConfig(_Section):
+    """``sip experiment``: arms trained from one start on the same data, evaluated side by side."""
+
+    arms: dict[str, ArmConfig] = Field(min_length=2, description="arm name -> its phases (and seeds).")
+    seeds: list[int] = Field(default_factory=lambda: [1], min_length=1,
+                             description="Training seeds of every arm that names none (the interval covers them).")
+    baseline: str = Field(default="ntp", description="The arm the others are compared with (plain next-token "
+                          "training on the same data, in the paper).")
+
+    @model_validator(mode="after")
+    def _checked(self) -> "ExperimentConfig":
+        import re
+
+        for name in self.arms:
+            if not re.match(_CHECKPOINT_NAME, name) or name == "start":
+                raise ValueError(f"arm name {name!r}: use letters, digits, '.', '_' or '-' (it names files), not "
+                                 "'start'")
+        if self.baseline not in self.arms:
+            raise ValueError(f"baseline: {self.baseline!r} is not one of arms ({', '.join(self.arms)})")
+        if len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"seeds {self.seeds}: give distinct seeds >= 0")
+        return self
+
+    def arm_seeds(self, arm: str) -> list[int]:
+        return self.arms[arm].seeds or self.seeds
 
 
 class Manifest(_Section):
@@ -424,6 +495,19 @@ class Manifest(_Section):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     train: TrainConfig | None = None
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    experiment: ExperimentConfig | None = None
+
+    @model_validator(mode="after")
+    def _phases_or_arms(self) -> "Manifest":
+        if self.experiment is not None:
+            if self.train is None:
+                raise ValueError("experiment: needs a train section (the model, precision and checkpoints every arm "
+                                 "shares)")
+            if self.train.phases:
+                raise ValueError("experiment.arms gives each arm's phases: remove train.phases")
+        elif self.train is not None and not self.train.phases:
+            raise ValueError("train.phases: give at least one phase")
+        return self
 
     # Set by load_manifest: where the file lives, so relative paths resolve against it.
     _source: Path | None = None
@@ -457,12 +541,14 @@ class Manifest(_Section):
         data["rewrite"]["prompt"] = fix(data["rewrite"]["prompt"])
         data["executor"]["slurm"]["venv"] = fix(data["executor"]["slurm"]["venv"])
         if data.get("train"):
+            data["train"]["output_dir"] = fix(data["train"]["output_dir"])
             init = data["train"]["model"]["init"]
             data["train"]["model"]["init"] = init if init in ("scratch", "policy") else fix(init)
-            for phase in data["train"]["phases"]:
-                phase["table"] = fix(phase["table"])
-                if phase.get("online"):
-                    phase["online"]["offline_table"] = fix(phase["online"]["offline_table"])
+        arms = (data.get("experiment") or {}).get("arms", {}).values()
+        for phase in [*(data.get("train") or {}).get("phases", []), *(p for arm in arms for p in arm["phases"])]:
+            phase["table"] = fix(phase["table"])
+            if phase.get("online"):
+                phase["online"]["offline_table"] = fix(phase["online"]["offline_table"])
         return data
 
     @property
@@ -474,6 +560,8 @@ class Manifest(_Section):
         ``eval-judgments``) write under ``<output_dir>/eval/`` beside its report."""
         if stage.startswith("eval-"):
             return self.output_root / "eval" / stage.removeprefix("eval-")
+        if stage == "train" and self.train is not None and self.train.output_dir:
+            return self.resolve_path(self.train.output_dir)
         return self.output_root / stage
 
     @property
@@ -486,10 +574,10 @@ class Manifest(_Section):
 
 
 # Keys that change how work is laid out or named, not what the outputs contain.
-_NOT_FINGERPRINTED = {"executor", "run.name", "run.output_dir"}
+_NOT_FINGERPRINTED = {"executor", "run.name", "run.output_dir", "train.output_dir"}
 # Keys added after runs existed, with the default that reproduces those runs: left out of every
 # view while at that default, so the fingerprints (and resume guards) of earlier runs still hold.
-_FINGERPRINTED_UNLESS_DEFAULT = {"shard.eval_fraction": 0.0}
+_FINGERPRINTED_UNLESS_DEFAULT = {"shard.eval_fraction": 0.0, "experiment": None, "judging.likelihood": "mean_logprob"}
 
 
 def _format_error(source: str, err: dict[str, Any], model: type[BaseModel]) -> str:

@@ -168,6 +168,11 @@ EVAL_JUDGMENTS = pa.schema(
         pa.field("win", pa.float64()),  # held-out: the quality win score against the baseline, both orders averaged
         pa.field("win_shown_first", pa.float64()),  # ... with this checkpoint's continuation shown first
         pa.field("win_shown_second", pa.float64()),  # ... shown second
+        # eval.versus: the same three win scores against each further checkpoint named there
+        pa.field("versus", pa.list_(pa.struct([pa.field("opponent", pa.string(), nullable=False),
+                                                pa.field("win", pa.float64()),
+                                                pa.field("win_shown_first", pa.float64()),
+                                                pa.field("win_shown_second", pa.float64())]))),
         pa.field("judge_raw", pa.string(), nullable=False),  # JSON: what the judge said, per criterion
     ]
 )

@@ -36,6 +36,24 @@ class StageConflict(SipError, RuntimeError):
     """An output directory made with different settings; re-run with --force to start over."""
 
 
+def require_each_key_once(path: Path, columns: list[str], expected: set[tuple], what: str) -> None:
+    """A finished stage's table at ``path`` holds every key of ``expected`` (tuples of the values
+    of ``columns``) exactly once, and no other key.
+
+    Raises:
+        StageFailed: naming ``what`` the rows should be, how many are repeated and missing.
+    """
+    from pipeline.io import read_table
+
+    table = read_table(path, columns=columns)
+    keys = list(zip(*(table.column(c).to_pylist() for c in columns)))
+    found = set(keys)
+    if len(keys) != len(found) or found != expected:
+        raise StageFailed(f"{path}: {len(keys)} rows ({len(keys) - len(found)} repeated ({', '.join(columns)}), "
+                          f"{len(expected - found)} missing, {len(found - expected)} unexpected) for {what}; every "
+                          "key must appear exactly once")
+
+
 @dataclass
 class StageDir:
     manifest: Manifest

@@ -28,6 +28,7 @@ from pipeline.prompts import PromptError, PromptTemplate
 from pipeline.schema import content_id
 from pipeline.tokenizer import encode_continuation, join_encoding
 from stages.verdicts import CHOICES, parse_choice, stop_strings, verdict_prefill
+from stages.classifiers import CLASSIFIER, offensive_probability
 
 PROMPTS = Path(__file__).parent / "prompts"
 # An endpoint's verdict step: room for the longest choice in any tokenizer (it stops there).
@@ -108,6 +109,24 @@ def data_escaper(tags: set[str]):
     block and write outside it. Nothing else in the text changes."""
     opening = re.compile(r"<(?=\s*/?\s*(?:" + "|".join(map(re.escape, sorted(tags))) + r")\b)", re.IGNORECASE)
     return lambda text: opening.sub("&lt;", text)
+
+
+def document_start_id(tokenizer) -> int:
+    """The token a pretraining document starts after (``<|endoftext|>``, ``<s>``, ...), else the
+    tokenizer's BOS or EOS id: the context of a text scored on its own (PMI's second term).
+
+    Raises:
+        ManifestError: the tokenizer declares none of them.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    for token in ("<|endoftext|>", "<|begin_of_text|>", "<s>", "</s>"):
+        if (i := backend.token_to_id(token)) is not None:
+            return i
+    for attr in ("bos_token_id", "eos_token_id"):
+        if (i := getattr(tokenizer, attr, None)) is not None:
+            return i
+    raise ManifestError("judging.likelihood: pmi scores a candidate at a document's start, and the judge's "
+                        "tokenizer declares no document-start, BOS or EOS token; use mean_logprob")
 
 
 def repeated_ngram_share(ids: list[int], n: int = 4) -> float:
@@ -239,6 +258,9 @@ class Judge:
 
     # ------------------------------------------------------------------ criteria
     def safety(self, texts: list[str]) -> list[Scored]:
+        if self.config.safety.mode == "classifier":  # a bundled classifier, no judge call
+            return [Scored(1.0 - p, {"p_offensive": round(p, 6), "classifier": CLASSIFIER})
+                    for p in offensive_probability(texts)]
         requests = [Request(f"s{i}", self._messages("safety", candidate=t)) for i, t in enumerate(texts)]
         return self._score("safety", requests)
 
@@ -354,28 +376,41 @@ class Judge:
             ids.append([j.ids[j.start:] for j in joined])
             sequences += [j.ids for j in joined]
             starts += [j.start for j in joined]
-        scores = iter(self.engine.score(sequences, starts))
-        self.counters.calls += len(sequences)
+        n = len(sequences)
+        if self.config.likelihood == "pmi":
+            # The same candidate ids at a document's start: what the candidate scores without the prefix.
+            start = [document_start_id(self.engine.tokenizer)]
+            sequences += [start + c for cands in ids for c in cands]
+            starts += [1] * n
+        scores = self.engine.score(sequences, starts)
+        self.counters.calls += len(sequences)  # a scored sequence is a call: PMI pays two per candidate
         self.counters.prompt_tokens += sum(len(seq) for seq in sequences)
-        return [self._likelihood_wins(cands, [next(scores) for _ in cands]) for cands in ids]
+        alone = iter(scores[n:] if len(scores) > n else [None] * n)
+        scores = iter(scores[:n])
+        return [self._likelihood_wins(cands, [next(scores) for _ in cands], [next(alone) for _ in cands])
+                for cands in ids]
 
-    def _likelihood_wins(self, ids: list[list[int]], scores: list[list[float] | None]) -> list[Scored]:
+    def _likelihood_wins(self, ids: list[list[int]], scores: list[list[float] | None],
+                         alone: list[list[float] | None]) -> list[Scored]:
+        """Each candidate's win rate over the others by its likelihood score: the mean token
+        log-prob given the prefix, minus the mean without it when ``alone`` holds those (PMI)."""
         means = []
-        for c, lps in zip(ids, scores):
-            if lps is None or not lps:
+        for c, lps, base in zip(ids, scores, alone):
+            if lps is None or not lps or (self.config.likelihood == "pmi" and not base):
                 means.append(None)
             elif repeated_ngram_share(c) > self.config.repetition_limit:
                 means.append(-math.inf)  # degenerate repetition: likely under any LM, never good text
             else:
-                means.append(sum(lps) / len(lps))
+                means.append(sum(lps) / len(lps) - (sum(base) / len(base) if base else 0.0))
         out = []
         for i, mine in enumerate(means):
             if mine is None:
                 self._unparsable("quality")
-                out.append(Scored(None, {"mean_logprob": None}))
+                out.append(Scored(None, {self.config.likelihood: None}))
                 continue
             others = [m for j, m in enumerate(means) if j != i and m is not None]
             wins = [1.0 if mine > o else 0.0 if mine < o else 0.5 for o in others]
             out.append(Scored(sum(wins) / len(wins) if wins else None,
-                              {"mean_logprob": None if mine == -math.inf else mine, "repetitive": mine == -math.inf}))
+                              {self.config.likelihood: None if mine == -math.inf else mine,
+                               "repetitive": mine == -math.inf}))
         return out

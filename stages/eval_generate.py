@@ -35,7 +35,7 @@ from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.policy import cached_hf_export, policy_context
 from pipeline.runner import StageJob
 from pipeline.schema import EVAL_GENERATIONS, EVAL_STATUSES, provenance, with_provenance
-from pipeline.stage import StageDir, StageFailed
+from pipeline.stage import StageDir, StageFailed, require_each_key_once
 from pipeline.tokenizer import decode_continuations, encode_continuation, load_tokenizer
 from stages.eval_prompts import MC_LETTERS, eval_prompts
 from stages.shard import plan_shard
@@ -327,14 +327,9 @@ def generations_summary(plan: GenerationsPlan, elapsed_s: float | None) -> dict:
 
 def finalize_generations(manifest: Manifest, elapsed_s: float | None = None) -> dict:
     plan = plan_eval_generations(manifest)
-    table = read_table(plan.stage.path, columns=["checkpoint", "prompt_id"])
-    keys = list(zip(table.column("checkpoint").to_pylist(), table.column("prompt_id").to_pylist()))
     prompts = [p["prompt_id"] for p in eval_prompts(manifest, plan.shard_dir, plan.tokenizer_dir)]
-    expected = {(c, p) for c in plan.models for p in prompts}
-    if len(keys) != len(set(keys)) or set(keys) != expected:
-        raise StageFailed(f"eval: {len(keys)} generations ({len(keys) - len(set(keys))} repeated, "
-                          f"{len(expected - set(keys))} missing) for {len(plan.models)} checkpoints x {len(prompts)} "
-                          f"prompts in {plan.stage.path}")
+    require_each_key_once(plan.stage.path, ["checkpoint", "prompt_id"], {(c, p) for c in plan.models for p in prompts},
+                          f"{len(plan.models)} checkpoints x {len(prompts)} prompts")
     notes = ("One row per (checkpoint, prompt): the checkpoint's continuation of the prompt's prefix ids "
              "(`text` decoded after them) and, for held-out prompts, its summed loss on the true suffix.\n\n"
              f"Checkpoints: {json.dumps({n: e.directory for n, e in plan.models.items()})}")

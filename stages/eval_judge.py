@@ -8,7 +8,8 @@ Per prompt (:mod:`stages.eval_prompts`), with the same judge code as the judge s
 - quality against the baseline (``eval.baseline``) on held-out prompts: the checkpoint's and the
   baseline's continuations compared in both shown orders (:meth:`Judge.compare`), the win score
   the mean of the two (ties and order-inconsistent answers count half). The baseline's own row
-  has no win score: it is what the others are measured against.
+  has no win score: it is what the others are measured against. The same against each further
+  checkpoint ``eval.versus`` names (column ``versus``).
 
 A criterion the manifest's ``judging`` leaves out is asked in ``choice_prob`` mode (``verdict``
 for an endpoint judge): an evaluation measures all three whatever the training reward summed.
@@ -37,7 +38,7 @@ from pipeline.io import chunk_stats, read_table
 from pipeline.manifest import CriterionConfig, JudgingConfig, Manifest, fingerprint
 from pipeline.runner import StageJob
 from pipeline.schema import EVAL_JUDGMENTS, provenance, with_provenance
-from pipeline.stage import StageDir, StageFailed
+from pipeline.stage import StageDir, require_each_key_once
 from stages.criteria import PROMPTS, Judge, Scored
 from stages.eval_generate import plan_eval_generations
 from stages.eval_prompts import eval_prompts
@@ -84,6 +85,13 @@ def _score(s: Scored | None) -> float | None:
     return None if s is None else s.score
 
 
+def _wins(first: Scored | None, second: Scored | None) -> dict[str, float | None]:
+    """The win score of both shown orders (one order's when the other was not read)."""
+    wins = [s for s in (_score(first), _score(second)) if s is not None]
+    return {"win": sum(wins) / len(wins) if wins else None, "win_shown_first": _score(first),
+            "win_shown_second": _score(second)}
+
+
 class EvalJudgeStep(EngineStep):
     """Chunks of prompts -> one judgments row per (checkpoint, prompt), judge costs per chunk."""
 
@@ -110,9 +118,10 @@ class EvalJudgeStep(EngineStep):
         heldout = [(p, c) for p, c in judged if p["prompt_set"] == "heldout"]
         factuality = dict(zip(((p["prompt_id"], c) for p, c in heldout), self.judge.factuality(
             [(p["prefix"], p["reference"], text[(p["prompt_id"], c)]) for p, c in heldout])))
-        pairs = [(p, c) for p, c in heldout if c != self.baseline and (p["prompt_id"], self.baseline) in text]
-        compared = dict(zip(((p["prompt_id"], c) for p, c in pairs), self.judge.compare(
-            [(p["prefix"], text[(p["prompt_id"], c)], text[(p["prompt_id"], self.baseline)]) for p, c in pairs])))
+        # (prompt, checkpoint, opponent): the baseline, then eval.versus's further opponents.
+        triples = [(p, c, o) for p, c in heldout for o in self.opponents(c) if (p["prompt_id"], o) in text]
+        compared = dict(zip(((p["prompt_id"], c, o) for p, c, o in triples), self.judge.compare(
+            [(p["prefix"], text[(p["prompt_id"], c)], text[(p["prompt_id"], o)]) for p, c, o in triples])))
         self.count("engine_ms", int((time.perf_counter() - started) * 1000))
         for key, value in self.judge.counters.since(before).items():
             if value:
@@ -121,20 +130,30 @@ class EvalJudgeStep(EngineStep):
         for p in prompts:
             for c in self.checkpoints:
                 key = (p["prompt_id"], c)
-                first, second = compared.get(key, (None, None))
-                wins = [s for s in (_score(first), _score(second)) if s is not None]
+                first, second = compared.get((*key, self.baseline), (None, None))
                 raw = {"safety": getattr(safety.get(key), "raw", None), "factuality": getattr(factuality.get(key), "raw", None),
-                       "quality": [getattr(first, "raw", None), getattr(second, "raw", None)] if key in compared else None}
+                       "quality": [getattr(first, "raw", None), getattr(second, "raw", None)]
+                       if (*key, self.baseline) in compared else None}
+                versus = []
+                for o in self.opponents(c)[1:]:
+                    if (*key, o) in compared:
+                        v_first, v_second = compared[(*key, o)]
+                        versus.append({"opponent": o, **_wins(v_first, v_second)})
+                        raw[f"quality_versus_{o}"] = [getattr(v_first, "raw", None), getattr(v_second, "raw", None)]
                 if key not in text and p["prompt_set"] != "mc":  # an answer letter is not judged
                     raw["not_judged"] = p["continuations"].get(c, {}).get("status", "missing")
                     self.count("not_judged")
                 out.append({"checkpoint": c, "prompt_id": p["prompt_id"], "prompt_set": p["prompt_set"],
                             "safety": _score(safety.get(key)), "factuality": _score(factuality.get(key)),
-                            # Both orders when both were read; one order's score when the other was not.
-                            "win": sum(wins) / len(wins) if wins else None,
-                            "win_shown_first": _score(first), "win_shown_second": _score(second),
+                            **_wins(first, second), "versus": versus or None,
                             "judge_raw": json.dumps(raw, default=str)})
         return out
+
+    def opponents(self, checkpoint: str) -> list[str]:
+        """The checkpoints ``checkpoint``'s continuations are compared with: the baseline first."""
+        if checkpoint == self.baseline:
+            return []
+        return [self.baseline, *self.manifest.eval.versus.get(checkpoint, [])]
 
     def finish(self) -> None:
         super().finish()
@@ -158,7 +177,7 @@ class JudgmentsPlan:
             stage=STAGE, table="eval_judgments", manifest_fingerprint=fingerprint(m),
             stage_fingerprint=self.stage.fingerprint, models={"judge": self.model},
             prompts={c: (PROMPTS / f"judge_{c}.txt").read_text() for c in CRITERIA},
-            settings={"judging": eval_judging(m).model_dump(), "baseline": m.eval.baseline},
+            settings={"judging": eval_judging(m).model_dump(), "baseline": m.eval.baseline, "versus": m.eval.versus},
         )
         return [PromptContinuations(m, str(self.generations_dir), str(self.shard_dir), str(self.tokenizer_dir)),
                 EvalJudgeStep(m, str(self.stage.path), with_provenance(EVAL_JUDGMENTS, prov), self.checkpoints)]
@@ -171,6 +190,8 @@ def plan_eval_judgments(manifest: Manifest, upstream_pending: bool = False) -> J
         generations.stage.check_upstream_of(STAGE)
     model = model_identity(manifest, manifest.judge, "judge")
     view = judging_view(manifest)
+    if manifest.eval.versus:  # absent while empty: the fingerprints of evaluations made before it existed hold
+        view["eval.versus"] = manifest.eval.versus
     view.update({"eval.judging": eval_judging(manifest).model_dump(mode="json"), "eval.baseline": manifest.eval.baseline,
                  "upstream.eval-generations": generations.stage.fingerprint,
                  "judge.identity": model.get("weights_sha") or model.get("url"), "judging.prompts": fingerprint_prompts()})
@@ -186,11 +207,13 @@ def count_eval_judge_calls(manifest: Manifest, prompts: dict[str, int]) -> dict[
 
     ``prompts``: prompt set -> count. Safety: every continuation (multiple-choice answers are
     not judged); factuality: the held-out
-    ones; quality: every non-baseline checkpoint's held-out continuation, in two orders (one
-    scoring pass each in likelihood mode: both continuations).
+    ones; quality: every non-baseline checkpoint's held-out continuation against the baseline and
+    against each checkpoint ``eval.versus`` names for it, in two orders (one scoring pass each in
+    likelihood mode: both continuations).
     """
     checkpoints, heldout = len(manifest.eval.checkpoints), prompts.get("heldout", 0)
-    quality_calls = 2 * (checkpoints - 1) * heldout
+    versus = sum(len(v) for v in manifest.eval.versus.values())
+    quality_calls = 2 * (checkpoints - 1 + versus) * heldout
     calls = {"safety": checkpoints * (heldout + prompts.get("unsafe", 0)), "factuality": checkpoints * heldout,
              "quality": quality_calls}
     judging = eval_judging(manifest)
@@ -203,13 +226,10 @@ def finalize_judgments(manifest: Manifest, elapsed_s: float | None = None) -> di
     from stages.eval_report import write_report
 
     plan = plan_eval_judgments(manifest)
-    table = read_table(plan.stage.path, columns=["checkpoint", "prompt_id"])
-    keys = list(zip(table.column("checkpoint").to_pylist(), table.column("prompt_id").to_pylist()))
     generated = read_table(plan.generations_dir, columns=["checkpoint", "prompt_id"])
     expected = set(zip(generated.column("checkpoint").to_pylist(), generated.column("prompt_id").to_pylist()))
-    if len(keys) != len(set(keys)) or set(keys) != expected:
-        raise StageFailed(f"eval: {len(keys)} judgments ({len(keys) - len(set(keys))} repeated, "
-                          f"{len(expected - set(keys))} missing) for {len(expected)} generations in {plan.stage.path}")
+    require_each_key_once(plan.stage.path, ["checkpoint", "prompt_id"], expected,
+                          f"the {len(expected)} generations of {plan.generations_dir}")
     stats = chunk_stats(plan.stage.path)
     j = pl.from_arrow(read_table(plan.stage.path, columns=["safety", "factuality", "win"]))
     summary = {

@@ -186,10 +186,10 @@ def check_judge_settings(manifest: Manifest, who: str = "judge") -> None:
         raise ManifestError(f"{who}: the manifest has no 'judge' section (model: embedded, a path or an endpoint)")
     cfg = manifest.judging
     if manifest.judge.kind == "endpoint":
-        soft = [c for c in CRITERIA if getattr(cfg, c) and getattr(cfg, c).mode != "verdict"]
+        soft = [c for c in CRITERIA if getattr(cfg, c) and getattr(cfg, c).mode in ("choice_prob", "likelihood")]
         if soft:
-            raise ManifestError(f"judging.{soft[0]}.mode: an endpoint judge supports only 'verdict' "
-                                "(choice_prob and likelihood need the model's log-probs: use a local judge)")
+            raise ManifestError(f"judging.{soft[0]}.mode: an endpoint judge supports 'verdict' (and 'classifier' "
+                                "for safety); choice_prob and likelihood need the model's log-probs: use a local judge")
         if not manifest.judge.prefill:
             # The verdict step continues the judge's own answer after the verdict's lead-in.
             raise ManifestError("judge.prefill: verdict mode continues the judge's reasoning with the verdict's "

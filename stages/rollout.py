@@ -33,7 +33,7 @@ from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.policy import check_context, policy_hf_dir, policy_identity
 from pipeline.runner import StageJob
 from pipeline.schema import ROLLOUT_STATUSES, ROLLOUTS, cand_id, provenance, with_provenance
-from pipeline.stage import StageDir, StageFailed
+from pipeline.stage import StageDir, StageFailed, require_each_key_once
 from pipeline.tokenizer import decode_continuations, load_tokenizer
 from stages.shard import plan_shard
 
@@ -181,16 +181,10 @@ def rollout_summary(plan: RolloutPlan, elapsed_s: float | None) -> dict:
 
 def finalize_rollout(manifest: Manifest, elapsed_s: float | None = None) -> dict:
     plan = plan_rollout(manifest)
-    table = read_table(plan.stage.path, columns=["pair_id", "sample"])
-    keys = list(zip(table.column("pair_id").to_pylist(), table.column("sample").to_pylist()))
     pairs = read_table(plan.pairs_dir, columns=["pair_id"]).column("pair_id").to_pylist()
-    expected = {(p, s) for p in pairs for s in range(manifest.rollouts.count)}
-    if len(keys) != len(set(keys)) or set(keys) != expected:
-        raise StageFailed(
-            f"rollout: {len(keys)} rows ({len(keys) - len(set(keys))} duplicate (pair_id, sample), "
-            f"{len(expected - set(keys))} missing) for {len(pairs)} pairs x {manifest.rollouts.count} samples in "
-            f"{plan.stage.path}; every pair must give exactly rollouts.count rows"
-        )
+    require_each_key_once(plan.stage.path, ["pair_id", "sample"],
+                          {(p, s) for p in pairs for s in range(manifest.rollouts.count)},
+                          f"{len(pairs)} pairs x {manifest.rollouts.count} samples (rollouts.count)")
     notes = ("Each row is one sample of the policy continuing the pair's `prefix_ids` (no chat template); "
              "`text` is `token_ids` decoded, special tokens not shown.")
     return write_card(plan.stage, rollout_summary(plan, elapsed_s), notes)

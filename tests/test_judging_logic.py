@@ -160,3 +160,42 @@ def test_choice_prob_scores_are_the_renormalised_choice_probabilities(embedded_d
     assert judge.counters.calls == 2 and len(engine.prompts) == 2
     assert tok.decode(engine.prompts[0]).endswith("FINAL DECISION:")
     assert judge.counters.prompt_tokens == sum(len(p) for p in engine.prompts)
+
+
+class TableScorer:
+    """The model as a table: a candidate's per-token log-prob given the prefix, and alone (after
+    the document-start token); fixes what a likelihood judge measures, so the choice can be
+    checked by hand."""
+
+    def __init__(self, tokenizer, prefix, given_prefix: dict[str, float], alone: dict[str, float]):
+        from pipeline.tokenizer import join_encoding
+
+        self.tokenizer, self.sent = tokenizer, []
+        ids = {t: tuple(join_encoding(tokenizer, prefix, t).ids[join_encoding(tokenizer, prefix, t).start:])
+               for t in given_prefix}
+        self.table = {**{(ids[t], False): v for t, v in given_prefix.items()},
+                      **{(ids[t], True): v for t, v in alone.items()}}
+
+    def score(self, sequences, starts):
+        from stages.criteria import document_start_id
+
+        self.sent += list(zip(sequences, starts))
+        start_id = document_start_id(self.tokenizer)
+        return [[self.table[(tuple(s[k:]), k == 1 and s[0] == start_id)]] * (len(s) - k) for s, k in zip(sequences, starts)]
+
+
+def test_pmi_subtracts_what_the_candidate_scores_without_the_prefix(tokenizer):
+    prefix = "The river Thames flows through London"
+    bland, apt = " and it is a thing.", " past Westminster to the sea."
+    # Given the prefix the bland text is likelier; alone it is far likelier still: the prefix
+    # explains the apt one, not the bland one.
+    given, alone = {bland: -1.0, apt: -1.5}, {bland: -0.5, apt: -2.5}
+    by_mean = Judge(TableScorer(tokenizer, prefix, given, alone),
+                    JudgingConfig(quality=CriterionConfig(mode="likelihood"), safety=None)).quality(prefix, [bland, apt], "p")[0]
+    engine = TableScorer(tokenizer, prefix, given, alone)
+    judge = Judge(engine, JudgingConfig(quality=CriterionConfig(mode="likelihood"), safety=None, likelihood="pmi"))
+    by_pmi = judge.quality(prefix, [bland, apt], "p")[0]
+    assert [s.score for s in by_mean] == [1.0, 0.0] and [s.score for s in by_pmi] == [0.0, 1.0]
+    assert [s.raw["pmi"] for s in by_pmi] == [-0.5, 1.0]  # -1.0 - (-0.5), -1.5 - (-2.5)
+    # Two scored sequences per candidate, both counted.
+    assert len(engine.sent) == 4 and judge.counters.calls == 4

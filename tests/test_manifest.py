@@ -7,7 +7,7 @@ from pipeline.manifest import ManifestError, fingerprint, fingerprinted_view, lo
 from tests.conftest import REPO, base_manifest
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "experiment.yaml"])
 def test_shipped_manifests_validate(name):
     m = load_manifest(REPO / "manifests" / name)
     assert len(fingerprint(m)) == 16
@@ -57,6 +57,11 @@ def test_bad_values_name_the_key_and_what_is_allowed(tmp_path):
     ({"checkpoints": {}}, r"'eval.checkpoints': name at least one checkpoint to evaluate$"),
     ({"unsafe_prompts": 500}, r"'eval.unsafe_prompts': Input should be less than or equal to 112"),
     ({"mc_questions": 5000}, r"'eval.mc_questions': Input should be less than or equal to 1000"),
+    ({"checkpoints": {"start": "start", "a": "final"}, "versus": {"a": ["b"]}},
+     r"'eval': versus: 'b' is not one of checkpoints \(start, a\)$"),
+    ({"checkpoints": {"start": "start", "a": "final"}, "versus": {"a": ["start"]}},
+     r"versus.a: a checkpoint is not compared with itself, and every checkpoint is already compared with the "
+     r"baseline 'start'$"),
 ])
 def test_an_eval_section_that_cannot_be_evaluated_is_refused_naming_the_key(tmp_path, section, message):
     data = base_manifest(tmp_path, ["x.jsonl"], eval=section)
@@ -118,3 +123,20 @@ def test_per_stage_executor_overrides(tmp_path):
     data["executor"]["workers"] = 0
     with pytest.raises(ManifestError, match=r"executor.workers.*-1 \(no limit\) or at least 1"):
         parse_manifest(data)
+
+
+@pytest.mark.parametrize("judging, message", [
+    ({"quality": {"mode": "classifier"}}, r"quality.mode: the classifier scores offensive text \(safety\) only"),
+    ({"factuality": {"mode": "classifier"}}, r"factuality.mode: the classifier scores offensive text"),
+    ({"likelihood": "sum"}, r"'judging.likelihood' is 'sum'; allowed: 'mean_logprob' or 'pmi'"),
+])
+def test_judging_modes_a_criterion_cannot_take_are_refused(tmp_path, judging, message):
+    with pytest.raises(ManifestError, match=message):
+        parse_manifest(base_manifest(tmp_path, ["x.jsonl"], judging=judging))
+
+
+def test_new_judging_and_layout_keys_leave_earlier_fingerprints_alone(tmp_path):
+    plain = parse_manifest(base_manifest(tmp_path, ["x.jsonl"]))
+    assert "judging.likelihood" not in fingerprinted_view(plain) and "experiment" not in fingerprinted_view(plain)
+    pmi = parse_manifest(base_manifest(tmp_path, ["x.jsonl"], judging={"likelihood": "pmi"}))
+    assert fingerprint(pmi) != fingerprint(plain)

@@ -30,7 +30,7 @@ def _parse(tmp_path, train: dict):
      r"'train.phases.0.objective' is 'ppo'; allowed: 'ntp', 'rf_nll' or 'dpo'"),
     ({"model": {"init": "scratch", "config": "x"}, "phases": [PHASE, PHASE]},
      r"phase names must be unique; repeated: a"),
-    ({"model": {"init": "scratch", "config": "x"}, "phases": []}, r"'train.phases': List should have at least 1"),
+    ({"model": {"init": "scratch", "config": "x"}, "phases": []}, r"train.phases: give at least one phase"),
     ({"model": {"init": "scratch", "config": "x"}, "phases": [PHASE], "devices": 0},
      r"'train.devices': .*must be 'auto' or at least 1, got 0"),
     ({"model": {"init": "scratch", "config": "x"}, "phases": [PHASE], "checkpoint": {"resume": "always"}},
@@ -121,7 +121,7 @@ def test_offline_mix_must_leave_offline_and_online_rows(tmp_path, mix, batch, me
 @pytest.mark.parametrize("change, message", [
     ({"judge": None}, r"train.phases\[0\] \(a\) is online: the manifest has no 'judge' section"),
     ({"judge": {"model": "http://127.0.0.1:9/v1", "served_name": "j"}},
-     r"judging.safety.mode: an endpoint judge supports only 'verdict'"),
+     r"judging.safety.mode: an endpoint judge supports 'verdict'"),
     ({"max_seq_len": 16}, r"train.max_seq_len \(16\) leaves no room for a prefix before the N = 16 suffix tokens"),
     ({"strategy": "fsdp"}, r"train.strategy: online phase 'a' samples its rollouts from the whole model"),
     ({"model": {"init": "scratch", "config": {"n_layer": 1, "n_head": 1, "n_embd": 8, "padded_vocab_size": 64,

@@ -83,6 +83,9 @@ def require_train(manifest: Manifest) -> None:
     if manifest.train is None:
         raise ManifestError(f"{manifest.source or 'manifest'}: no 'train' section; add one "
                             "(see README.md, 'Training') to run `sip train`")
+    if manifest.experiment is not None:
+        raise ManifestError(f"{manifest.source or 'manifest'}: its phases are the arms of its experiment section; "
+                            "`sip experiment` trains each arm (or remove the experiment section and give train.phases)")
 
 
 def plan_phases(manifest: Manifest, world_size: int = 1) -> list[PhasePlan]:

@@ -173,6 +173,21 @@ def eval_cmd(manifest_path, overrides, executor, force, dry_run, wait, rejudge) 
              log=click.echo)
 
 
+@main.command("experiment")
+@manifest_option
+@set_option
+@executor_option
+@click.option("--force", is_flag=True, help="Start every step over: the data stages, every run, the evaluation.")
+@click.option("--dry-run", is_flag=True, help="Show the data stages' plans and the runs; run nothing.")
+def experiment_cmd(manifest_path, overrides, executor, force, dry_run) -> None:
+    """Train every arm of experiment.arms (each seed) from one start on the same data, evaluate them
+    against the start and the baseline arm, and write <output_dir>/experiment.md (one row per arm,
+    95% intervals over prompts and seeds), experiment.json and plots/."""
+    from pipeline.app.experiment import run_experiment
+
+    run_experiment(_load(manifest_path, overrides, executor), force=force, dry_run=dry_run, log=click.echo)
+
+
 @main.command("ref-logps")
 @manifest_option
 @set_option

@@ -7,7 +7,7 @@ import shutil
 from functools import partial
 from typing import Callable
 
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, ManifestError
 from pipeline.runner import run_chain
 from pipeline.stage import StageConflict
 from stages import eval_generate, eval_judge
@@ -35,6 +35,9 @@ def run_eval(manifest: Manifest, *, force: bool = False, rejudge: bool = False, 
         StageConflict: a stage's outputs were made with other settings (naming the keys and
             whether ``--rejudge`` is enough).
     """
+    if manifest.experiment is not None:
+        raise ManifestError(f"{manifest.source or 'manifest'}: an experiment manifest is evaluated by `sip "
+                            "experiment` (it names every arm's checkpoints)")
     generations = eval_generate.generations_job(manifest)
     judgments = eval_judge.judgments_job(manifest, upstream_pending=True)
     plan = eval_judge.plan_eval_judgments(manifest, upstream_pending=True)

