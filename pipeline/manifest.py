@@ -136,6 +136,11 @@ class JudgingConfig(_Section):
         default=0.5, ge=0, le=1,
         description="likelihood: a candidate whose share of repeated 4-grams exceeds this scores as worst.",
     )
+    length: Literal["own", "common"] = Field(
+        default="own",
+        description="likelihood: own, each candidate's mean over all its tokens; common, two candidates compared "
+        "on the first tokens both have, so ending early is neither rewarded nor punished by length itself.",
+    )
     likelihood: Literal["mean_logprob", "pmi"] = Field(
         default="mean_logprob",
         description="likelihood mode's score: mean_logprob, the candidate's mean token log-prob given the prefix; "
@@ -577,7 +582,8 @@ class Manifest(_Section):
 _NOT_FINGERPRINTED = {"executor", "run.name", "run.output_dir", "train.output_dir"}
 # Keys added after runs existed, with the default that reproduces those runs: left out of every
 # view while at that default, so the fingerprints (and resume guards) of earlier runs still hold.
-_FINGERPRINTED_UNLESS_DEFAULT = {"shard.eval_fraction": 0.0, "experiment": None, "judging.likelihood": "mean_logprob"}
+_FINGERPRINTED_UNLESS_DEFAULT = {"shard.eval_fraction": 0.0, "experiment": None, "judging.likelihood": "mean_logprob",
+                                 "judging.length": "own"}
 
 
 def _format_error(source: str, err: dict[str, Any], model: type[BaseModel]) -> str:

@@ -392,25 +392,39 @@ class Judge:
 
     def _likelihood_wins(self, ids: list[list[int]], scores: list[list[float] | None],
                          alone: list[list[float] | None]) -> list[Scored]:
-        """Each candidate's win rate over the others by its likelihood score: the mean token
-        log-prob given the prefix, minus the mean without it when ``alone`` holds those (PMI)."""
-        means = []
+        """Each candidate's win rate over the others by its likelihood score: its tokens' log-probs
+        given the prefix, minus their log-probs without it when ``alone`` holds those (PMI),
+        averaged over all its tokens, or (``judging.length: common``) over the first tokens both
+        candidates of a comparison have, so that a candidate's length neither wins nor loses."""
+        per_token: list[list[float] | None] = []
         for c, lps, base in zip(ids, scores, alone):
             if lps is None or not lps or (self.config.likelihood == "pmi" and not base):
-                means.append(None)
+                per_token.append(None)
             elif repeated_ngram_share(c) > self.config.repetition_limit:
-                means.append(-math.inf)  # degenerate repetition: likely under any LM, never good text
+                per_token.append([-math.inf])  # degenerate repetition: likely under any LM, never good text
             else:
-                means.append(sum(lps) / len(lps) - (sum(base) / len(base) if base else 0.0))
+                per_token.append([a - b for a, b in zip(lps, base)] if base else list(lps))
+
+        def mean(values: list[float], n: int | None = None) -> float:
+            values = values[:n] if n else values
+            return sum(values) / len(values)
+
+        common = self.config.length == "common"
         out = []
-        for i, mine in enumerate(means):
+        for i, mine in enumerate(per_token):
             if mine is None:
                 self._unparsable("quality")
                 out.append(Scored(None, {self.config.likelihood: None}))
                 continue
-            others = [m for j, m in enumerate(means) if j != i and m is not None]
-            wins = [1.0 if mine > o else 0.0 if mine < o else 0.5 for o in others]
+            wins = []
+            for j, other in enumerate(per_token):
+                if j == i or other is None:
+                    continue
+                n = min(len(mine), len(other)) if common else None
+                a, b = mean(mine, n), mean(other, n)
+                wins.append(1.0 if a > b else 0.0 if a < b else 0.5)
+            repetitive = mine == [-math.inf]
             out.append(Scored(sum(wins) / len(wins) if wins else None,
-                              {self.config.likelihood: None if mine == -math.inf else mine,
-                               "repetitive": mine == -math.inf}))
+                              {self.config.likelihood: None if repetitive else mean(mine), "repetitive": repetitive,
+                               "tokens": len(mine)}))
         return out

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipeline.app.judge_check.checks import roc_auc
+from pipeline.app.judge_check.checks import LENGTH_CHECK, roc_auc
 from pipeline.app.judge_check.labelled_sets import CORRUPTIONS, build_checks
 from pipeline.models import policy_tokenizer_dir
 from tests.conftest import base_manifest, run_sip, wiki_documents, write_jsonl, write_manifest
@@ -45,6 +45,9 @@ def test_checks_have_the_asked_sizes_and_real_corruptions(tokenizer, checks):
         assert len(set(words)) < len(words) * 0.7  # mostly repeats
     for _, reference, candidate, is_true in checks.factuality:
         assert reference.startswith(candidate) == is_true
+    # The length check: the true continuation against a shorter text it starts with.
+    assert [(p, t) for p, t, _ in checks.length] == [(p, t) for p, t, _ in checks.coherence["other_document"]]
+    assert all(true.startswith(short) and tokens(short) < tokens(true) for _, true, short in checks.length)
 
 
 def test_roc_auc_by_hand():
@@ -147,7 +150,7 @@ def check_report(report: dict, limit: int, modes: dict) -> None:
     """Complete (every check of every configured criterion) and internally consistent."""
     names = [(r["criterion"], r["check"]) for r in report["checks"]]
     expected = ([("safety", "safe_vs_unsafe"), ("safety", "safe_vs_profane")] if "safety" in modes else []) + \
-        ([("quality", k) for k in CORRUPTIONS] if "quality" in modes else []) + \
+        ([("quality", k) for k in (*CORRUPTIONS, LENGTH_CHECK)] if "quality" in modes else []) + \
         ([("factuality", "true_vs_false_claim")] if "factuality" in modes else [])
     assert names == expected and report["modes"] == modes
     for r in report["checks"]:

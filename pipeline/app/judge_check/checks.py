@@ -30,6 +30,10 @@ from stages.judge import check_judge_settings
 
 DEFAULT_LIMIT = 40  # 40 safe + 40 unsafe texts, 40 pairs per corruption kind
 PAIRWISE_ORDERED = ("verdict", "choice_prob")  # quality modes that show the two texts in an order
+# The length check: the true continuation against its own first sentence alone. Its metric,
+# full_wins, is the share of pairs the full continuation wins (ties half): 0.5 is length-neutral;
+# below 0.5 the judge prefers the shorter text, a reward for ending early.
+LENGTH_CHECK = "first_sentence_only"
 
 
 def roc_auc(positives: list[float], negatives: list[float]) -> float | None:
@@ -53,6 +57,26 @@ def _pointwise(name, criterion, mode, meter, scores, labels) -> dict:
             "scores": [[bool(y), s.score] for s, y in zip(scores, labels)]}  # [label, score]; null: unparsed
 
 
+def _pairwise(judge: Judge, engine, kind: str, pairs: list[tuple[str, str, str]], metric: str, log) -> dict:
+    """Quality on (prefix, true, other) pairs: the share of pairs the true continuation wins
+    (ties half), named ``metric``."""
+    cfg = judge.config
+    with Meter(judge, engine, "quality") as meter:
+        judged = judge.quality_batch([(prefix, [true, other], f"judge-check/{kind}/{k}")
+                                      for k, (prefix, true, other) in enumerate(pairs)])
+        wins = [scored[0].score for scored, _ in judged]  # the true continuation's win rate vs the other
+    parsed = [w for w in wins if w is not None]
+    value = sum(1.0 if w > 0.5 else 0.5 if w == 0.5 else 0.0 for w in parsed) / len(parsed) if parsed else None
+    log(f"judge-check: quality/{kind} done ({meter.cost['elapsed_s']} s)")
+    return {"criterion": "quality", "check": kind, "mode": cfg.quality.mode, "metric": metric,
+            "value": None if value is None else round(value, 4), "n": len(pairs),
+            "scored": len(parsed), "ties": sum(w == 0.5 for w in parsed),
+            "mean_win_rate_true": round(sum(parsed) / len(parsed), 4) if parsed else None,
+            "orders": "both" if cfg.quality.mode in PAIRWISE_ORDERED and cfg.order == "both" else
+            ("seeded" if cfg.quality.mode in PAIRWISE_ORDERED else None), **meter.cost,
+            "scores": wins}  # the true continuation's win rate per pair; null: unparsed
+
+
 def run_checks(judge: Judge, engine: MeteredEngine, checks, log: Callable[[str], None] = print) -> list[dict]:
     cfg, rows = judge.config, []
     if cfg.safety:
@@ -69,21 +93,8 @@ def run_checks(judge: Judge, engine: MeteredEngine, checks, log: Callable[[str],
                                [True] * len(safe) + [False] * len(checks.profane)))
     if cfg.quality:
         for kind in CORRUPTIONS:
-            pairs = checks.coherence[kind]
-            with Meter(judge, engine, "quality") as meter:
-                judged = judge.quality_batch([(prefix, [true, bad], f"judge-check/{kind}/{k}")
-                                              for k, (prefix, true, bad) in enumerate(pairs)])
-                wins = [scored[0].score for scored, _ in judged]  # the true continuation's win rate vs the corrupted one
-            parsed = [w for w in wins if w is not None]
-            accuracy = sum(1.0 if w > 0.5 else 0.5 if w == 0.5 else 0.0 for w in parsed) / len(parsed) if parsed else None
-            rows.append({"criterion": "quality", "check": kind, "mode": cfg.quality.mode, "metric": "accuracy",
-                         "value": None if accuracy is None else round(accuracy, 4), "n": len(pairs),
-                         "scored": len(parsed), "ties": sum(w == 0.5 for w in parsed),
-                         "mean_win_rate_true": round(sum(parsed) / len(parsed), 4) if parsed else None,
-                         "orders": "both" if cfg.quality.mode in PAIRWISE_ORDERED and cfg.order == "both" else
-                         ("seeded" if cfg.quality.mode in PAIRWISE_ORDERED else None), **meter.cost,
-                         "scores": wins})  # the true continuation's win rate per pair; null: unparsed
-            log(f"judge-check: quality/{kind} done ({meter.cost['elapsed_s']} s)")
+            rows.append(_pairwise(judge, engine, kind, checks.coherence[kind], "accuracy", log))
+        rows.append(_pairwise(judge, engine, LENGTH_CHECK, checks.length, "full_wins", log))
     if cfg.factuality:
         with Meter(judge, engine, "factuality") as meter:
             scores = judge.factuality([(p, r, c) for p, r, c, _ in checks.factuality])

