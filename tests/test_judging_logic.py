@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.engines.base import Engine
 from pipeline.manifest import CriterionConfig, JudgingConfig
+from pipeline.tokenizer import join_encoding
 from stages.criteria import Judge, repeated_ngram_share
 from stages.prefs import build_preferences
 from tests.conftest import ScriptedJudge, data_block
@@ -199,3 +200,29 @@ def test_pmi_subtracts_what_the_candidate_scores_without_the_prefix(tokenizer):
     assert [s.raw["pmi"] for s in by_pmi] == [-0.5, 1.0]  # -1.0 - (-0.5), -1.5 - (-2.5)
     # Two scored sequences per candidate, both counted.
     assert len(engine.sent) == 4 and judge.counters.calls == 4
+
+
+class FadingScorer:
+    """Every token's log-prob given the prefix is -1 for a candidate's first two tokens and -3
+    after: the prefix explains the start of a continuation best, as PMI finds with real models."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def score(self, sequences, starts):
+        return [[-1.0 if i < 2 else -3.0 for i in range(len(s) - k)] for s, k in zip(sequences, starts)]
+
+
+def test_common_length_compares_two_candidates_on_the_tokens_both_have(tokenizer):
+    prefix, full = "The river Thames", " flows through London to the North Sea."
+    short = " flows through"  # the full continuation's first two tokens, stopped early
+    ids = [join_encoding(tokenizer, prefix, t) for t in (full, short)]
+    assert ids[1].ids[ids[1].start:] == ids[0].ids[ids[0].start:][:2]
+    own = Judge(FadingScorer(tokenizer), JudgingConfig(quality=CriterionConfig(mode="likelihood"), safety=None))
+    common = Judge(FadingScorer(tokenizer), JudgingConfig(quality=CriterionConfig(mode="likelihood"), safety=None,
+                                                          length="common"))
+    # Over its own tokens the early stop scores -1 against the full one's lower mean: it wins.
+    assert [s.score for s in own.quality(prefix, [full, short], "p")[0]] == [0.0, 1.0]
+    # On the two tokens both have they are the same text: a tie, so stopping early gains nothing.
+    scored = common.quality(prefix, [full, short], "p")[0]
+    assert [s.score for s in scored] == [0.5, 0.5] and [s.raw["tokens"] for s in scored] == [len(ids[0].ids) - ids[0].start, 2]
