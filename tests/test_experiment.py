@@ -41,7 +41,8 @@ def experiment_manifest(root):
                         shard={"suffix_tokens": 12, "max_prefix_tokens": 48, "eval_fraction": 0.3,
                                "pairs_per_document": 1},
                         rewrite={"max_new_tokens": 20}, rollouts={"count": 1},
-                        judging={"safety": {"mode": "classifier"}, "likelihood": "pmi", "length": "common"})  # the experiment manifest's judge
+                        # the experiment manifest's judge
+                        judging={"safety": {"mode": "classifier"}, "likelihood": "pmi", "length": "common"})
     data = yaml.safe_load(path.read_text())
     data["train"] = {"model": {"init": "scratch", "config": TINY}, "max_seq_len": 64, "export_hf": False,
                      "checkpoint": {"every": 2, "keep_last": 1}, "log_every": 1}
