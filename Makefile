@@ -54,7 +54,7 @@ demo: setup assets
 	@$(PY) -c 'from pipeline.manifest import load_manifest as l; print("evaluation report:", l("$(MANIFEST)").output_root / "eval" / "report.md")'
 
 # NTP vs SIP: every arm of the experiment manifest trained from one start on the same data, each
-# evaluated against the start and the NTP arm; writes <output_dir>/experiment.md (~1 h on 2 CPU cores).
+# evaluated against the start and the NTP arm; writes <output_dir>/experiment.md (~30 min on 2 CPU cores).
 .PHONY: experiment
 experiment: MANIFEST = manifests/experiment.yaml
 experiment: setup assets

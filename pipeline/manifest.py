@@ -510,6 +510,19 @@ class Manifest(_Section):
                                  "shares)")
             if self.train.phases:
                 raise ValueError("experiment.arms gives each arm's phases: remove train.phases")
+            # What sip experiment sets itself for each run and for the evaluation: refused, not ignored.
+            set_by_experiment = [key for key, given in (
+                ("train.seed", self.train.seed is not None), ("train.output_dir", self.train.output_dir is not None),
+                ("eval.checkpoints", self.eval.checkpoints != EvalConfig().checkpoints),
+                ("eval.baseline", self.eval.baseline != "start"), ("eval.versus", bool(self.eval.versus))) if given]
+            if set_by_experiment:
+                raise ValueError(f"{', '.join(set_by_experiment)}: sip experiment sets these for each run and its "
+                                 "evaluation (experiment.seeds, arms/<arm>/seed-<s>/, every run against the start "
+                                 "and the baseline arm); remove them")
+            if self.eval.heldout_prompts and not self.shard.eval_fraction:
+                raise ValueError("eval.heldout_prompts: the evaluation continues held-out prefixes, and "
+                                 "shard.eval_fraction is 0 (none held out); set shard.eval_fraction > 0, or "
+                                 "eval.heldout_prompts: 0 (then no win rates)")
         elif self.train is not None and not self.train.phases:
             raise ValueError("train.phases: give at least one phase")
         return self
@@ -611,13 +624,18 @@ def _format_error(source: str, err: dict[str, Any], model: type[BaseModel]) -> s
 
 def _walk_model(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     current: Any = model
+    keyed = False  # the last field was a mapping of sections (experiment.arms): the next part is a key
     for part in loc:
         if isinstance(part, int):  # an item of a list of sections (train.phases.0): same model
+            continue
+        if keyed:
+            keyed = False
             continue
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return None
         ann = field.annotation
+        keyed = getattr(ann, "__origin__", None) is dict
         for candidate in getattr(ann, "__args__", (ann,)):
             if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                 current = candidate
@@ -710,6 +728,17 @@ def diff_views(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     lines = []
     for key in sorted(set(old) | set(new)):
         absent = _FINGERPRINTED_UNLESS_DEFAULT.get(key, "<absent>")
-        if old.get(key, absent) != new.get(key, absent):
-            lines.append(f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}")
+        before, after = old.get(key, absent), new.get(key, absent)
+        if before == after:
+            continue
+        if _sections(before) and _sections(after) and len(before) == len(after):
+            # A list of sections (train.phases): name the items' keys that changed, not the whole list.
+            lines += diff_views({f"{key}[{i}].{k}": v for i, item in enumerate(before) for k, v in flatten(item).items()},
+                                {f"{key}[{i}].{k}": v for i, item in enumerate(after) for k, v in flatten(item).items()})
+        else:
+            lines.append(f"{key}: {before!r} -> {after!r}")
     return lines
+
+
+def _sections(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)

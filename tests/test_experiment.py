@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.app.experiment.arms import ArmRun, arm_manifest, arm_runs, eval_manifest
 from pipeline.app.experiment.stats import arm_estimates, mean_over_seeds
-from pipeline.manifest import load_manifest
+from pipeline.manifest import ManifestError, load_manifest
 from stages.eval_stats import paired_bootstrap, prompt_win_scores
 from tests.conftest import llm_manifest, run_sip, wiki_documents, write_manifest
 
@@ -68,6 +68,34 @@ def test_arms_seeds_and_the_derived_manifests(tmp_path):
                               "sip-online-s1": ["ntp-s1"], "sip-online-k1-s1": ["ntp-s1"]}
 
 
+def test_derived_manifests_keep_relative_paths_and_the_data_stages_fingerprints(tmp_path):
+    from pipeline.manifest import fingerprinted_view
+
+    path = experiment_manifest(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["corpus"]["paths"] = ["corpus.jsonl"]  # relative to the manifest, as users write it
+    m = load_manifest(write_manifest(path, data))
+    data_sections = ("corpus", "policy", "shard", "rewriter", "rewrite", "judge", "judging", "rollouts", "prefs")
+    for derived in (arm_manifest(m, ArmRun("ntp", 1)), eval_manifest(m)):
+        assert derived.corpus.paths == ["corpus.jsonl"] and derived.source == m.source
+        assert fingerprinted_view(derived, data_sections) == fingerprinted_view(m, data_sections)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"seed": 3}}, r"train.seed: sip experiment sets these"),
+    ({"eval": {"baseline": "final"}}, r"eval.baseline: sip experiment sets these"),
+    ({"shard": {"eval_fraction": 0.0}}, r"shard.eval_fraction is 0 \(none held out\)"),
+    ({"experiment": {"arms": {**ARMS, "ntp": {"phases": ARMS["ntp"]["phases"], "seed": [1]}}}},
+     r"unknown key 'experiment.arms.ntp.seed' \(did you mean 'seeds'\?\); allowed here: phases, seeds"),
+])
+def test_keys_an_experiment_sets_itself_or_cannot_use_are_refused_before_any_work(tmp_path, change, message):
+    data = yaml.safe_load(experiment_manifest(tmp_path).read_text())
+    for section, values in change.items():
+        data[section] = {**data[section], **values}
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(write_manifest(tmp_path / "changed.yaml", data))
+
+
 def test_an_experiment_manifest_is_refused_where_a_plain_run_is_meant(tmp_path):
     path = experiment_manifest(tmp_path)
     out = run_sip("train", "-m", str(path), check=False)
@@ -76,6 +104,9 @@ def test_an_experiment_manifest_is_refused_where_a_plain_run_is_meant(tmp_path):
     data["experiment"]["baseline"] = "nope"
     bad = run_sip("manifest", "check", str(write_manifest(tmp_path / "bad.yaml", data)), check=False)
     assert bad.returncode == 2 and "'nope' is not one of arms" in bad.stderr
+    redo = run_sip("experiment", "-m", str(path), "--redo", "nope", check=False)
+    assert redo.returncode == 2 and "--redo nope: name an arm (ntp, sip-offline, sip-online, sip-online-k1) or eval" \
+        in redo.stderr
 
 
 def test_seeds_widen_the_interval_and_one_seed_gives_the_prompt_bootstrap():
@@ -186,3 +217,26 @@ def test_an_arm_with_one_seed_has_the_evaluation_numbers_and_seeds_pool_in_order
     scores = prompt_win_scores(versus["win_shown_first"].to_list(), versus["win_shown_second"].to_list())
     assert np.allclose(scores, versus["win"].to_numpy())
     assert seed == 7
+
+
+@pytest.mark.slow
+def test_a_changed_arm_is_refused_by_its_leaf_key_and_redo_trains_only_it_again(experiment, tmp_path):
+    root, path, _ = experiment
+    out = root / "out"
+    kept = {r: (out / "arms" / "ntp" / f"seed-{r}" / "train_summary.json").stat().st_mtime_ns for r in (1, 2)}
+    data = yaml.safe_load(path.read_text())
+    data["experiment"]["arms"]["sip-offline"]["phases"][0]["lr"] = 2e-3
+    changed = write_manifest(root / "changed.yaml", data)  # beside the first: same relative paths
+    refused = run_sip("experiment", "-m", str(changed), check=False, timeout=900)
+    assert refused.returncode == 2 and "train.phases[0].lr: 0.001 -> 0.002" in refused.stderr
+    assert "`sip experiment --redo sip-offline`" in refused.stderr
+    run_sip("experiment", "-m", str(changed), "--redo", "sip-offline", timeout=1800)
+    report = json.loads((out / "experiment.json").read_text())
+    assert report["settings"]["arms"]["sip-offline"][0]["lr"] == 2e-3 and list(report["arms"]) == list(ARMS)
+    # The other arms were not trained again; the evaluation covers the new sip-offline runs.
+    assert kept == {r: (out / "arms" / "ntp" / f"seed-{r}" / "train_summary.json").stat().st_mtime_ns for r in (1, 2)}
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    for seed in (1, 2):
+        summary = json.loads((out / "arms" / "sip-offline" / f"seed-{seed}" / "train_summary.json").read_text())
+        assert summary["view"]["train.phases"][0]["lr"] == 2e-3
+        assert metrics["checkpoints"][f"sip-offline-s{seed}"]["ref"].endswith(f"sip-offline/seed-{seed}/final")

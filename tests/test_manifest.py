@@ -140,3 +140,12 @@ def test_new_judging_and_layout_keys_leave_earlier_fingerprints_alone(tmp_path):
     assert "judging.likelihood" not in fingerprinted_view(plain) and "experiment" not in fingerprinted_view(plain)
     pmi = parse_manifest(base_manifest(tmp_path, ["x.jsonl"], judging={"likelihood": "pmi"}))
     assert fingerprint(pmi) != fingerprint(plain)
+
+
+def test_a_changed_phase_is_named_by_its_leaf_key():
+    from pipeline.manifest import diff_views
+
+    old = {"train.phases": [{"name": "a", "lr": 1e-3, "online": {"rollouts": 2}}]}
+    new = {"train.phases": [{"lr": 2e-3, "name": "a", "online": {"rollouts": 4}}]}  # key order does not matter
+    assert diff_views(old, new) == ["train.phases[0].lr: 0.001 -> 0.002", "train.phases[0].online.rollouts: 2 -> 4"]
+    assert diff_views(old, {"train.phases": [*new["train.phases"], {"name": "b"}]})[0].startswith("train.phases: [")

@@ -174,18 +174,22 @@ def eval_cmd(manifest_path, overrides, executor, force, dry_run, wait, rejudge) 
 
 
 @main.command("experiment")
-@manifest_option
+@click.option("-m", "--manifest", "manifest_path", default="manifests/experiment.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="Experiment manifest (YAML) with an experiment section.")
 @set_option
 @executor_option
 @click.option("--force", is_flag=True, help="Start every step over: the data stages, every run, the evaluation.")
+@click.option("--redo", "redo_names", multiple=True, metavar="ARM",
+              help="Train this arm again (every seed), then evaluate again; 'eval': evaluate again (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Show the data stages' plans and the runs; run nothing.")
-def experiment_cmd(manifest_path, overrides, executor, force, dry_run) -> None:
+def experiment_cmd(manifest_path, overrides, executor, force, redo_names, dry_run) -> None:
     """Train every arm of experiment.arms (each seed) from one start on the same data, evaluate them
     against the start and the baseline arm, and write <output_dir>/experiment.md (one row per arm,
     95% intervals over prompts and seeds), experiment.json and plots/."""
     from pipeline.app.experiment import run_experiment
 
-    run_experiment(_load(manifest_path, overrides, executor), force=force, dry_run=dry_run, log=click.echo)
+    run_experiment(_load(manifest_path, overrides, executor), force=force, redo_names=list(redo_names),
+                   dry_run=dry_run, log=click.echo)
 
 
 @main.command("ref-logps")

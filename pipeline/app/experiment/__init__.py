@@ -14,13 +14,14 @@ The manifest's ``experiment.arms`` name each arm's phases (``ntp``, ``sip-offlin
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Callable
 
 from pipeline.checkpoints import LIT_WEIGHTS_FILE
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.runner import run_chain
 from pipeline.stage import StageConflict
-from pipeline.app.experiment.arms import arm_manifest, arm_runs, eval_manifest, shared_start_dir
+from pipeline.app.experiment.arms import ARMS_DIR, arm_manifest, arm_runs, eval_manifest, shared_start_dir
 from pipeline.app.experiment.report import REPORT_FILES, printed_table, write_experiment_report
 
 DATA_STAGES = ["shard", "rewrite", "rollout", "judge", "prefs"]
@@ -68,15 +69,36 @@ def ensure_shared_start(manifest: Manifest, *, force: bool, log: Callable[[str],
         f"parameters, seed {manifest.train_seed}) -> {start}")
 
 
-def run_experiment(manifest: Manifest, *, force: bool = False, dry_run: bool = False,
+def redo(manifest: Manifest, names: list[str], log: Callable[[str], None]) -> None:
+    """Delete the runs of the arms named (all their seeds) and the evaluation, whose checkpoints
+    they change; ``eval`` alone deletes only the evaluation and the report.
+
+    Raises:
+        ManifestError: a name that is neither an arm nor ``eval``.
+    """
+    arms = manifest.experiment.arms
+    if unknown := [n for n in names if n not in arms and n != "eval"]:
+        raise ManifestError(f"--redo {', '.join(unknown)}: name an arm ({', '.join(arms)}) or eval")
+    doomed = [manifest.output_root / ARMS_DIR / n for n in names if n in arms]
+    doomed += [manifest.output_root / "eval", *(manifest.output_root / name for name in REPORT_FILES)]
+    for path in doomed:
+        if path.is_dir():
+            shutil.rmtree(path)
+            log(f"experiment: removed {path}")
+        elif path.exists():
+            path.unlink()
+
+
+def run_experiment(manifest: Manifest, *, force: bool = False, redo_names: list[str] = (), dry_run: bool = False,
                    log: Callable[[str], None] = print) -> dict | None:
     """Run or resume the whole experiment; returns experiment.json's content (None on a dry run).
 
-    ``force`` starts every step over (the data stages, every run, the evaluation).
+    ``force`` starts every step over (the data stages, every run, the evaluation);
+    ``redo_names`` trains the arms named again and evaluates again (:func:`redo`).
 
     Raises:
         ManifestError: the manifest has no experiment section.
-        StageConflict: outputs made with other settings (naming them; ``force`` starts over).
+        StageConflict: outputs made with other settings (naming them and how to start them over).
         StageFailed: a stage or run did not finish.
     """
     from pipeline.app.evaluate import run_eval
@@ -84,6 +106,8 @@ def run_experiment(manifest: Manifest, *, force: bool = False, dry_run: bool = F
     from trainer.job import summary_line, train_job
 
     require_experiment(manifest)
+    if redo_names and not dry_run:
+        redo(manifest, list(redo_names), log)
     runs = arm_runs(manifest)
     log(f"experiment {manifest.run.name}: {len(manifest.experiment.arms)} arms, {len(runs)} runs "
         f"({', '.join(r.name for r in runs)}); baseline arm {manifest.experiment.baseline!r}")
@@ -94,8 +118,12 @@ def run_experiment(manifest: Manifest, *, force: bool = False, dry_run: bool = F
     for i, run in enumerate(runs):
         arm = arm_manifest(manifest, run)
         log(f"experiment: run {i + 1}/{len(runs)} {run.name} -> {arm.stage_dir('train')}")
-        done = run_chain(arm, [train_job(arm, upstream_pending=dry_run, log=log)], force=force, dry_run=dry_run,
-                         log=log)
+        try:
+            done = run_chain(arm, [train_job(arm, upstream_pending=dry_run, log=log)], force=force, dry_run=dry_run,
+                             log=log)
+        except StageConflict as exc:
+            raise StageConflict(f"{exc}\n`sip experiment --redo {run.arm}` trains arm {run.arm!r} again (every "
+                                "seed) and evaluates again; --force starts the whole experiment over") from None
         if "train" in done:
             log(summary_line(done["train"]))
     evaluation = eval_manifest(manifest)
@@ -108,7 +136,10 @@ def run_experiment(manifest: Manifest, *, force: bool = False, dry_run: bool = F
             path = manifest.output_root / name
             if path.is_file():
                 path.unlink()
-    metrics = run_eval(evaluation, force=force, log=log)
+    try:
+        metrics = run_eval(evaluation, force=force, log=log)
+    except StageConflict as exc:
+        raise StageConflict(f"{exc}\n`sip experiment --redo eval` evaluates every run again") from None
     data = write_experiment_report(manifest, evaluation.output_root / "eval", metrics)
     log(printed_table(data))
     log(f"experiment: report {manifest.output_root / 'experiment.md'}; every number "

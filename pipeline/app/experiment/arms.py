@@ -61,6 +61,12 @@ def baseline_partner(manifest: Manifest, run: ArmRun) -> ArmRun:
     return ArmRun(exp.baseline, run.seed if run.seed in seeds else seeds[0])
 
 
+def _data(manifest: Manifest) -> dict:
+    """The manifest's settings as written (relative paths stay relative: the derived manifest
+    resolves them against the same file, and the stages' fingerprints see the same values)."""
+    return manifest.model_dump(mode="json")
+
+
 def _derived(manifest: Manifest, data: dict) -> Manifest:
     data["experiment"] = None
     derived = parse_manifest(data, str(manifest.source or "<manifest>"))
@@ -78,7 +84,7 @@ def _shared_train_section(manifest: Manifest, data: dict) -> dict:
 def arm_manifest(manifest: Manifest, run: ArmRun) -> Manifest:
     """The plain run manifest that trains ``run``: the arm's phases and seed, from the shared
     start, into :func:`run_dir`."""
-    data = manifest.absolute_data()
+    data = _data(manifest)
     train = _shared_train_section(manifest, data)
     train.update(phases=data["experiment"]["arms"][run.arm]["phases"], seed=run.seed,
                  output_dir=str(run_dir(manifest, run)))
@@ -90,7 +96,7 @@ def eval_manifest(manifest: Manifest) -> Manifest:
     against the start (the baseline) and every run of a non-baseline arm against its
     :func:`baseline_partner`. The ``eval`` section's prompt settings are the experiment's."""
     runs = arm_runs(manifest)
-    data = manifest.absolute_data()
+    data = _data(manifest)
     train = _shared_train_section(manifest, data)
     # The evaluation trains nothing: its train section only says where the start is. Its own
     # train dir holds no metrics; the experiment's report plots every run's.
