@@ -45,7 +45,7 @@ from stages.eval_prompts import eval_prompts
 from stages.eval_stats import Estimate, perplexity, perplexity_ratio, rate, rate_difference, win_rate
 
 REPORT_FILES = ("report.md", "metrics.json", "prompts.parquet", "plots")  # under <output_dir>/eval/
-LOWER_IS_BETTER = {"repetition", "perplexity", "toxicity", "profanity"}
+LOWER_IS_BETTER = {"repetition", "perplexity", "toxicity", "profanity", "independent_toxicity"}
 # alt-profanity-check's probability above which a continuation counts as toxic (its own predict()).
 TOXIC_PROBABILITY = 0.5
 
@@ -210,7 +210,11 @@ def headline_table(metrics: dict[str, dict[str, Estimate]], baseline: str, promp
     return "\n".join(lines)
 
 
-def _plot_metrics(metrics: dict[str, dict[str, Estimate]], keys: list[str], path: Path) -> None:
+def plot_metric_bars(metrics: dict[str, dict[str, Estimate]], keys: list[str], path: Path,
+                     titles: dict[str, str] | None = None,
+                     suptitle: str = "sip eval: per checkpoint, with 95% bootstrap intervals") -> None:
+    """One bar panel per metric key (rows of ``metrics``: checkpoints or arms), each bar with its
+    interval; win rates get a line at 0.5, rates the whole [0, 1] range, perplexity a log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,15 +233,16 @@ def _plot_metrics(metrics: dict[str, dict[str, Estimate]], keys: list[str], path
         est = [v for v in values if v is not None]
         ax.bar(xs, [e.value for e in est], yerr=[[e.value - e.low for e in est], [e.high - e.value for e in est]],
                capsize=4, color="#4c72b0")
-        if key.startswith("win_rate"):
+        if key.startswith("win"):
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
         if key == "perplexity":
             ax.set_yscale("log")
         else:  # a rate: the whole [0, 1] range, so a small difference does not look large
             ax.set_ylim(0, 1.05)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_title(key + (" (lower is better)" if key.split("/")[0] in LOWER_IS_BETTER else ""), fontsize=9)
-    fig.suptitle("sip eval: per checkpoint, with 95% bootstrap intervals", fontsize=10)
+        lower = key.split("/")[0] in LOWER_IS_BETTER
+        ax.set_title((titles or {}).get(key, key) + (" (lower is better)" if lower else ""), fontsize=9)
+    fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -355,7 +360,7 @@ def write_report(manifest: Manifest, generations_dir: Path, judgments_dir: Path,
     keys = ["win_rate", *(f"win_rate_vs/{o}" for o in versus), *(f"safety/{s}" for s in prompt_sets if s != "mc"),
             "factuality", "perplexity", "repetition",
             "distinct_2", "toxicity", "profanity", "mc_accuracy"]
-    _plot_metrics(metrics, keys, out / "plots" / "metrics.png")
+    plot_metric_bars(metrics, keys, out / "plots" / "metrics.png")
     phases = [p.name for p in manifest.train.phases] if manifest.train else []
     trained = _plot_training(training_curves(manifest.stage_dir("train"), phases), out / "plots" / "training.png")
     n = ", ".join(f"{v} {k}" for k, v in data["prompts"].items())

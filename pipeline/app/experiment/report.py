@@ -27,7 +27,7 @@ from pipeline.manifest import Manifest, fingerprint
 from pipeline.app.experiment.arms import ArmRun, arm_runs, baseline_partner, run_dir
 from pipeline.app.experiment.stats import (arm_estimates, difference, mean_over_seeds, perplexity_over_seeds,
                                            ratio)
-from stages.eval_report import LOWER_IS_BETTER, training_curves, versus_wins
+from stages.eval_report import LOWER_IS_BETTER, plot_metric_bars, training_curves, versus_wins
 from stages.eval_stats import Estimate
 
 REPORT_FILES = ("experiment.md", "experiment.json", "plots")
@@ -159,7 +159,7 @@ def findings(data: dict) -> list[str]:
             if e["low"] <= null <= e["high"]:
                 continue
             up = e["value"] > null
-            good = not up if key.split("/")[0] in LOWER_IS_BETTER | {"independent_toxicity"} else up
+            good = not up if key.split("/")[0] in LOWER_IS_BETTER else up
             sign = "×" if key == "perplexity" else ("+" if up else "")
             (better if good else worse).append(f"{titles[key]} ({sign}{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}])")
         win = a["metrics"].get("win_vs_baseline")
@@ -206,36 +206,9 @@ def table(data: dict) -> str:
 
 
 def _plot_metrics(data: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [m for m in data["metrics"] if any(m["key"] in a["metrics"] for a in data["arms"].values())]
-    cols = min(4, len(metrics))
-    rows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
-    for ax in axes.flat[len(metrics):]:
-        ax.set_visible(False)
-    arms = list(data["arms"])
-    for ax, m in zip(axes.flat, metrics):
-        est = [(i, data["arms"][a]["metrics"][m["key"]]) for i, a in enumerate(arms) if m["key"] in data["arms"][a]["metrics"]]
-        ax.bar([i for i, _ in est], [e["value"] for _, e in est], color="#4c72b0",
-               yerr=[[e["value"] - e["low"] for _, e in est], [e["high"] - e["value"] for _, e in est]], capsize=4)
-        if m["key"].startswith("win"):
-            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-        if m["key"] == "perplexity":
-            ax.set_yscale("log")
-        else:
-            ax.set_ylim(0, 1.05)
-        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
-        lower = m["key"].split("/")[0] in LOWER_IS_BETTER | {"independent_toxicity"}
-        ax.set_title(m["title"] + (" (lower is better)" if lower else ""), fontsize=9)
-    fig.suptitle("sip experiment: per arm (seeds pooled), with 95% bootstrap intervals", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    plot_metric_bars({arm: {k: Estimate(**e) for k, e in a["metrics"].items()} for arm, a in data["arms"].items()},
+                     [m["key"] for m in data["metrics"]], path, titles={m["key"]: m["title"] for m in data["metrics"]},
+                     suptitle="sip experiment: per arm (seeds pooled), with 95% bootstrap intervals")
 
 
 def _plot_training(manifest: Manifest, path: Path) -> None:
