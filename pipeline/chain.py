@@ -56,6 +56,11 @@ class ChainMember(abc.ABC):
             StageConflict: complete, but made with other settings than planned now.
         """
 
+    def preflight(self) -> list[str]:
+        """Warnings to print before its work starts (a model whose context the longest pair does
+        not fit, say); none by default."""
+        return []
+
     @abc.abstractmethod
     def describe(self, after: str | None) -> list[str]:
         """A dry run's lines: what would run, where, and (on Slurm) the script; ``after`` is the

@@ -80,7 +80,12 @@ class ShardConfig(_Section):
 
 class ModelRef(_Section):
     model: str = Field(description="'embedded', a local model directory, or an http(s):// OpenAI-compatible endpoint.")
-    max_model_len: int = Field(default=2048, gt=0, description="Context (prompt + output tokens) of the engine.")
+    max_model_len: int | None = Field(
+        default=None, gt=0,
+        description="Context (prompt + output tokens) of the engine. Default: the model's own (its config's "
+        "max_position_embeddings; vLLM lowers it to what the KV cache holds), or what an endpoint's server "
+        "reports (/v1/models max_model_len).",
+    )
     # local vLLM engines
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
@@ -111,6 +116,12 @@ class RewriteConfig(_Section):
         default=["\nBEGINNING:", "\nORIGINAL CONTINUATION:", "\nRewrite the continuation"],
         description="Stop strings: a weak rewriter that starts echoing the prompt is cut there.",
     )
+    prefix_tokens: int | None = Field(
+        default=1024, gt=0,
+        description="The rewriter sees at most the prefix's last this many tokens (its own tokenizer's; the "
+        "policy's for an endpoint), from a word's start; null: the whole prefix. Keeps a long prefix from "
+        "crowding out the prompt (each row records rewrite prefix_tokens).",
+    )
     chunk_size: int = Field(default=64, gt=0, description="Pairs per checkpointed chunk (a crash redoes at most one).")
     prompt: str | None = Field(default=None, description="Custom prompt template file; default: stages/prompts/rewrite.txt.")
 
@@ -124,9 +135,26 @@ class CriterionConfig(_Section):
     weight: float = Field(default=1.0, ge=0)
 
 
+class QualityConfig(CriterionConfig):
+    scheme: Literal["all_pairs", "pivot", "tournament", "sparse_bt"] = Field(
+        default="all_pairs",
+        description="Which pairs of candidates are compared (verdict and choice_prob modes): all_pairs (the "
+        "paper's, K(K-1)/2), pivot (each vs the original: K-1; the paper's saving, which trained a worse model), "
+        "tournament (max-min: about 3K/2, the best and worst found together), sparse_bt (a random graph of degree "
+        "`degree`, Bradley-Terry scores). x2 calls with judging.order: both. See stages/schemes.py.",
+    )
+    degree: int = Field(default=4, ge=2, description="sparse_bt: comparisons per candidate (the graph's degree).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_criterion(cls, data: Any) -> Any:
+        # A plain criterion (mode, weight) is a quality criterion with the default scheme.
+        return data.model_dump() if type(data) is CriterionConfig else data
+
+
 class JudgingConfig(_Section):
     safety: CriterionConfig | None = Field(default_factory=lambda: CriterionConfig(mode="choice_prob"))
-    quality: CriterionConfig | None = Field(default_factory=lambda: CriterionConfig(mode="likelihood"))
+    quality: QualityConfig | None = Field(default_factory=lambda: QualityConfig(mode="likelihood"))
     factuality: CriterionConfig | None = None
     samples: int = Field(default=1, gt=0, description="Judge samples per verdict (paper: 5), averaged.")
     temperature: float = Field(default=0.0, ge=0, description="Verdict sampling temperature (paper: 1.0).")
@@ -147,6 +175,12 @@ class JudgingConfig(_Section):
         "pmi, that minus its mean token log-prob at a document's start (pointwise mutual information with the "
         "prefix: text likely anywhere gains nothing, text the prefix explains does).",
     )
+    prefix_tokens: int | None = Field(
+        default=1024, gt=0,
+        description="The judge sees at most the prefix's last this many tokens (its own tokenizer's; the "
+        "policy's for an endpoint), from a word's start, in every prompt that shows the prefix (quality, "
+        "factuality) and as likelihood's context; null: the whole prefix. Judgments rows record prefix_tokens.",
+    )
     chunk_size: int = Field(default=64, gt=0, description="Pairs per checkpointed chunk (one engine batch per criterion).")
     self_check: bool = Field(
         default=False,
@@ -164,6 +198,10 @@ class JudgingConfig(_Section):
             if crit is not None and crit.mode == "classifier":
                 raise ValueError(f"{name}.mode: the classifier scores offensive text (safety) only; use verdict, "
                                  "choice_prob" + (" or likelihood" if name == "quality" else ""))
+        if self.quality is not None and self.quality.mode == "likelihood" and self.quality.scheme != "all_pairs":
+            raise ValueError(f"quality.scheme: {self.quality.scheme} picks pairwise comparisons; likelihood mode "
+                             "makes none (one scoring call per candidate): use scheme all_pairs, or mode "
+                             "choice_prob or verdict")
         if not any((self.safety, self.quality, self.factuality)):
             raise ValueError("at least one of safety, quality, factuality must be set")
         return self
@@ -179,9 +217,10 @@ class RolloutConfig(_Section):
     top_p: float = Field(default=1.0, gt=0, le=1)
     # The policy's vLLM engine. Kept here, not under `policy`, because `policy` keys decide the
     # pairs table: an engine setting must not invalidate the shard stage.
-    max_model_len: int = Field(
-        default=2048, gt=0,
-        description="Policy engine context (prefix + N new tokens; the paper's 2048); longer prefixes give too_long rows.",
+    max_model_len: int | None = Field(
+        default=None, gt=0,
+        description="Policy engine context (prefix + N new tokens; the paper trains on 2048); longer prefixes give "
+        "too_long rows. Default: the policy's own context (vLLM lowers it to what the KV cache holds).",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
@@ -414,7 +453,8 @@ class EvalConfig(_Section):
     )
     max_new_tokens: int | None = Field(default=None, gt=0, description="Continuation length; default shard.suffix_tokens.")
     temperature: float = Field(default=0.0, ge=0, description="0: greedy continuations (the paper's evaluation).")
-    max_model_len: int = Field(default=2048, gt=0, description="Engine context (prompt + continuation).")
+    max_model_len: int | None = Field(
+        default=None, gt=0, description="Engine context (prompt + continuation); default: each checkpoint's own.")
     chunk_size: int = Field(default=64, gt=0, description="Rows per checkpointed chunk (generation and judging).")
 
     @field_validator("checkpoints")
@@ -596,7 +636,10 @@ _NOT_FINGERPRINTED = {"executor", "run.name", "run.output_dir", "train.output_di
 # Keys added after runs existed, with the default that reproduces those runs: left out of every
 # view while at that default, so the fingerprints (and resume guards) of earlier runs still hold.
 _FINGERPRINTED_UNLESS_DEFAULT = {"shard.eval_fraction": 0.0, "experiment": None, "judging.likelihood": "mean_logprob",
-                                 "judging.length": "own"}
+                                 "judging.length": "own", "rewrite.prefix_tokens": 1024, "judging.prefix_tokens": 1024,
+                                 "rewriter.max_model_len": None, "judge.max_model_len": None,
+                                 "rollouts.max_model_len": None, "eval.max_model_len": None,
+                                 "judging.quality.scheme": "all_pairs", "judging.quality.degree": 4}
 
 
 def _format_error(source: str, err: dict[str, Any], model: type[BaseModel]) -> str:

@@ -10,12 +10,10 @@ re-run reuses it, and a new checkpoint gets a new export.
 from __future__ import annotations
 
 import fcntl
-import json
 from pathlib import Path
 
-import yaml
-
 from pipeline.assets import cache_dir
+from pipeline.engines.context import model_context
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.models import ModelNotFound, model_fingerprint, resolve_model_dir
 
@@ -47,23 +45,12 @@ def policy_identity(manifest: Manifest) -> dict:
     return {"kind": kind, "path": str(directory), "name": name, "weights_sha": model_fingerprint(directory)}
 
 
-def policy_context(directory: Path, kind: str) -> int | None:
-    """The longest sequence the policy was built for (HF ``max_position_embeddings``, LitGPT
-    ``block_size``), or None when its config does not say."""
-    if kind == "hf":
-        value = json.loads((directory / "config.json").read_text()).get("max_position_embeddings")
-    else:
-        config = directory / "model_config.yaml"
-        value = (yaml.safe_load(config.read_text()) or {}).get("block_size") if config.is_file() else None
-    return int(value) if value else None
-
-
 def check_context(manifest: Manifest) -> None:
     """Refuse a ``rollouts.max_model_len`` over the policy's context before any engine starts
     (vLLM would refuse it at start-up, in every task)."""
-    directory, kind = policy_source(manifest)
-    context = policy_context(directory, kind)
-    if context is not None and manifest.rollouts.max_model_len > context:
+    directory, _ = policy_source(manifest)
+    context = model_context(directory)
+    if context is not None and manifest.rollouts.max_model_len is not None and manifest.rollouts.max_model_len > context:
         raise ManifestError(
             f"rollouts.max_model_len: {manifest.rollouts.max_model_len} is more than the policy's context "
             f"({context} tokens, {directory}); set rollouts.max_model_len to at most {context}"

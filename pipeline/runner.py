@@ -57,6 +57,9 @@ class StageJob(ChainMember):
     pipeline: list
     finalize: Callable[[float | None], dict]  # writes the card; gets elapsed_s when this run did all tasks
     estimate: Callable[[], str] | None = None  # a dry run's line on what the stage will cost
+    # Its engines' fit (stages/fit.py): (only_problems) -> lines; all of them in a dry run, the
+    # engines that do not fit before the work starts.
+    fit: Callable[[bool], list[str]] | None = None
     _tasks_job: object = field(default=None, init=False, repr=False)  # the submitted executors (Slurm)
     _card_job: object = field(default=None, init=False, repr=False)
 
@@ -91,6 +94,8 @@ class StageJob(ChainMember):
                          + "; ".join(changes) + "); --force starts it over")
         if self.estimate is not None:
             lines.append(self.estimate())
+        if self.fit is not None:
+            lines += [f"{self.name}: {line}" for line in self.fit(False)]
         if self.on_slurm:
             # A throwaway logging dir: a dry run must leave no trace in the stage directory.
             with tempfile.TemporaryDirectory() as tmp:
@@ -98,6 +103,9 @@ class StageJob(ChainMember):
                                          tasks=self.stage.tasks)
                 lines.append(sbatch_script(executor))
         return lines
+
+    def preflight(self) -> list[str]:
+        return [f"{self.name}: warning: {line}" for line in self.fit(True)] if self.fit is not None else []
 
     def _missing(self) -> list[int]:
         return sorted(set(range(self.stage.tasks)) - self.stage.completed_ranks())
@@ -209,8 +217,12 @@ def run_chain(
             if last_queued is not None:  # a member that runs here after one queued there waits for it
                 last_queued[0].wait()
                 last_queued = None
+            for line in member.preflight():  # after its upstreams ran: counted on their tables
+                log(line)
             cards[member.name] = member.run_local()
             continue
+        for line in member.preflight():
+            log(line)
         job_id = member.submit([last_queued[1]] if last_queued is not None else [])
         log(member.submitted_line())
         submitted.append(member)

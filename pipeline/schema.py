@@ -69,6 +69,8 @@ REWRITES = pa.schema(
         pa.field("prompt_tokens", pa.int32()),
         pa.field("completion_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),
+        # Prefix tokens (the rewriter's own) it was shown: rewrite.prefix_tokens bounds a long prefix.
+        pa.field("prefix_tokens", pa.int32()),
     ]
 )
 
@@ -110,6 +112,9 @@ JUDGMENTS = pa.schema(
         pa.field("parse_status", pa.string(), nullable=False),  # one of PARSE_STATUSES
         pa.field("shown_order", pa.string()),  # JSON: the order candidates were shown in
         pa.field("judge_samples", pa.int32()),
+        # Prefix tokens (the judge's own) it was shown: judging.prefix_tokens bounds a long prefix.
+        # Null when no criterion shows the prefix (safety only) or no tokenizer counted it.
+        pa.field("prefix_tokens", pa.int32()),
     ]
 )
 
@@ -127,7 +132,7 @@ ONLINE = pa.schema(
         pa.field("sample", pa.int32()),  # rollout index 0..K-1 (the first sample when a text repeats)
         pa.field("sampler_logprob", pa.float64()),  # rollouts: sum of the sampled ids' log-probs (nats)
         *[JUDGMENTS.field(name) for name in ("safety", "quality", "factuality", "reward", "judge_raw",
-                                             "parse_status", "shown_order", "judge_samples")],
+                                             "parse_status", "shown_order", "judge_samples", "prefix_tokens")],
         pa.field("pick_status", pa.string(), nullable=False),  # usable | single_candidate | tie | unjudged
         pa.field("role", pa.string()),  # chosen | rejected | best (the RF-NLL target) | null
         pa.field("ref_logprob", pa.float64()),  # DPO: the reference's sequence log-prob of a chosen/rejected row

@@ -8,7 +8,9 @@ document's own text at token boundaries instead of decoding ids.
 from __future__ import annotations
 
 import hashlib
+import re
 from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import NamedTuple
 
@@ -175,3 +177,51 @@ def end_of_text_ids(directory: str | Path) -> frozenset[int]:
         if token is not None and (found := load_tokenizer(str(directory)).token_to_id(token)) is not None:
             return frozenset([found])
     return frozenset()
+
+
+_WORD_START = re.compile(r"(?<=\s)\S")
+
+
+class Window(NamedTuple):
+    """The part of a prefix a model is shown (:func:`prefix_window`)."""
+
+    text: str  # the prefix's last characters, from a word's start (the whole prefix when it fits)
+    tokens: int | None  # its length in the tokenizer's tokens (None: no tokenizer counted it)
+    cut: bool  # the start of the prefix was left out
+
+
+def prefix_window(tokenizer, prefix: str, max_tokens: int | None) -> Window:
+    """The prefix's end, at most ``max_tokens`` tokens of ``tokenizer``: what a rewriter or judge
+    with a bounded context is shown of a long prefix (long-context pipelines' left truncation:
+    the text nearest the continuation is what decides it).
+
+    The window starts at a word (after whitespace), so no model sees half a word; where the
+    last ``max_tokens`` tokens hold no word start (text without spaces), at the first token
+    that starts a new character. ``max_tokens`` None or a prefix that fits: the whole prefix.
+    ``tokenizer``: a ``tokenizers.Tokenizer`` or a Hugging Face fast tokenizer.
+    """
+    tok = _backend(tokenizer)
+    encoding = tok.encode(prefix, add_special_tokens=False)
+    ids, offsets = encoding.ids, encoding.offsets
+    if max_tokens is None or len(ids) <= max_tokens:
+        return Window(prefix, len(ids), False)
+
+    def fits(start: int) -> Window | None:
+        # Re-encoded on its own, the window's first word may take other pieces: recount.
+        n = len(tok.encode(prefix[start:], add_special_tokens=False).ids)
+        return Window(prefix[start:], n, True) if n <= max_tokens else None
+
+    first = offsets[len(ids) - max_tokens][0]
+    # A byte-level token that starts a word holds the space before it: the word starts after it.
+    # A few words on at most: each try re-encodes the window.
+    for match in islice(_WORD_START.finditer(prefix, first), 8):
+        if window := fits(match.start()):
+            return window
+    # No word start fits (text without spaces, or one long last word): the first character
+    # boundary that does.
+    bounds = char_boundaries(offsets)
+    for k in range(len(ids) - max_tokens, len(ids)):
+        if bounds[k] and (window := fits(offsets[k][0])):
+            return window
+    # Not even the last character fits (one character, several byte tokens): that character.
+    return Window(prefix[-1], len(tok.encode(prefix[-1], add_special_tokens=False).ids), True)

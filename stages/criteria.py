@@ -19,16 +19,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from itertools import combinations
 from pathlib import Path
 
 from pipeline.engines.base import Engine, Request, Sampling
 from pipeline.manifest import JudgingConfig, ManifestError
 from pipeline.prompts import PromptError, PromptTemplate
-from pipeline.schema import content_id
-from pipeline.tokenizer import encode_continuation, join_encoding
+from pipeline.tokenizer import Window, encode_continuation, join_encoding, prefix_window
 from stages.verdicts import CHOICES, parse_choice, stop_strings, verdict_prefill
 from stages.classifiers import CLASSIFIER, offensive_probability
+from stages.schemes import Draws, run_scheme
 
 PROMPTS = Path(__file__).parent / "prompts"
 # An endpoint's verdict step: room for the longest choice in any tokenizer (it stops there).
@@ -138,16 +137,31 @@ class Judge:
     """The three criteria over one engine. Every text put into a judge prompt (prefix,
     reference, candidates) sits in a tagged data block it cannot close (:func:`data_escaper`)."""
 
-    def __init__(self, engine: Engine, config: JudgingConfig, seed: int = 0):
+    def __init__(self, engine: Engine, config: JudgingConfig, seed: int = 0, window_tokenizer=None):
+        """``window_tokenizer``: counts ``judging.prefix_tokens`` when the engine has no local
+        tokenizer (an endpoint; the policy's tokenizer stands in)."""
         self.engine = engine
         self.config = config
         self.seed = seed
+        self.window_tokenizer = engine.tokenizer if engine.tokenizer is not None else window_tokenizer
+        self._windows: dict[str, Window] = {}
         self.templates = {c: PromptTemplate.load(PROMPTS / f"judge_{c}.txt") for c in CHOICES}  # one per criterion
         self._as_data = data_escaper({tag for t in self.templates.values() for tag in data_tags(t)})
         self.counters = JudgeCounters()
 
     def _messages(self, criterion: str, **values: str) -> tuple[dict, ...]:
         return self.templates[criterion].messages(**{k: self._as_data(v) for k, v in values.items()})
+
+    def window(self, prefix: str) -> Window:
+        """What the judge is shown of ``prefix``: its last ``judging.prefix_tokens`` tokens
+        (:func:`pipeline.tokenizer.prefix_window`); the whole prefix without a bound or a tokenizer."""
+        if self.window_tokenizer is None:
+            return Window(prefix, None, False)
+        if prefix not in self._windows:
+            if len(self._windows) > 4096:  # a task's pairs pass once: keep memory flat
+                self._windows.clear()
+            self._windows[prefix] = prefix_window(self.window_tokenizer, prefix, self.config.prefix_tokens)
+        return self._windows[prefix]
 
     def _unparsable(self, criterion: str) -> None:
         self.counters.unparsable[criterion] = self.counters.unparsable.get(criterion, 0) + 1
@@ -266,7 +280,7 @@ class Judge:
 
     def factuality(self, items: list[tuple[str, str, str]]) -> list[Scored]:
         """items: (prefix, reference, candidate)."""
-        requests = [Request(f"f{i}", self._messages("factuality", prefix=p, reference=r, candidate=c))
+        requests = [Request(f"f{i}", self._messages("factuality", prefix=self.window(p).text, reference=r, candidate=c))
                     for i, (p, r, c) in enumerate(items)]
         return self._score("factuality", requests)
 
@@ -280,6 +294,7 @@ class Judge:
         One call keeps the engine's batches full; a pair's comparisons are sent next to each
         other, so the prompt they share (instructions + prefix) is served by vLLM's prefix cache.
         """
+        items = [(self.window(prefix).text, texts, pair_id) for prefix, texts, pair_id in items]
         out: list = [None] * len(items)
         todo = []
         for k, (_, texts, _) in enumerate(items):
@@ -293,19 +308,62 @@ class Judge:
             for k, scored in zip(todo, self._quality_likelihood([items[k][:2] for k in todo])):
                 out[k] = (scored, [])
             return out
-        orders = {k: self._orders(items[k][1], items[k][2]) for k in todo}
-        requests = []
-        for k in todo:
-            prefix, texts, _ = items[k]
-            for a, b in orders[k]:
-                requests.append(Request(f"q{len(requests)}", self._messages(
-                    "quality", prefix=prefix, option_1=texts[a], option_2=texts[b])))
-        scored = self._score("quality", requests)
-        at = 0
-        for k in todo:
-            mine = scored[at : at + len(orders[k])]
-            at += len(orders[k])
-            out[k] = (self._win_rates(len(items[k][1]), orders[k], mine), [list(o) for o in orders[k]])
+        runs = {k: self._scheme_run(items[k][1], items[k][2]) for k in todo}
+        made: dict[int, list[tuple[int, int]]] = {k: [] for k in todo}
+        scored: dict[int, list[Scored]] = {k: [] for k in todo}
+        rounds = {k: next(run) for k, run in runs.items()}
+        while rounds:
+            # One engine call per round for every pair still comparing: its batches stay full,
+            # and a pair's comparisons sit next to each other (vLLM's prefix cache serves the
+            # instructions + prefix they share).
+            shown = [(k, a, b) for k, comparisons in rounds.items() for a, b in comparisons]
+            requests = [self.quality_request(f"q{n}", items[k][0], items[k][1][a], items[k][1][b])
+                        for n, (k, a, b) in enumerate(shown)]
+            answers = iter(self.judge_shown(requests))
+            for k in list(rounds):
+                mine = [next(answers) for _ in rounds[k]]
+                made[k] += rounds[k]
+                scored[k] += mine
+                try:
+                    rounds[k] = runs[k].send([s.score for s in mine])
+                except StopIteration as stop:
+                    del rounds[k]
+                    out[k] = (self._comparison_scores(len(items[k][1]), made[k], scored[k], stop.value),
+                              [list(c) for c in made[k]])
+        return out
+
+    def quality_request(self, request_id: str, prefix: str, first: str, second: str) -> Request:
+        """The pairwise quality prompt with ``first`` shown first (the prefix windowed)."""
+        return Request(request_id, self._messages("quality", prefix=self.window(prefix).text, option_1=first,
+                                                  option_2=second))
+
+    def judge_shown(self, requests: list[Request]) -> list[Scored]:
+        """Each :meth:`quality_request`'s score: the probability that the option shown first is
+        better (a verdict's 1 / 0.5 / 0, or a soft verdict), None when unreadable."""
+        return self._score("quality", requests)
+
+    def _scheme_run(self, texts: list[str], pair_id: str):
+        quality = self.config.quality
+        return run_scheme(quality.scheme, len(texts), Draws(self.seed, pair_id, tuple(texts)),
+                          self.config.order == "both", quality.degree)
+
+    def _comparison_scores(self, n: int, comparisons: list[tuple[int, int]], scored: list[Scored],
+                           scores: list[float | None]) -> list[Scored]:
+        """Each candidate's score from its scheme, with the comparisons it took part in (``raw``);
+        counts order agreement where a pair was shown in both orders."""
+        by_shown = {c: s.score for c, s in zip(comparisons, scored)}
+        for (a, b), first in by_shown.items():
+            second = by_shown.get((b, a))
+            if a < b and second is not None and first is not None and first != 0.5 and second != 0.5:
+                self.counters.order_compared += 1
+                self.counters.order_agreed += (first > 0.5) == (second < 0.5)
+        out = []
+        for i in range(n):
+            mine = [((a, b), s) for (a, b), s in zip(comparisons, scored) if i in (a, b)]
+            opponents = {b if a == i else a for (a, b), s in mine if s.score is not None}
+            raw = {"comparisons": [{"shown": [a, b], **(s.raw if isinstance(s.raw, dict) else {})} for (a, b), s in mine],
+                   "opponents_compared": len(opponents), "opponents": n - 1, "scheme": self.config.quality.scheme}
+            out.append(Scored(scores[i], raw))
         return out
 
     def compare(self, items: list[tuple[str, str, str]]) -> list[tuple[Scored, Scored]]:
@@ -323,48 +381,16 @@ class Judge:
         """
         if not items:
             return []
+        items = [(self.window(prefix).text, a, b) for prefix, a, b in items]
         if self.config.quality.mode == "likelihood":
             return [(s[0], s[0]) for s in self._quality_likelihood([(p, [a, b]) for p, a, b in items])]
         requests = []
         for i, (prefix, a, b) in enumerate(items):
-            requests += [Request(f"c{i}/first", self._messages("quality", prefix=prefix, option_1=a, option_2=b)),
-                         Request(f"c{i}/second", self._messages("quality", prefix=prefix, option_1=b, option_2=a))]
-        scored = self._score("quality", requests)  # each: the probability that the option shown first is better
+            requests += [self.quality_request(f"c{i}/first", prefix, a, b),
+                         self.quality_request(f"c{i}/second", prefix, b, a)]
+        scored = self.judge_shown(requests)
         return [(scored[2 * k], Scored(None if scored[2 * k + 1].score is None else 1 - scored[2 * k + 1].score,
                                        scored[2 * k + 1].raw)) for k in range(len(items))]
-
-    def _orders(self, texts: list[str], pair_id: str) -> list[tuple[int, int]]:
-        orders = []
-        for i, j in combinations(range(len(texts)), 2):
-            if self.config.order == "both":
-                orders += [(i, j), (j, i)]
-            else:  # one order, seeded by the pair and candidates: reproducible, unbiased on average
-                flip = int(content_id("order", self.seed, pair_id, texts[i], texts[j])[:8], 16) % 2
-                orders.append((j, i) if flip else (i, j))
-        return orders
-
-    def _win_rates(self, n: int, orders: list[tuple[int, int]], scored: list[Scored]) -> list[Scored]:
-        beats: dict[tuple[int, int], list[float]] = {}
-        for (a, b), s in zip(orders, scored):
-            if s.score is not None:  # s.score: probability that the first shown (a) is better
-                beats.setdefault((a, b), []).append(s.score)
-                beats.setdefault((b, a), []).append(1 - s.score)
-        if self.config.order == "both":
-            for i, j in combinations(range(n), 2):
-                first, second = scored[orders.index((i, j))].score, scored[orders.index((j, i))].score
-                if first is not None and second is not None and first != 0.5 and second != 0.5:
-                    self.counters.order_compared += 1
-                    self.counters.order_agreed += (first > 0.5) == (second < 0.5)
-        out = []
-        for i in range(n):
-            rates = [sum(v) / len(v) for (a, _), v in beats.items() if a == i]
-            raw = {"comparisons": [{"shown": [a, b], **(s.raw if isinstance(s.raw, dict) else {})}
-                                   for (a, b), s in zip(orders, scored) if i in (a, b)],
-                   "opponents_compared": len(rates), "opponents": n - 1}
-            # The mean over the comparisons that parsed: one unparsable answer must not void a
-            # candidate that won or lost every other comparison.
-            out.append(Scored(sum(rates) / len(rates) if rates else None, raw))
-        return out
 
     def _quality_likelihood(self, items: list[tuple[str, list[str]]]) -> list[list[Scored]]:
         """Each candidate's tokens are those of prefix + candidate past the prefix's own encoding
@@ -428,3 +454,13 @@ class Judge:
                               {self.config.likelihood: None if repetitive else mean(mine), "repetitive": repetitive,
                                "tokens": len(mine)}))
         return out
+
+
+def manifest_judge(manifest, engine: Engine, config: JudgingConfig | None = None) -> Judge:
+    """The manifest's judge over ``engine`` (``judging``, or ``config``; seeded by ``run.seed``).
+    An endpoint has no local tokenizer: its prefix window is counted in policy tokens."""
+    from pipeline.engines.factory import counting_tokenizer
+
+    fallback = counting_tokenizer(manifest, manifest.judge, "judge") if engine.tokenizer is None else None
+    return Judge(engine, config or manifest.judging, manifest.run.seed, window_tokenizer=fallback)
+

@@ -32,7 +32,8 @@ from pipeline.chunks import EngineStep
 from pipeline.engines.base import Engine, Request, Sampling
 from pipeline.io import chunk_stats, read_table
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
-from pipeline.policy import cached_hf_export, policy_context
+from pipeline.engines.context import model_context
+from pipeline.policy import cached_hf_export
 from pipeline.runner import StageJob
 from pipeline.schema import EVAL_GENERATIONS, EVAL_STATUSES, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed, require_each_key_once
@@ -201,9 +202,9 @@ class GenerateStep(EngineStep):
         directory = self.engine_dir = hf_dir(self.current, Path(self.tokenizer_dir))
         self.stat_update("export_ms", value=int((time.perf_counter() - started) * 1000))
         # A small model trained from scratch may have a shorter context than eval.max_model_len:
-        # prompts that do not fit it get status too_long.
-        context = policy_context(directory, "hf") or self.manifest.eval.max_model_len
-        return VLLMEngine(directory, max_model_len=min(self.manifest.eval.max_model_len, context),
+        # prompts that do not fit it get status too_long. Unset: the checkpoint's own context.
+        wanted, context = self.manifest.eval.max_model_len, model_context(directory)
+        return VLLMEngine(directory, max_model_len=min(wanted, context) if wanted and context else wanted,
                           seed=self.manifest.run.seed + self.rank, model_id=f"eval:{self.current.name}")
 
     def process(self, rows: list[dict]) -> list[dict]:

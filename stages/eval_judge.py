@@ -39,7 +39,7 @@ from pipeline.manifest import CriterionConfig, JudgingConfig, Manifest, fingerpr
 from pipeline.runner import StageJob
 from pipeline.schema import EVAL_JUDGMENTS, provenance, with_provenance
 from pipeline.stage import StageDir, require_each_key_once
-from stages.criteria import PROMPTS, Judge, Scored
+from stages.criteria import PROMPTS, Judge, Scored, manifest_judge
 from stages.eval_generate import plan_eval_generations
 from stages.eval_prompts import eval_prompts
 from stages.judge import check_judge_settings, fingerprint_prompts, judging_view
@@ -108,7 +108,7 @@ class EvalJudgeStep(EngineStep):
 
     def process(self, prompts: list[dict]) -> list[dict]:
         if self.judge is None:
-            self.judge = Judge(self.engine, eval_judging(self.manifest), self.manifest.run.seed)
+            self.judge = manifest_judge(self.manifest, self.engine, eval_judging(self.manifest))
         before, started = self.judge.counters.snapshot(), time.perf_counter()
         judged = [(p, c) for p in prompts for c in self.checkpoints if p["prompt_set"] != "mc"
                   and p["continuations"].get(c, {}).get("status") in JUDGED_STATUSES]

@@ -28,11 +28,13 @@ from pipeline.runner import StageJob
 from pipeline.schema import JUDGMENTS, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
 from pipeline.tokenizer import load_tokenizer
-from stages.criteria import PROMPTS, Judge
+from stages.criteria import PROMPTS, Judge, manifest_judge
 from stages.rewrite import plan_rewrite
 from stages.rollout import plan_rollout
+from stages.schemes import SCHEMES, scheme_calls
 from stages.scoring import CRITERIA, CandidateSet, Judged, assemble_candidates, score_pairs
 from stages.shard import plan_shard
+from stages.fit import fit_lines
 
 STAGE = "judge"
 PAIR_COLUMNS = ["pair_id", "prefix", "suffix", "suffix_ids"]  # what a pair's candidates need
@@ -88,6 +90,7 @@ def judgment_rows(judged: list[Judged], samples: int) -> list[dict]:
         "text": j.candidate.text, "token_ids": list(j.candidate.token_ids), **j.scores, "reward": j.reward,
         "judge_raw": json.dumps(j.raw, default=str), "parse_status": "ok" if j.parsed else "unparsable",
         "shown_order": json.dumps(j.shown_order) if j.shown_order else None, "judge_samples": samples,
+        "prefix_tokens": j.prefix_tokens,
     } for j in judged]
 
 
@@ -109,7 +112,7 @@ class JudgeStep(EngineStep):
 
     def process(self, rows: list[dict]) -> list[dict]:
         if self.judge is None:
-            self.judge = Judge(self.engine, self.manifest.judging, self.manifest.run.seed)
+            self.judge = manifest_judge(self.manifest, self.engine)
         counters = self.judge.counters
         before = counters.snapshot()
         started, cache_before = time.perf_counter(), self._prefix_cache()
@@ -245,12 +248,16 @@ def count_judge_calls(plan: JudgePlan) -> dict | str:
     local = ref.kind != "endpoint"
     model_dir = resolve_model_dir(manifest, ref.model, "judge.model") if local else None
     counter = CallCounter(model_dir, plan.model.get("name", ref.model), ref.max_model_len)
-    judge, upstream_candidates = Judge(counter, manifest.judging, manifest.run.seed), plan.upstream()
+    judge, upstream_candidates = manifest_judge(manifest, counter), plan.upstream()
     pairs = read_table(plan.pairs_dir, columns=PAIR_COLUMNS).to_pylist()
-    candidates, chunk = 0, manifest.judging.chunk_size
+    sizes, chunk = [], manifest.judging.chunk_size
     for start in range(0, len(pairs), chunk):
         judged = score_pairs(judge, [upstream_candidates.for_pair(p) for p in pairs[start : start + chunk]])
-        candidates += sum(map(len, judged))
+        sizes += [len(j) for j in judged]
+    candidates = sum(sizes)
+    quality, both = manifest.judging.quality, manifest.judging.order == "both"
+    by_scheme = ({s: sum(scheme_calls(s, n, both, quality.degree) for n in sizes) for s in SCHEMES}
+                 if quality is not None and quality.mode != "likelihood" else None)
     return {
         "engine_calls": counter.calls,
         "pairs": len(pairs),
@@ -258,6 +265,7 @@ def count_judge_calls(plan: JudgePlan) -> dict | str:
         "judge_calls": judge.counters.calls,
         "prompt_tokens": judge.counters.prompt_tokens if local else None,
         "max_completion_tokens": counter.max_completion_tokens,
+        "quality_calls_by_scheme": by_scheme,  # what judging.quality.scheme would cost instead
     }
 
 
@@ -267,8 +275,14 @@ def describe_judge_cost(plan: JudgePlan) -> str:
         return f"judge: {counted}"
     tokens = f"{counted['prompt_tokens']:,} prompt tokens" if counted["prompt_tokens"] is not None else \
         "prompt tokens unknown (an endpoint judge's tokenizer is not local)"
-    return (f"judge: {counted['judge_calls']:,} judge calls for {counted['candidates']:,} candidates of "
+    line = (f"judge: {counted['judge_calls']:,} judge calls for {counted['candidates']:,} candidates of "
             f"{counted['pairs']:,} pairs; {tokens}; at most {counted['max_completion_tokens']:,} completion tokens")
+    if counted["quality_calls_by_scheme"]:
+        chosen = plan.manifest.judging.quality.scheme
+        line += "\njudge: quality calls by judging.quality.scheme: " + ", ".join(
+            f"{name} {calls:,}" + (" (this manifest)" if name == chosen else "")
+            for name, calls in counted["quality_calls_by_scheme"].items())
+    return line
 
 
 def judge_summary(plan: JudgePlan, elapsed_s: float | None) -> dict:
@@ -296,11 +310,15 @@ def judge_summary(plan: JudgePlan, elapsed_s: float | None) -> dict:
         "prefix_cache_hit_rate": (round(stats["prefix_cache_hit_tokens"] / stats["prefix_cache_queried_tokens"], 3)
                                   if stats.get("prefix_cache_queried_tokens") else None),
         "judge_calls": int(stats.get("judge_calls", 0)),
+        "judge_calls_per_pair": round(stats.get("judge_calls", 0) / max(j["pair_id"].n_unique(), 1), 2),
+        "quality_scheme": plan.manifest.judging.quality.scheme if plan.manifest.judging.quality else None,
         "prompt_tokens": int(stats.get("prompt_tokens", 0)),
         "completion_tokens": int(stats.get("completion_tokens", 0)),
         "engine_s": round(stats.get("engine_ms", 0) / 1000, 2),
         "engine_start_s": round(plan.stage.merged_stats().get("engine_start_ms", 0) / 1000, 2),
         "modes": {c: getattr(plan.manifest.judging, c).mode for c in CRITERIA if getattr(plan.manifest.judging, c)},
+        # The most prefix tokens the judge saw (judging.prefix_tokens bounds it).
+        "prefix_tokens_shown_max": int(j["prefix_tokens"].max()) if j["prefix_tokens"].null_count() < len(j) else None,
     }
     if elapsed_s:
         summary["elapsed_s"] = round(elapsed_s, 2)
@@ -320,7 +338,7 @@ def finalize_judge(manifest: Manifest, elapsed_s: float | None = None) -> dict:
 def judge_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
     plan = plan_judge(manifest, upstream_pending)
     return StageJob(plan.stage, plan.pipeline(), partial(finalize_judge, manifest),
-                    estimate=partial(describe_judge_cost, plan))
+                    estimate=partial(describe_judge_cost, plan), fit=partial(fit_lines, manifest, ("judge",)))
 
 
 def summary_line(card: dict) -> str:

@@ -25,16 +25,17 @@ import polars as pl
 from pipeline.cards import write_card
 from pipeline.chunks import EngineStep
 from pipeline.engines.base import Engine, Request, Result, Sampling
-from pipeline.engines.factory import RUN_ONLY, make_engine, model_identity
+from pipeline.engines.factory import RUN_ONLY, counting_tokenizer, make_engine, model_identity
 from pipeline.io import TableReader, chunk_stats, read_table
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.prompts import PromptTemplate
 from pipeline.runner import StageJob
 from pipeline.schema import REWRITES, provenance, with_provenance
 from pipeline.stage import StageDir, StageFailed
-from pipeline.tokenizer import join_encoding, load_tokenizer
+from pipeline.tokenizer import Window, join_encoding, load_tokenizer, prefix_window
 from stages.refusals import is_refusal
 from stages.shard import plan_shard
+from stages.fit import fit_lines
 
 STAGE = "rewrite"
 DEFAULT_PROMPT = Path(__file__).parent / "prompts" / "rewrite.txt"
@@ -94,16 +95,25 @@ class RewriteStep(EngineStep):
         self.manifest = manifest
         self.template = template
         self.model = model
+        self._counter = None  # the rewriter's tokenizer, loaded on first use
         cfg = manifest.rewrite
         self.sampling = Sampling(
             max_tokens=cfg.max_new_tokens or -(-5 * manifest.shard.suffix_tokens // 4),
             temperature=cfg.temperature, top_p=cfg.top_p, stop=tuple(cfg.stop),
         )
 
-    def request(self, pair: dict) -> tuple[Request, str]:
+    def window(self, prefix: str) -> Window:
+        """What the rewriter is shown of ``prefix`` (``rewrite.prefix_tokens``, counted by the
+        rewriter's tokenizer; an endpoint's by the policy's)."""
+        if self._counter is None:
+            self._counter = counting_tokenizer(self.manifest, self.manifest.rewriter, "rewriter")
+        return prefix_window(self._counter, prefix, self.manifest.rewrite.prefix_tokens)
+
+    def request(self, pair: dict) -> tuple[Request, str, Window]:
         primer = primer_of(pair["prefix"], self.manifest.rewrite.prime_words)
-        messages = self.template.messages(prefix=pair["prefix"], continuation=primer + pair["suffix"])
-        return Request(pair["pair_id"], messages, prefill=primer), primer
+        shown = self.window(pair["prefix"])
+        messages = self.template.messages(prefix=shown.text, continuation=primer + pair["suffix"])
+        return Request(pair["pair_id"], messages, prefill=primer), primer, shown
 
     def start_engine(self) -> Engine:
         return make_engine(self.manifest, self.manifest.rewriter, "rewriter")
@@ -112,15 +122,16 @@ class RewriteStep(EngineStep):
         engine = self.engine
         built = [self.request(pair) for pair in rows]
         started = time.perf_counter()
-        results = engine.generate([r for r, _ in built], self.sampling)
+        results = engine.generate([r for r, _, _ in built], self.sampling)
         self.count("engine_ms", int((time.perf_counter() - started) * 1000))
         if len(results) > 1 and all(r.status == "error" for r in results):
             # Every request failed: the engine or server is down or misconfigured, not the data.
             # Fail the task without writing the chunk, so a re-run retries these pairs.
             raise StageFailed(f"rewrite: all {len(results)} requests of a chunk failed, e.g. {results[0].error}")
         out = []
-        for pair, (_, primer), result in zip(rows, built, results):
-            row = to_row(result, pair, primer, self.model, self.template.sha)
+        for pair, (_, primer, shown), result in zip(rows, built, results):
+            row = to_row(result, pair, primer, self.model, self.template.sha) | {"prefix_tokens": shown.tokens}
+            self.count("prefix_cut", int(shown.cut))
             self.count(f"status_{row['status']}")
             self.count("prompt_tokens", row["prompt_tokens"] or 0)
             self.count("completion_tokens", row["completion_tokens"] or 0)
@@ -194,6 +205,8 @@ def rewrite_summary(plan: RewritePlan, elapsed_s: float | None) -> dict:
         "token_overlap_with_original_mean": round(sum(overlaps) / len(overlaps), 3) if overlaps else None,
         "rewrite_tokens": {"mean": round(float(length.mean()), 1), "p50": float(length.quantile(0.5)),
                            "p90": float(length.quantile(0.9)), "target": plan.manifest.shard.suffix_tokens},
+        # Pairs whose prefix was longer than rewrite.prefix_tokens: the rewriter saw its end only.
+        "prefix_window": {"prefix_tokens": plan.manifest.rewrite.prefix_tokens, "cut": int(stats.get("prefix_cut", 0))},
         "prompt_tokens": int(stats.get("prompt_tokens", 0)),
         "completion_tokens": int(stats.get("completion_tokens", 0)),
         "engine_s": round(stats.get("engine_ms", 0) / 1000, 2),
@@ -222,7 +235,8 @@ def finalize_rewrite(manifest: Manifest, elapsed_s: float | None = None) -> dict
 
 def rewrite_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
     plan = plan_rewrite(manifest, upstream_pending)
-    return StageJob(plan.stage, plan.pipeline(), partial(finalize_rewrite, manifest))
+    return StageJob(plan.stage, plan.pipeline(), partial(finalize_rewrite, manifest),
+                    fit=partial(fit_lines, manifest, ("rewriter",)))
 
 
 

@@ -36,6 +36,7 @@ from pipeline.schema import ROLLOUT_STATUSES, ROLLOUTS, cand_id, provenance, wit
 from pipeline.stage import StageDir, StageFailed, require_each_key_once
 from pipeline.tokenizer import decode_continuations, load_tokenizer
 from stages.shard import plan_shard
+from stages.fit import fit_lines
 
 STAGE = "rollout"
 # Engine settings that change how the policy runs, not what it samples: resumable when changed.
@@ -192,7 +193,8 @@ def finalize_rollout(manifest: Manifest, elapsed_s: float | None = None) -> dict
 
 def rollout_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
     plan = plan_rollout(manifest, upstream_pending)
-    return StageJob(plan.stage, plan.pipeline(), partial(finalize_rollout, manifest))
+    return StageJob(plan.stage, plan.pipeline(), partial(finalize_rollout, manifest),
+                    fit=partial(fit_lines, manifest, ("policy",)))
 
 
 

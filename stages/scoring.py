@@ -114,6 +114,7 @@ class Judged:
     reward: float | None
     raw: dict = field(default_factory=dict)  # the judge's outputs per criterion
     shown_order: list | None = None  # the pair's quality comparisons, as shown (indices)
+    prefix_tokens: int | None = None  # how much of the prefix the judge saw (its tokens); None: no prompt showed it
 
     @property
     def parsed(self) -> bool:
@@ -157,11 +158,14 @@ def score_pairs(judge: Judge, sets: list[CandidateSet]) -> list[list[Judged]]:
                 scores["quality"][k] = s
                 k += 1
             orders[i] = shown
+    # Quality and factuality show the judge the prefix (its window, ``judging.prefix_tokens``).
+    shown = [judge.window(s.prefix).tokens if cfg.quality or cfg.factuality else None for s in sets]
     out: list[list[Judged]] = [[] for _ in sets]
     for k, (i, candidate) in enumerate(flat):
         row = {c: (scores[c][k].score if scores[c][k] is not None else None) for c in CRITERIA}
         raw = {c: scores[c][k].raw for c in CRITERIA if scores[c][k] is not None}
-        out[i].append(Judged(candidate, row, reward_of(row, cfg, len(sets[i].candidates)), raw, orders.get(i) or None))
+        out[i].append(Judged(candidate, row, reward_of(row, cfg, len(sets[i].candidates)), raw, orders.get(i) or None,
+                             shown[i]))
     return out
 
 

@@ -226,3 +226,26 @@ def test_common_length_compares_two_candidates_on_the_tokens_both_have(tokenizer
     # On the two tokens both have they are the same text: a tie, so stopping early gains nothing.
     scored = common.quality(prefix, [full, short], "p")[0]
     assert [s.score for s in scored] == [0.5, 0.5] and [s.raw["tokens"] for s in scored] == [len(ids[0].ids) - ids[0].start, 2]
+
+
+def test_the_judge_sees_the_prefixs_window_and_each_row_records_its_length(tokenizer):
+    from stages.scoring import Candidate, CandidateSet, score_pairs
+
+    words = [f"w{i}" for i in range(300)]
+    prefix = " ".join(words) + " "
+    script = {(x, y): "1" for x in ("good", "bad") for y in ("good", "bad") if x != y}
+    engine = scripted_orders(script)  # an endpoint-like judge: the policy tokenizer counts its window
+    cfg = JudgingConfig(quality=CriterionConfig(mode="verdict"), safety=None, prefix_tokens=40)
+    judge = Judge(engine, cfg, window_tokenizer=tokenizer)
+    pair = CandidateSet("pair", prefix, "good", [Candidate("pair", "original", "good", (1,)),
+                                                Candidate("pair", "rewrite", "bad", (2,))])
+    judged = score_pairs(judge, [pair])[0]
+    shown = {data_block(user, "beginning") for user in engine.users}
+    assert len(shown) == 1  # every comparison of the pair shows the same window
+    window = shown.pop()
+    assert prefix.rstrip().endswith(window.rstrip())
+    assert "w0 " not in window and window.startswith("w") and len(tokenizer.encode(window).ids) <= 40
+    assert all(j.prefix_tokens == len(tokenizer.encode(window).ids) for j in judged)
+    # No bound: the whole prefix, and its length recorded.
+    whole = Judge(scripted_orders(script), cfg.model_copy(update={"prefix_tokens": None}), window_tokenizer=tokenizer)
+    assert score_pairs(whole, [pair])[0][0].prefix_tokens == len(tokenizer.encode(prefix).ids)

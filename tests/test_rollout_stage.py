@@ -180,12 +180,13 @@ def test_a_litgpt_policy_checkpoint_is_exported_once_and_sampled(tmp_path, embed
     path = llm_manifest(tmp_path, wiki_documents(2, words=60), policy={"model": str(checkpoint)},
                         rollouts={"count": K, "dtype": "float32"})
     monkeypatch.setenv("SIP_CACHE_DIR", str(tmp_path / "cache"))  # the export lands here, not in the user's cache
-    refused = run_sip("run", "--stages", "shard,rollout", "-m", str(path), check=False)  # default context 2048
+    refused = run_sip("run", "--stages", "shard,rollout", "-m", str(path), "--set", "rollouts.max_model_len=2048",
+                      check=False)
     assert refused.returncode == 2 and "rollouts.max_model_len: 2048 is more than the policy's context (256" in refused.stderr
-    run_sip("run", "--stages", "shard,rollout", "-m", str(path), "--set", "rollouts.max_model_len=256")
+    run_sip("run", "--stages", "shard,rollout", "-m", str(path))  # default: the policy's own context, 256
     r = pl.read_parquet(str(tmp_path / "out" / "rollout" / "*.parquet"))
     assert len(r) == K * 4 and (r["model"] == "tiny-policy").all() and r["status"].is_in(["ok", "empty"]).all()
     export = exported_dir(checkpoint)
     assert (export / "config.json").is_file() and table_provenance(tmp_path / "out" / "rollout")["models"]["policy"]["kind"] == "litgpt"
     stamp = (export / "model.safetensors").stat().st_mtime_ns
-    assert policy_hf_dir(load_manifest(path, ["rollouts.max_model_len=256"])) == export and (export / "model.safetensors").stat().st_mtime_ns == stamp
+    assert policy_hf_dir(load_manifest(path)) == export and (export / "model.safetensors").stat().st_mtime_ns == stamp

@@ -297,3 +297,23 @@ def test_choice_prob_reads_each_choices_first_token_after_the_lead_in(family):
             continue
         ask()
         assert engine.choices and all(asked == first for asked in engine.choices), criterion
+
+
+@pytest.mark.parametrize("bound", [1, 4, 9, 40])
+def test_a_prefix_window_is_the_prefixs_end_from_a_word_within_the_bound(family, bound):
+    from pipeline.tokenizer import prefix_window
+
+    _, tok = family
+    for prefix in DOCUMENTS + ["naïve—café" * 6]:
+        window = prefix_window(tok, prefix, bound)
+        total = len(tok.encode(prefix, add_special_tokens=False).ids)
+        assert prefix.endswith(window.text)  # the prefix's own characters, never re-decoded
+        assert window.cut == (window.text != prefix) == (total > bound)
+        assert window.tokens == len(tok.encode(window.text, add_special_tokens=False).ids)
+        assert window.tokens <= bound or not window.cut or len(window.text) == 1  # a character is not split
+        assert window.text  # never nothing: at worst part of the last word
+        start = len(prefix) - len(window.text)
+        if window.cut and prefix in DOCUMENTS and bound >= 9:  # room for a whole word: the window starts at one
+            assert prefix[start - 1].isspace() and not window.text[0].isspace()
+        if not window.cut:
+            assert window.text == prefix and window.tokens == total

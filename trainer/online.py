@@ -46,7 +46,7 @@ from pipeline.io import write_table_atomic
 from pipeline.manifest import Manifest, PhaseConfig, fingerprint
 from pipeline.schema import ONLINE, content_id, provenance, read_provenance, with_provenance
 from pipeline.tokenizer import decode_continuations, end_of_text_ids, load_tokenizer
-from stages.criteria import Judge
+from stages.criteria import Judge, manifest_judge
 from stages.judge import UpstreamCandidates
 from stages.rewrite import plan_rewrite
 from stages.scoring import CandidateSet, Judged, assemble_candidates, pick_judged, score_pairs
@@ -246,7 +246,7 @@ class OnlinePhase:
             self.sampler = self._make_sampler()
         if self.judge is None:
             self.log(f"train: starting the judge for online phase '{self.plan.name}'")
-            self.judge = Judge(make_engine(self.m, self.m.judge, "judge"), self.m.judging, self.m.run.seed)
+            self.judge = manifest_judge(self.m, make_engine(self.m, self.m.judge, "judge"))
         return self.sampler, self.judge
 
     def _make_sampler(self) -> TrainerSampler | VLLMSampler:
@@ -304,7 +304,7 @@ class OnlinePhase:
                     "text": c.text, "token_ids": list(c.token_ids), "sample": sample, "sampler_logprob": logprob,
                     **j.scores, "reward": j.reward, "judge_raw": _json(j.raw),
                     "parse_status": "ok" if j.parsed else "unparsable",
-                    "shown_order": _json(j.shown_order) if j.shown_order else None,
+                    "shown_order": _json(j.shown_order) if j.shown_order else None, "prefix_tokens": j.prefix_tokens,
                     "judge_samples": self.m.judging.samples, "pick_status": picked.status,
                     "role": roles.get(id(j)), "ref_logprob": ref.get(roles.get(id(j))),
                 })

@@ -45,10 +45,16 @@ def manifest() -> None:
 @click.argument("path", type=click.Path(dir_okay=False))
 @set_option
 def manifest_check(path: str, overrides: tuple[str, ...]) -> None:
-    """Validate PATH and print the resolved manifest and its fingerprint."""
+    """Validate PATH and print the resolved manifest, its fingerprint and whether the longest
+    pair fits each model's context (what to change when it does not)."""
+    from stages.fit import fit_lines
+
     m = _load(path, overrides)
     click.echo(yaml.safe_dump(m.model_dump(mode="json"), sort_keys=False).rstrip())
     click.echo(f"# fingerprint: {fingerprint(m)}")
+    click.echo("# fit: the longest pair's prompt + output in each model's tokens, against its context")
+    for line in fit_lines(m, ("rewriter", "judge", "policy")):
+        click.echo(f"#   {line}")
 
 
 @main.command()
@@ -223,6 +229,27 @@ def judge_check(manifest_path: str, overrides: tuple[str, ...], limit: int, json
     path = write_report(report, Path(json_path) if json_path else default_json_path(m))
     click.echo(format_table(report))
     click.echo(f"    -> {path}")
+
+
+@main.command("judge-compare")
+@manifest_option
+@set_option
+@click.option("--limit", default=40, show_default=True, type=click.IntRange(min=1),
+              help="Pairs (with three or more candidates) whose every ordered comparison is judged.")
+@click.option("--seeds", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Seeds each scheme (and the noise ceiling) is replayed with.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Report file; default: judge_compare.json in run.output_dir.")
+def judge_compare(manifest_path: str, overrides: tuple[str, ...], limit: int, seeds: int, json_path: str | None) -> None:
+    """What each quality comparison scheme costs and how often it picks all-pairs' DPO pair, on
+    this judge and these candidates (needs the shard, rewrite and rollout tables)."""
+    from pipeline.app.judge_compare import format_table, run_judge_compare, write_report
+
+    m = _load(manifest_path, overrides)
+    report = run_judge_compare(m, limit, seeds, log=click.echo)
+    path = write_report(report, Path(json_path) if json_path else m.output_root / "judge_compare.json")
+    click.echo(format_table(report))
+    click.echo(f"-> {path}")
 
 
 @main.command()

