@@ -136,14 +136,15 @@ class CriterionConfig(_Section):
 
 
 class QualityConfig(CriterionConfig):
-    scheme: Literal["all_pairs", "pivot", "tournament", "sparse_bt"] = Field(
+    scheme: Literal["all_pairs", "pivot", "tournament", "sparse_bt", "adaptive"] = Field(
         default="all_pairs",
         description="Which pairs of candidates are compared (verdict and choice_prob modes): all_pairs (the "
         "paper's, K(K-1)/2), pivot (each vs the original: K-1; the paper's saving, which trained a worse model), "
         "tournament (max-min: about 3K/2, the best and worst found together), sparse_bt (a random graph of degree "
-        "`degree`, Bradley-Terry scores). x2 calls with judging.order: both. See stages/schemes.py.",
+        "`degree`, Bradley-Terry scores), adaptive (sparse_bt, then the pairs among its 3 best and 3 worst it "
+        "left out: at most 6 more). x2 calls with judging.order: both. See stages/schemes.py.",
     )
-    degree: int = Field(default=4, ge=2, description="sparse_bt: comparisons per candidate (the graph's degree).")
+    degree: int = Field(default=4, ge=2, description="sparse_bt, adaptive: comparisons per candidate (the graph's degree).")
 
     @model_validator(mode="before")
     @classmethod

@@ -17,6 +17,7 @@ for in its answer, and every text put into a prompt sits in a data block it cann
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,29 +63,38 @@ class JudgeCounters:
         return {k: v - before.get(k, 0) for k, v in self.snapshot().items()}
 
 
-def first_choice_tokens(tokenizer, lead: str, choices: dict[str, float]) -> dict[str, int] | None:
-    """Each choice's first token as it follows the lead-in (encoded on its own, a
-    SentencePiece-style tokenizer would start every choice with the same word marker), or None
-    when they cannot tell the choices apart: two share a first token, or one merges with the
-    lead-in's last token."""
-    ids = {c: encode_continuation(tokenizer, lead, c) for c in choices}
-    first = {c: i[0] for c, i in ids.items() if i}
-    return first if len(first) == len(choices) and len(set(first.values())) == len(first) else None
+def first_choice_tokens(tokenizer, lead: str, choices: dict[str, float]) -> tuple[str, dict[str, int]] | None:
+    """Where a verdict is read: ``(shared, first)``, the text every choice starts with that the
+    lead-in takes over (usually "") and each choice's first token after ``lead + shared``;
+    None when no such token tells the choices apart.
+
+    A choice's first token is read as it follows the lead-in (encoded on its own, a
+    SentencePiece-style tokenizer would start every choice with the same word marker). Where
+    the choices share their first token (" 1" and " 2" are a space token, then a digit, in
+    tokenizers that split digits), the shared text moves into the lead-in ("Option " then
+    "1" or "2"), if the tokenizer spells the lead-in's end the same either way.
+    """
+    for shared in dict.fromkeys(["", os.path.commonprefix(list(choices))]):
+        ids = {c: encode_continuation(tokenizer, lead + shared, c[len(shared):]) for c in choices}
+        first = {c: i[0] for c, i in ids.items() if i}
+        if len(first) == len(choices) and len(set(first.values())) == len(first):
+            return shared, first
+    return None
 
 
-def choice_tokens(tokenizer, lead: str, choices: dict[str, float], criterion: str) -> dict[str, int]:
+def choice_tokens(tokenizer, lead: str, choices: dict[str, float], criterion: str) -> tuple[str, dict[str, int]]:
     """:func:`first_choice_tokens`, which choice_prob mode needs.
 
     Raises:
-        ManifestError: the choices' first tokens cannot tell them apart in this judge's tokenizer.
+        ManifestError: no token after the lead-in tells the choices apart in this judge's tokenizer.
     """
-    first = first_choice_tokens(tokenizer, lead, choices)
-    if first is None:
+    found = first_choice_tokens(tokenizer, lead, choices)
+    if found is None:
         raise ManifestError(f"judging.{criterion}.mode: choice_prob needs choices that start with different tokens "
                             f"after {lead!r}; {list(choices)} share a first token (or merge with the lead-in) in "
                             "this judge's tokenizer: use verdict"
                             + (" or likelihood" if criterion == "quality" else ""))
-    return first
+    return found
 
 
 def data_tags(template: PromptTemplate) -> tuple[str, ...]:
@@ -202,10 +212,12 @@ class Judge:
         first token) the engine decodes the step greedily, restricted to the choices (vLLM's
         structured outputs), and :func:`~stages.verdicts.parse_choice` reads its answer."""
         lead, choices = CHOICES[criterion]
-        first = first_choice_tokens(self.engine.tokenizer, lead, choices) if self.engine.tokenizer is not None else None
-        if first is not None:
+        found = first_choice_tokens(self.engine.tokenizer, lead, choices) if self.engine.tokenizer is not None else None
+        if found is not None:
+            shared, first = found
             values = {c.strip(): v for c, v in choices.items()}
             out = []
+            steps = [Request(r.id, r.messages, prefill=r.prefill + shared) for r in steps] if shared else steps
             for probs in self._choice_distributions(steps, first):
                 said = None if probs is None else max(probs, key=probs.get)
                 out.append((None, {"error": "too long for the judge"}) if said is None else
@@ -223,7 +235,8 @@ class Judge:
         return out
 
     def _choice_distributions(self, requests: list[Request], first: dict[str, int]) -> list[dict[str, float] | None]:
-        """Per request (its prefill ends with a verdict's lead-in): the probability of each
+        """Per request (its prefill ends with a verdict's lead-in and the choices' shared start,
+        :func:`first_choice_tokens`): the probability of each
         choice, keyed by the choice without its space; None when the prompt does not fit.
         ``first``: each choice's first token (:func:`first_choice_tokens`).
 
@@ -250,8 +263,8 @@ class Judge:
         """choice_prob mode: the answer is primed with the verdict's lead-in and scored by the
         expected value of the choices' probabilities (a soft verdict)."""
         lead, choices = CHOICES[criterion]
-        first = choice_tokens(self.engine.tokenizer, lead, choices, criterion)
-        primed = [Request(r.id, r.messages, prefill=lead) for r in requests]
+        shared, first = choice_tokens(self.engine.tokenizer, lead, choices, criterion)
+        primed = [Request(r.id, r.messages, prefill=lead + shared) for r in requests]
         self.counters.calls += len(requests)
         out = []
         for probs in self._choice_distributions(primed, first):

@@ -18,6 +18,9 @@ tournament max-min tournament: round one pairs them      mean win rate in its ma
 sparse_bt  a random connected graph of degree d          Bradley-Terry strengths fitted to
            (a cycle plus random matchings):              the soft outcomes, as the mean
            min(ceil(K d / 2), K(K-1)/2)                  win probability against all others
+adaptive   sparse_bt's graph, then every pair among the  as sparse_bt, fitted again on all
+           3 best and among the 3 worst by its fit that   the comparisons
+           the graph left out: at most 6 more
 ========== ============================================ ================================
 
 Each comparison is judged in both shown orders with ``judging.order: both`` (x2 calls) or in
@@ -46,7 +49,7 @@ from typing import Callable, Generator, Sequence
 
 from pipeline.schema import content_id
 
-SCHEMES = ("all_pairs", "pivot", "tournament", "sparse_bt")
+SCHEMES = ("all_pairs", "pivot", "tournament", "sparse_bt", "adaptive")
 
 Comparison = tuple[int, int]  # (candidate shown first, candidate shown second)
 Outcome = float | None  # P(the first shown is better); None: unparsable
@@ -247,6 +250,25 @@ def sparse_bt(n: int, draws: Draws, both: bool, degree: int) -> SchemeRun:
     return bradley_terry(n, comparisons, outcomes)
 
 
+def adaptive(n: int, draws: Draws, both: bool, degree: int, finalists: int = 3) -> SchemeRun:
+    """sparse_bt, then the comparisons that decide the pick: every pair among the ``finalists``
+    best and among the ``finalists`` worst by the first fit that the graph did not hold, then
+    one fit over all."""
+    comparisons = [c for i, j in sparse_graph(n, degree, draws) for c in shown(i, j, draws, both)]
+    outcomes = list((yield comparisons))
+    scores = bradley_terry(n, comparisons, outcomes)
+    ranked = sorted(range(n), key=lambda i: (scores[i] is None, -(scores[i] or 0.0), i))
+    done = {(min(a, b), max(a, b)) for a, b in comparisons}
+    extra = [c for group in (ranked[:finalists], ranked[-finalists:])
+             for i, j in combinations(sorted(group), 2) if (i, j) not in done
+             for c in shown(i, j, draws, both)]
+    extra = list(dict.fromkeys(extra))  # the two groups overlap when n < 2 * finalists
+    if extra:
+        outcomes += (yield extra)
+        comparisons += extra
+    return bradley_terry(n, comparisons, outcomes)
+
+
 def run_scheme(name: str, n: int, draws: Draws, both: bool, degree: int) -> SchemeRun:
     """The generator of scheme ``name`` for ``n`` >= 2 candidates (see the module docstring).
 
@@ -261,16 +283,20 @@ def run_scheme(name: str, n: int, draws: Draws, both: bool, degree: int) -> Sche
         return tournament(n, draws, both)
     if name == "sparse_bt":
         return sparse_bt(n, draws, both, degree)
+    if name == "adaptive":
+        return adaptive(n, draws, both, degree)
     raise ValueError(f"unknown comparison scheme {name!r}; one of {', '.join(SCHEMES)}")
 
 
 def scheme_calls(name: str, n: int, both: bool, degree: int) -> int:
-    """Judge calls of scheme ``name`` for ``n`` candidates (the module docstring's formulas)."""
+    """Judge calls of scheme ``name`` for ``n`` candidates (the module docstring's formulas;
+    ``adaptive``: at most this many, its second round depends on the first)."""
     if n < 2:
         return 0
+    sparse = min(math.ceil(n * degree / 2), n * (n - 1) // 2)
     pairs = {"all_pairs": n * (n - 1) // 2, "pivot": n - 1,
-             "tournament": 3 * n // 2 - 2 if n % 2 == 0 else 3 * (n - 1) // 2,
-             "sparse_bt": min(math.ceil(n * degree / 2), n * (n - 1) // 2)}[name]
+             "tournament": 3 * n // 2 - 2 if n % 2 == 0 else 3 * (n - 1) // 2, "sparse_bt": sparse,
+             "adaptive": min(sparse + 2 * 3, n * (n - 1) // 2)}[name]
     return pairs * (2 if both else 1)
 
 

@@ -224,12 +224,15 @@ class ScriptedJudge(Engine):
         out = []
         for (index,) in sequences:
             request = self._prompts[index]
-            lead = next(lead for lead, _ in CHOICES.values() if request.prefill.endswith(lead))
+            # The lead-in, and the start all choices share when the judge reads them after it.
+            lead, shared = next((lead, shared) for lead, choices in CHOICES.values()
+                                for shared in ("", os.path.commonprefix(list(choices)))
+                                if request.prefill.endswith(lead + shared))
             verdict = self._verdict(request)
             if verdict is None:
                 out.append(None)
                 continue
-            said = encode_continuation(self.tokenizer, lead, " " + verdict)[0]
+            said = encode_continuation(self.tokenizer, lead + shared, (" " + verdict)[len(shared):])[0]
             assert said in token_ids
             out.append({t: math.log(0.9 if t == said else 0.1 / (len(token_ids) - 1)) for t in token_ids})
         return out

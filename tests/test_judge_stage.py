@@ -4,6 +4,7 @@ import json
 
 import polars as pl
 import pytest
+import yaml
 
 from pipeline.io import table_provenance
 from pipeline.manifest import load_manifest
@@ -96,3 +97,40 @@ def test_judge_verdict_mode_parses_or_counts_every_answer(tmp_path):
     # A local judge's verdict step reads a verdict from every answer.
     assert card["unparsable_candidates"] == 0
     assert card["judge_calls"] > 0 and card["completion_tokens"] > 0
+
+
+def test_a_cheaper_scheme_in_the_judge_stage_and_judge_compare_on_its_candidates(tmp_path):
+    from stages.schemes import SCHEMES, scheme_calls
+
+    judging = {"safety": None, "quality": {"mode": "choice_prob", "scheme": "tournament"}}
+    path = pipeline_manifest(tmp_path, wiki_documents(3, words=60), judging)
+    data = yaml.safe_load(path.read_text())
+    data["rollouts"] = {"count": 3, "chunk_size": 4}
+    path.write_text(yaml.safe_dump(data))
+    run_sip("run", "--stages", "shard,rewrite,rollout", "-m", str(path), timeout=1200)
+    dry = run_sip("judge", "--dry-run", "-m", str(path)).stdout
+    assert "quality calls by judging.quality.scheme: all_pairs " in dry and "tournament" in dry and "(this manifest)" in dry
+    run_sip("judge", "-m", str(path), timeout=1200)
+
+    j = pl.read_parquet(str(tmp_path / "out" / "judge" / "*.parquet"))
+    sizes = j.group_by("pair_id").agg(pl.len().alias("k"), pl.col("shown_order").first())
+    for k, shown in sizes.select("k", "shown_order").iter_rows():
+        # The tournament's matches in both shown orders (judging.order: both), every one recorded.
+        assert (len(json.loads(shown)) if shown else 0) == scheme_calls("tournament", k, True, 4)
+    scored = j.filter(pl.col("pair_id").is_in(sizes.filter(pl.col("k") >= 3)["pair_id"].implode()))
+    assert scored.height and scored.group_by("pair_id").agg(pl.col("quality").max())["quality"].to_list() == [1.0] * \
+        scored["pair_id"].n_unique()
+    card = json.loads((tmp_path / "out" / "judge" / "card.json").read_text())["summary"]
+    assert card["quality_scheme"] == "tournament"
+    assert card["judge_calls_per_pair"] == pytest.approx(sum(scheme_calls("tournament", k, True, 4) for k in sizes["k"])
+                                                         / sizes.height, abs=0.01)
+
+    out = run_sip("judge-compare", "-m", str(path), "--limit", "4", "--seeds", "2",
+                  "--json", str(tmp_path / "compare.json"), timeout=1200).stdout
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert "noise ceiling" in out and 0 <= report["noise_ceiling"] <= 1 and report["pairs"] >= 1
+    rows = {r["name"]: r for r in report["schemes"]}
+    reference = rows["all_pairs (both orders)"]
+    assert reference["pair_agreement"] == reference["chosen_agreement"] == 1.0 and reference["calls_saving"] == 1.0
+    assert {r["scheme"] for r in report["schemes"]} == set(SCHEMES)
+    assert report["matrix_calls"] == reference["calls_per_pair"] * report["pairs"]

@@ -249,3 +249,30 @@ def test_the_judge_sees_the_prefixs_window_and_each_row_records_its_length(token
     # No bound: the whole prefix, and its length recorded.
     whole = Judge(scripted_orders(script), cfg.model_copy(update={"prefix_tokens": None}), window_tokenizer=tokenizer)
     assert score_pairs(whole, [pair])[0][0].prefix_tokens == len(tokenizer.encode(prefix).ids)
+
+
+def test_a_tournament_runs_round_by_round_for_many_pairs_in_one_engine_call_per_round():
+    from stages.schemes import scheme_calls
+
+    # The judge prefers the longer text, in either shown order (a noiseless verdict).
+    def script(user):
+        first, second = data_block(user, "option_1"), data_block(user, "option_2")
+        return [("Thinking.", "1" if len(first) > len(second) else "2")]
+
+    engine = ScriptedJudge(script)
+    calls = []
+    generate = engine.generate
+    engine.generate = lambda requests, sampling: calls.append(len(requests)) or generate(requests, sampling)
+    cfg = JudgingConfig(quality=CriterionConfig(mode="verdict"), safety=None)
+    judge = Judge(engine, cfg.model_copy(update={"quality": cfg.quality.model_copy(update={"scheme": "tournament"})}))
+    items = [("p", ["x" * n for n in (3, 9, 1, 5, 7)], "a"), ("p", ["y" * n for n in (2, 4, 8, 6, 1, 3, 5, 7)], "b")]
+    results = judge.quality_batch(items)
+    for (_, texts, _), (scores, shown) in zip(items, results):
+        assert len(shown) == scheme_calls("tournament", len(texts), True, 4)
+        lengths = [len(t) for t in texts]
+        assert scores[lengths.index(max(lengths))].score == 1.0 and scores[lengths.index(min(lengths))].score == 0.0
+        assert all(s.raw["scheme"] == "tournament" for s in scores)
+    # One reasoning call per round for both pairs, each followed by its verdict step: 3 rounds
+    # (log2 of 8 candidates), the first with all 6 first-round matches in both orders.
+    assert len(calls) == 2 * 3 and calls[0] == 2 * (2 + 4)
+    assert judge.counters.order_compared == judge.counters.order_agreed > 0

@@ -343,3 +343,24 @@ def test_offline_mix_trains_offline_rows_beside_the_online_picks(online_run, tmp
         assert float(m["offline_rows"]) == 1 and float(m["loss"]) == float(m["loss"])
         picks = sum(float(m[f"chosen_rate_{s}"]) for s in ("original", "rewrite", "rollout"))
         assert picks == pytest.approx(1.0) or picks == 0.0  # online picks only (0: the prefix tied)
+
+
+@pytest.mark.slow
+def test_the_online_phase_judges_with_a_cheaper_scheme_and_reports_its_calls(online_run, tmp_path):
+    from stages.schemes import scheme_calls
+
+    root, path = online_run
+    out = tmp_path / "train"
+    run_sip("train", "-m", str(path), "--set", f"train.output_dir={out}", "--set", "judging.quality.mode=choice_prob",
+            "--set", "judging.quality.scheme=tournament", "--set", "train.phases=" + json.dumps([{**PHASE, "steps": 2}]),
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1200)
+    record = pl.read_parquet(str(out / "online" / "sip-online" / "*.parquet"))
+    metrics = losses(out, "version_0")
+    for step, rows in record.group_by("step"):
+        sizes = rows.group_by("pair_id").len()["len"].to_list()
+        # safety: one call per candidate; quality: the tournament's matches in both orders.
+        expected = sum(n + scheme_calls("tournament", n, True, 4) for n in sizes)
+        assert float(metrics[step[0]]["judge_calls"]) == expected
+        assert float(metrics[step[0]]["judge_calls_per_prefix"]) == pytest.approx(expected / len(sizes))
+    schemes = [json.loads(raw).get("quality", {}).get("scheme") for raw in record["judge_raw"]]
+    assert "tournament" in schemes and set(schemes) <= {"tournament", None}  # None: a single-candidate prefix

@@ -44,12 +44,12 @@ class Variant:
 
     @property
     def name(self) -> str:
-        degree = f", d={self.degree}" if self.scheme == "sparse_bt" else ""
+        degree = f", d={self.degree}" if self.scheme in ("sparse_bt", "adaptive") else ""
         return f"{self.scheme} ({'both orders' if self.both else 'one order'}{degree})"
 
 
 def variants(degree: int) -> list[Variant]:
-    out = [Variant(s, both) for s in SCHEMES if s != "sparse_bt" for both in (True, False)]
+    out = [Variant(s, both, degree) for s in SCHEMES if s != "sparse_bt" for both in (True, False)]
     out += [Variant("sparse_bt", True, degree), Variant("sparse_bt", False, degree), Variant("sparse_bt", False, 2 * degree)]
     return out
 
