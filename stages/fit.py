@@ -28,7 +28,7 @@ from pipeline.engines.context import Context, model_context
 from pipeline.engines.factory import counting_tokenizer, engine_context
 from pipeline.errors import SipError
 from pipeline.io import read_table, table_files
-from pipeline.manifest import Manifest, ModelRef
+from pipeline.manifest import Manifest, ManifestError, ModelRef
 from pipeline.models import policy_tokenizer_dir, resolve_model_dir
 from pipeline.prompts import PromptTemplate
 from pipeline.tokenizer import load_tokenizer, tokenizer_id
@@ -74,9 +74,14 @@ class Fit:
             return f"{head}: not checked ({self.note or 'the server reports no context'})"
         if self.fits:
             return f"{head}: fits" + (f" ({self.note})" if self.note else "")
-        affected = (f"{self.affected:,} of {self.pairs:,} pairs will be too_long" if self.affected is not None
-                    else f"every pair whose prefix takes more than {max(self.prefix_room, 0):,} of these tokens will "
-                    "be too_long (counted once the pairs table exists)")
+        if self.affected is not None:
+            affected = f"{self.affected:,} of {self.pairs:,} pairs will be too_long"
+        elif self.prefix_room is not None and self.prefix_room <= 0:
+            affected = (f"no pair fits: the parts beside the prefix alone need {self.longest - self.parts.get('prefix', 0):,}"
+                        " tokens")
+        else:
+            affected = (f"every pair whose prefix takes more than {self.prefix_room:,} of these tokens will be too_long "
+                        "(counted once the pairs table exists)")
         return f"{head}: DOES NOT FIT: {affected}; " + "; or ".join(self.fixes) + (f" ({self.note})" if self.note else "")
 
 
@@ -271,9 +276,17 @@ def fit_report(manifest: Manifest, engines: tuple[str, ...] = ("rewriter", "judg
             if engine == "rewriter" and manifest.rewriter is not None:
                 out.append(rewriter_fit(manifest, lengths, sample))
             elif engine == "judge" and manifest.judge is not None:
+                from stages.judge import check_judge_settings
+
+                check_judge_settings(manifest)  # what the stage would refuse, said here too
                 out += judge_fits(manifest, lengths, sample)
             elif engine == "policy" and manifest.rollouts.count:
+                from pipeline.policy import check_context
+
+                check_context(manifest)
                 out.append(policy_fit(manifest, lengths))
+        except ManifestError as exc:
+            out.append(f"{engine}: REFUSED: the stage will not start: {exc}")
         except (SipError, OSError) as exc:
             out.append(f"{engine}: fit not checked: {exc}")
     return out

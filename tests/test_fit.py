@@ -128,3 +128,13 @@ def test_an_endpoints_context_comes_from_its_server(tmp_path, models_server):
     fits = judge_fits(m)
     assert all(f.fits and f.context.tokens == 32768 for f in fits)
     assert "counted with the policy tokenizer" in fits[0].line()
+
+
+def test_what_a_stage_would_refuse_and_what_can_never_fit_are_said_plainly(tmp_path):
+    from stages.fit import fit_lines
+
+    m = load_manifest(long_manifest(tmp_path), ["rollouts.max_model_len=100000", "rewriter.max_model_len=200"])
+    lines = fit_lines(m, ("rewriter", "policy"))
+    assert any(line.startswith("policy: REFUSED") and "more than the policy's context (8192" in line for line in lines)
+    rewriter = next(line for line in lines if line.startswith("rewriter:"))
+    assert "DOES NOT FIT: no pair fits: the parts beside the prefix alone need" in rewriter
