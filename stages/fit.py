@@ -276,9 +276,6 @@ def fit_report(manifest: Manifest, engines: tuple[str, ...] = ("rewriter", "judg
             if engine == "rewriter" and manifest.rewriter is not None:
                 out.append(rewriter_fit(manifest, lengths, sample))
             elif engine == "judge" and manifest.judge is not None:
-                from stages.judge import check_judge_settings
-
-                check_judge_settings(manifest)  # what the stage would refuse, said here too
                 out += judge_fits(manifest, lengths, sample)
             elif engine == "policy" and manifest.rollouts.count:
                 from pipeline.policy import check_context

@@ -10,7 +10,7 @@ import click
 import yaml
 
 from pipeline.errors import SipError
-from pipeline.manifest import Manifest, fingerprint, load_manifest
+from pipeline.manifest import Manifest, ManifestError, fingerprint, load_manifest
 
 manifest_option = click.option(
     "-m", "--manifest", "manifest_path", default="manifests/demo.yaml", show_default=True,
@@ -53,6 +53,13 @@ def manifest_check(path: str, overrides: tuple[str, ...]) -> None:
     click.echo(yaml.safe_dump(m.model_dump(mode="json"), sort_keys=False).rstrip())
     click.echo(f"# fingerprint: {fingerprint(m)}")
     click.echo("# fit: the longest pair's prompt + output in each model's tokens, against its context")
+    from stages.judge import check_judge_settings
+
+    if m.judge is not None:
+        try:
+            check_judge_settings(m)  # what the judge stage would refuse, said here too
+        except ManifestError as exc:
+            click.echo(f"#   judge: REFUSED: the stage will not start: {exc}")
     for line in fit_lines(m, ("rewriter", "judge", "policy")):
         click.echo(f"#   {line}")
 
