@@ -307,7 +307,6 @@ class Judge:
         One call keeps the engine's batches full; a pair's comparisons are sent next to each
         other, so the prompt they share (instructions + prefix) is served by vLLM's prefix cache.
         """
-        items = [(self.window(prefix).text, texts, pair_id) for prefix, texts, pair_id in items]
         out: list = [None] * len(items)
         todo = []
         for k, (_, texts, _) in enumerate(items):
@@ -394,7 +393,6 @@ class Judge:
         """
         if not items:
             return []
-        items = [(self.window(prefix).text, a, b) for prefix, a, b in items]
         if self.config.quality.mode == "likelihood":
             return [(s[0], s[0]) for s in self._quality_likelihood([(p, [a, b]) for p, a, b in items])]
         requests = []
@@ -411,6 +409,7 @@ class Judge:
         candidate's too, so every candidate gets a score."""
         sequences, starts, ids = [], [], []
         for prefix, texts in items:
+            prefix = self.window(prefix).text  # the context, bounded as every prompt's prefix is
             joined = [join_encoding(self.engine.tokenizer, prefix, t) for t in texts]
             ids.append([j.ids[j.start:] for j in joined])
             sequences += [j.ids for j in joined]

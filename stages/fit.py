@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from pipeline.engines.base import Request
+from pipeline.engines.base import Request, chat_prompt_ids
 from pipeline.engines.context import Context, model_context
 from pipeline.engines.factory import counting_tokenizer, engine_context
 from pipeline.errors import SipError
@@ -117,8 +117,6 @@ class _Model:
         """Tokens of the template with empty values (chat template and prefill included)."""
         messages = template.messages(**values)
         if self.chat is not None:
-            from pipeline.engines.base import chat_prompt_ids
-
             return len(chat_prompt_ids(self.chat, Request("fit", messages, prefill=prefill)))
         text = "".join(m["content"] for m in messages) + prefill
         return len(self.counter.encode(text, add_special_tokens=False).ids) + _CHAT_TOKENS_PER_MESSAGE * len(messages)
