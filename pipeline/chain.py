@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.executor import queued_jobs
 from pipeline.stage import StageConflict
 
-JOBS_FILE = "slurm_jobs.json"  # {"<role>": Slurm job id} of a member's last submission, in its _logs/
+JOBS_FILE = "slurm_jobs.json"  # {"<role>": Slurm job id or ids} of a member's last submission, in its _logs/
 
 
 class ChainMember(abc.ABC):
@@ -105,7 +105,8 @@ class ChainMember(abc.ABC):
         jobs_file = self.logs / JOBS_FILE
         if not jobs_file.is_file():
             return
-        recorded = list(json.loads(jobs_file.read_text()).values())
+        # {"tasks": [array ids] (or one id, as older runs wrote it), "card": id}
+        recorded = [str(j) for v in json.loads(jobs_file.read_text()).values() for j in (v if isinstance(v, list) else [v])]
         if still := queued_jobs(recorded):
             them, are = ("them", "are") if len(recorded) > 1 else ("it", "is")
             raise StageConflict(

@@ -1,16 +1,17 @@
 """Chunked, resumable processing for the expensive stages (LLM calls).
 
-A task cuts its input into fixed chunks (the input order of a task is deterministic, so chunk
-``c`` of task ``r`` is always the same rows) and writes each chunk's output as its own Parquet
-file, atomically. A re-run skips chunks whose file exists: a crash or a preemption costs at
-most the chunk in flight, and no row is ever written twice.
+A task gets its input as work units (:class:`pipeline.io.WorkUnit`: a pairs table's row group,
+or a task's whole input for stages not keyed by pair), cuts each into fixed chunks (a unit's
+rows are always the same, in the same order, so chunk ``c`` of unit ``u`` is always the same
+rows) and writes each chunk's output as its own Parquet file, ``<unit key>_<chunk>.parquet``,
+atomically. A re-run skips chunks whose file exists: a crash or a preemption costs at most the
+chunk in flight, and no row is ever written twice.
 """
 
 from __future__ import annotations
 
 import abc
 import os
-from itertools import islice
 from typing import Iterable, Iterator
 
 import pyarrow as pa
@@ -19,12 +20,12 @@ from loguru import logger
 
 from pipeline.atomic import remove_leftovers
 from pipeline.engines.base import Engine
-from pipeline.io import write_table_atomic
+from pipeline.io import WorkUnit, write_table_atomic
 from pipeline.progress import Progress
 
 
-def chunk_name(rank: int, chunk: int) -> str:
-    return f"{rank:05d}_{chunk:05d}.parquet"
+def chunk_name(key: str, chunk: int) -> str:
+    return f"{key}_{chunk:05d}.parquet"
 
 
 class ChunkedStep(PipelineStep, abc.ABC):
@@ -43,6 +44,7 @@ class ChunkedStep(PipelineStep, abc.ABC):
         self.schema = schema
         self.chunk_size = chunk_size
         self.rank = 0  # the task running this step (set by run)
+        self.unit = ""  # the key of the work unit whose chunk is in process()
         self._chunk_stats: dict[str, float] = {}
 
     @abc.abstractmethod
@@ -58,26 +60,28 @@ class ChunkedStep(PipelineStep, abc.ABC):
         self._chunk_stats[name] = self._chunk_stats.get(name, 0) + value
         self.stat_update(name, value=value)
 
-    def run(self, data: Iterable[dict] | None, rank: int = 0, world_size: int = 1) -> Iterator:
+    def run(self, data: Iterable[WorkUnit] | None, rank: int = 0, world_size: int = 1) -> Iterator:
         self.rank = rank
-        rows = iter(data or ())
         progress = Progress(f"task {rank}: {self.name}", unit="rows", every_s=30)
-        chunk = 0
-        while batch := list(islice(rows, self.chunk_size)):
-            path = os.path.join(self.output_dir, chunk_name(rank, chunk))
-            chunk += 1
-            if os.path.exists(path):
-                self.stat_update("chunks_resumed")
-                continue
-            self._chunk_stats: dict[str, float] = {}
-            out = self.process(batch)
-            write_table_atomic(path, out, self.schema, self._chunk_stats)
-            remove_leftovers(path)  # of a killed attempt at this chunk
-            self.stat_update("chunks_written")
-            self.stat_update("rows_written", value=len(out))
-            progress.update(len(batch))
+        chunks = 0
+        for work in data or ():
+            self.unit = work.key
+            for chunk, start in enumerate(range(0, len(work.rows), self.chunk_size)):
+                path = os.path.join(self.output_dir, chunk_name(work.key, chunk))
+                chunks += 1
+                if os.path.exists(path):
+                    self.stat_update("chunks_resumed")
+                    continue
+                self._chunk_stats: dict[str, float] = {}
+                batch = work.rows[start : start + self.chunk_size]
+                out = self.process(batch)
+                write_table_atomic(path, out, self.schema, self._chunk_stats)
+                remove_leftovers(path)  # of a killed attempt at this chunk
+                self.stat_update("chunks_written")
+                self.stat_update("rows_written", value=len(out))
+                progress.update(len(batch))
         self.finish()
-        logger.info(f"task {rank}: {chunk} chunks")
+        logger.info(f"task {rank}: {chunks} chunks")
         yield from ()
 
 

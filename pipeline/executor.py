@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -15,19 +16,36 @@ from pipeline.stage import StageFailed
 
 
 class SipSlurmExecutor(SlurmPipelineExecutor):
-    """datatrove's Slurm executor with unset options left out of the script.
+    """datatrove's Slurm executor with unset options left out of the script, and every array
+    job of a stage tracked.
 
     datatrove writes every sbatch key it has (``--partition=None`` when no partition is
     set) and asks for GPUs per job; sip jobs ask for ``--gpus-per-task`` and leave the
     partition to the cluster's default when the manifest names none.
+
+    A stage with more tasks than the cluster's ``MaxArraySize`` is launched as several array
+    jobs (datatrove's ``max_array_size``, set from the cluster). datatrove keeps only the last
+    job's id; :attr:`array_job_ids` keeps them all, so what waits on the stage (its card job,
+    ``sip run``'s wait, the next stage) waits on every array.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, job_id_retriever=self._record_job_id, **kwargs)
+        self.array_job_ids: list[str] = []
+
+    def _record_job_id(self, sbatch_output: str) -> str:
+        job_id = sbatch_output.split()[-1]
+        self.array_job_ids.append(job_id)
+        return job_id
+
     def launch_merge_stats(self):
+        arrays = list(self.array_job_ids)  # the merge job is not one of the stage's arrays
         gpus, self.gpus_per_task = self.gpus_per_task, 0  # merging stats needs no GPU
+        last, self.job_id = self.job_id, ":".join(arrays)  # afterok on every array, not the last
         try:
             super().launch_merge_stats()
         finally:
-            self.gpus_per_task = gpus
+            self.gpus_per_task, self.job_id, self.array_job_ids = gpus, last, arrays
 
     def get_sbatch_args(self, max_array: int = 1) -> dict:
         args = super().get_sbatch_args(max_array)
@@ -35,6 +53,18 @@ class SipSlurmExecutor(SlurmPipelineExecutor):
         if self.gpus_per_task:
             args["gpus-per-task"] = self.gpus_per_task
         return {k: v for k, v in args.items() if v is not None and v != "None"}
+
+
+@functools.lru_cache(maxsize=1)
+def cluster_max_array_size() -> int:
+    """The cluster's ``MaxArraySize`` (array indices run 0..MaxArraySize-1), from ``scontrol
+    show config``; Slurm's default, 1001, when it cannot be read."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True)
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        key, _, value = line.partition("=")
+        if key.strip() == "MaxArraySize" and value.strip().isdigit():
+            return int(value.strip())
+    return 1001
 
 
 def default_venv() -> str:
@@ -88,6 +118,10 @@ def make_executor(
         depends=depends,
         depends_job_id=":".join(str(j) for j in after if str(j) != "-1") or None,
         mail_type="",
+        max_array_size=cluster_max_array_size(),
+        # Several arrays run side by side (every id is tracked) unless workers caps the tasks at
+        # once: each array applies the cap on its own, so capped arrays run one after another.
+        max_array_launch_parallel=ex.workers == -1,
     )
 
 

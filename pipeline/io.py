@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -105,28 +106,87 @@ def write_table_atomic(path: str, rows: list[dict], schema: pa.Schema, stats: di
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd")
 
 
-class TableReader(PipelineStep):
-    """First step of a stage that reads an upstream sip table: files[rank::world_size], as dicts."""
+@dataclass(frozen=True)
+class Unit:
+    """One row group of a pairs table: the unit of work of every pair-keyed stage.
+
+    Rewrite, rollout, judge and prefs tasks are dealt units, not files, and name their output
+    files by the unit (``<unit key>_<chunk>.parquet``). So whatever the task counts, a later
+    stage finds a unit's upstream rows by name and reads only those: a task's memory is one
+    unit's rows, not the table's.
+    """
+
+    file: Path
+    group: int
+
+    @property
+    def key(self) -> str:
+        """``<file stem>_<row group>``, e.g. ``00003_00001`` (sorts in table order)."""
+        return f"{self.file.stem}_{self.group:05d}"
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        return pq.ParquetFile(self.file).read_row_group(self.group, columns=columns)
+
+
+def table_units(path: str | Path) -> list[Unit]:
+    """Every row group of the table at ``path``, in table order."""
+    return [Unit(f, g) for f in table_files(path) for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
+
+
+@dataclass
+class WorkUnit:
+    """The input of a :class:`pipeline.chunks.ChunkedStep`: rows and the key its output files are
+    named by (a :class:`Unit`'s key, or a task's rank for stages not keyed by pair)."""
+
+    key: str
+    rows: list[dict]
+
+
+class UnitReader(PipelineStep):
+    """First step of a pair-keyed stage: the units of a pairs table dealt to tasks
+    (``units[rank::world_size]``), each as one :class:`WorkUnit`.
+
+    Row groups, not whole files, are dealt out, so a stage can use more tasks (GPUs) than its
+    upstream had files.
+    """
 
     name = "table"
     type = "📖 - READER"
 
-    def __init__(self, path: str, columns: list[str] | None = None, batch_rows: int = 1024):
+    def __init__(self, path: str, columns: list[str] | None = None):
         super().__init__()
         self.path = path
         self.columns = columns
-        self.batch_rows = batch_rows
 
-    def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
-        # Row groups, not whole files, are dealt out to tasks, so a stage can use more tasks
-        # (GPUs) than its upstream had files.
-        units = [(f, g) for f in table_files(self.path) for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
-        for file, group in units[rank::world_size]:
-            table = pq.ParquetFile(file).read_row_group(group, columns=self.columns)
-            for batch in table.to_batches(max_chunksize=self.batch_rows):
-                for row in batch.to_pylist():
-                    self.stat_update("rows_read")
-                    yield row
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[WorkUnit]:
+        for unit in table_units(self.path)[rank::world_size]:
+            rows = unit.read(self.columns).to_pylist()
+            self.stat_update("rows_read", value=len(rows))
+            yield WorkUnit(unit.key, rows)
+
+
+# In the layout of every pair-keyed stage (its _stage.json): a directory made before files were
+# named by unit conflicts instead of being resumed into duplicates.
+UNIT_LAYOUT = {"files": "one per pairs-table row group and chunk: <unit>_<chunk>.parquet"}
+
+
+def unit_files(path: str | Path, key: str) -> list[Path]:
+    """The files of a pair-keyed stage's table at ``path`` that hold unit ``key``'s rows."""
+    return sorted(Path(path).glob(f"{key}_*.parquet"))
+
+
+def read_unit(path: str | Path, key: str, columns: list[str] | None = None) -> pa.Table:
+    """Unit ``key``'s rows of the pair-keyed table at ``path`` (its chunk files, in order).
+
+    Raises:
+        FileNotFoundError: the table has no file of that unit (the stage that makes it did
+            not finish, or was made from another pairs table).
+    """
+    files = unit_files(path, key)
+    if not files:
+        raise FileNotFoundError(f"{path}: no files of unit {key} ({key}_*.parquet); the stage that writes it did not "
+                                "finish, or read another pairs table")
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
 
 
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:

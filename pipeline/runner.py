@@ -62,6 +62,7 @@ class StageJob(ChainMember):
     fit: Callable[[bool], list[str]] | None = None
     _tasks_job: object = field(default=None, init=False, repr=False)  # the submitted executors (Slurm)
     _card_job: object = field(default=None, init=False, repr=False)
+    _arrays: list[str] = field(default_factory=list, init=False, repr=False)  # the task array job ids
 
     @property
     def name(self) -> str:
@@ -131,23 +132,28 @@ class StageJob(ChainMember):
         stage = self.stage
         self._tasks_job = make_executor(self.manifest, self.pipeline, stage=self.name, logging_dir=stage.logs,
                                         tasks=stage.tasks, after=after)
+        self._tasks_job.launch_job()
+        arrays = list(self._tasks_job.array_job_ids)  # none when every task was complete
+        # The card job waits on every array of the stage (one per MaxArraySize tasks), not the last.
         self._card_job = make_executor(self.manifest, [CardStep(self.finalize)], stage=self.name,
-                                       logging_dir=stage.logs / "card", tasks=1, depends=self._tasks_job,
+                                       logging_dir=stage.logs / "card", tasks=1, after=arrays or after,
                                        job_suffix="card", gpus=0)
-        self._card_job.run()  # launches the task array first (its dependency), then itself
-        tasks, card = str(self._tasks_job.job_id), str(self._card_job.job_id)
-        (stage.logs / JOBS_FILE).write_text(json.dumps({"tasks": tasks, "card": card}))
-        return card
+        self._card_job.launch_job()
+        self._arrays = arrays
+        (stage.logs / JOBS_FILE).write_text(json.dumps({"tasks": arrays, "card": str(self._card_job.job_id)}))
+        return str(self._card_job.job_id)
 
     def submitted_line(self) -> str:
-        return (f"{self.name}: submitted Slurm jobs {self._tasks_job.job_id} (tasks) and {self._card_job.job_id} "
-                f"(card); logs in {self.stage.logs}")
+        arrays = ", ".join(self._arrays) or "none"
+        kind = f"tasks, {len(self._arrays)} arrays" if len(self._arrays) > 1 else "tasks"
+        return (f"{self.name}: submitted Slurm jobs {arrays} ({kind}) and {self._card_job.job_id} (card); "
+                f"logs in {self.stage.logs}")
 
     def submitted_ids(self) -> list[str]:
-        return [str(self._tasks_job.job_id), str(self._card_job.job_id)]
+        return [*self._arrays, str(self._card_job.job_id)]
 
     def wait(self) -> dict:
-        wait_for_jobs([str(self._tasks_job.job_id)])
+        wait_for_jobs(self._arrays)
         if missing := self._missing():
             # The card job waits afterok on the tasks; without kill_invalid_depend it would pend forever.
             subprocess.run(["scancel", str(self._card_job.job_id)], capture_output=True)

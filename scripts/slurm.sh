@@ -8,6 +8,7 @@
 #
 # No systemd and no cgroups here, hence linuxproc/none plugins. kill_invalid_depend and
 # EnforcePartLimits=ALL make impossible jobs fail at once instead of pending forever;
+# MaxArraySize=4 makes a stage of more than 4 tasks span several array jobs;
 # the scheduler settings make a submitted job start in well under a second.
 set -euo pipefail
 
@@ -66,6 +67,9 @@ SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
+# Small on purpose: a stage with more tasks than this is launched as several array jobs, the
+# case a large cluster meets at thousands of tasks, and the tests exercise it here.
+MaxArraySize=4
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -30,7 +30,7 @@ from pipeline.cards import write_card
 from pipeline.checkpoints import LIT_WEIGHTS_FILE, resolve_checkpoint, weights_sha
 from pipeline.chunks import EngineStep
 from pipeline.engines.base import Engine, Request, Sampling
-from pipeline.io import chunk_stats, read_table
+from pipeline.io import WorkUnit, chunk_stats, read_table
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.engines.context import model_context
 from pipeline.policy import cached_hf_export
@@ -93,12 +93,11 @@ class CheckpointPrompts(PipelineStep):
         super().__init__()
         self.manifest, self.shard_dir, self.tokenizer_dir, self.names = manifest, shard_dir, tokenizer_dir, names
 
-    def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[WorkUnit]:
         prompts = eval_prompts(self.manifest, Path(self.shard_dir), Path(self.tokenizer_dir))
-        for name in self.names[rank::world_size]:
-            for prompt in prompts:
-                self.stat_update("rows_read")
-                yield {"checkpoint": name, **prompt}
+        rows = [{"checkpoint": name, **prompt} for name in self.names[rank::world_size] for prompt in prompts]
+        self.stat_update("rows_read", value=len(rows))
+        yield WorkUnit(f"{rank:05d}", rows)  # one unit per task: files named <rank>_<chunk>
 
 
 def generation_rows(rows: list[dict], results, nll: dict[int, list[float] | None], model: EvalModel,

@@ -34,7 +34,7 @@ from datatrove.pipeline.base import PipelineStep
 from pipeline.cards import write_card
 from pipeline.chunks import EngineStep
 from pipeline.engines.factory import make_engine, model_identity
-from pipeline.io import chunk_stats, read_table
+from pipeline.io import WorkUnit, chunk_stats, read_table
 from pipeline.manifest import CriterionConfig, JudgingConfig, Manifest, fingerprint
 from pipeline.runner import StageJob
 from pipeline.schema import EVAL_JUDGMENTS, provenance, with_provenance
@@ -69,16 +69,16 @@ class PromptContinuations(PipelineStep):
         self.manifest, self.generations_dir = manifest, generations_dir
         self.shard_dir, self.tokenizer_dir = shard_dir, tokenizer_dir
 
-    def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[WorkUnit]:
         table = read_table(self.generations_dir, columns=["checkpoint", "prompt_id", "text", "status"]).to_pylist()
         by_prompt: dict[str, dict] = {}
         for row in table:
             by_prompt.setdefault(row["prompt_id"], {})[row["checkpoint"]] = {"text": row["text"],
                                                                             "status": row["status"]}
-        prompts = eval_prompts(self.manifest, Path(self.shard_dir), Path(self.tokenizer_dir))
-        for prompt in prompts[rank::world_size]:
-            self.stat_update("rows_read")
-            yield {**prompt, "continuations": by_prompt.get(prompt["prompt_id"], {})}
+        prompts = eval_prompts(self.manifest, Path(self.shard_dir), Path(self.tokenizer_dir))[rank::world_size]
+        self.stat_update("rows_read", value=len(prompts))
+        # One unit per task: files named <rank>_<chunk>.
+        yield WorkUnit(f"{rank:05d}", [{**p, "continuations": by_prompt.get(p["prompt_id"], {})} for p in prompts])
 
 
 def _score(s: Scored | None) -> float | None:

@@ -21,7 +21,7 @@ from pipeline.cards import write_card
 from pipeline.chunks import EngineStep
 from pipeline.engines.counter import CallCounter
 from pipeline.engines.factory import RUN_ONLY, make_engine, model_identity
-from pipeline.io import TableReader, chunk_stats, read_table, table_files
+from pipeline.io import UNIT_LAYOUT, UnitReader, chunk_stats, read_table, read_unit, table_files, table_units
 from pipeline.models import resolve_model_dir
 from pipeline.manifest import Manifest, ManifestError, fingerprint, fingerprinted_view
 from pipeline.runner import StageJob
@@ -43,43 +43,51 @@ PAIR_COLUMNS = ["pair_id", "prefix", "suffix", "suffix_ids"]  # what a pair's ca
 class UpstreamCandidates:
     """A task's view of the rewrites and rollouts tables: pair -> its :class:`CandidateSet`.
 
-    The tables are read once per task, lazily (a resumed task with nothing left reads none).
+    Both tables are pair-keyed (:class:`pipeline.io.Unit`): a pair's rows are in the files of
+    its unit, so only the units asked for are read, and only the last few are kept. A task's
+    memory is a few units' candidates whatever the corpus size.
     """
+
+    kept_units = 4  # the online phase's micro-batches draw from any unit; a stage task reads one at a time
 
     def __init__(self, rewrites_dir: str | None, tokenizer_dir: str, suffix_tokens: int,
                  rollouts_dir: str | None = None):
-        self.rewrites_dir = rewrites_dir
+        self.rewrites_dir = rewrites_dir  # None: no rewrite candidates (no rewriter)
         self.tokenizer_dir = tokenizer_dir
         self.suffix_tokens = suffix_tokens
         self.rollouts_dir = rollouts_dir  # None: no rollout candidates (rollouts.count is 0)
-        self._rewrites: dict[str, str] | None = None
-        self._rollouts: dict[str, list[tuple[str, list[int]]]] | None = None
+        self._units: dict[str, tuple[dict[str, str], dict[str, list[tuple[str, list[int]]]]]] = {}
 
-    def rewrites(self) -> dict[str, str]:
-        """pair_id -> its ok rewrite (unclipped); empty without a rewrites table."""
-        if self._rewrites is None and self.rewrites_dir is None:
-            self._rewrites = {}
-        if self._rewrites is None:
-            table = read_table(self.rewrites_dir, columns=["pair_id", "rewrite", "status"])
-            self._rewrites = {p: r for p, r, s in zip(*(table.column(c).to_pylist() for c in ("pair_id", "rewrite", "status")))
-                              if s == "ok" and r}
-        return self._rewrites
+    def _read(self, unit: str) -> tuple[dict[str, str], dict[str, list[tuple[str, list[int]]]]]:
+        if unit in self._units:
+            self._units[unit] = self._units.pop(unit)  # most recently used last
+            return self._units[unit]
+        rewrites: dict[str, str] = {}
+        if self.rewrites_dir is not None:
+            table = read_unit(self.rewrites_dir, unit, columns=["pair_id", "rewrite", "status"])
+            rewrites = {p: r for p, r, s in zip(*(table.column(c).to_pylist() for c in ("pair_id", "rewrite", "status")))
+                        if s == "ok" and r}
+        rollouts: dict[str, list[tuple[str, list[int]]]] = {}
+        if self.rollouts_dir is not None:
+            table = pl.from_arrow(read_unit(self.rollouts_dir, unit,
+                                            columns=["pair_id", "sample", "text", "token_ids", "status"]))
+            for pair_id, texts, ids in (table.filter(pl.col("status") == "ok").sort("pair_id", "sample")
+                                        .group_by("pair_id", maintain_order=True).agg("text", "token_ids").iter_rows()):
+                rollouts[pair_id] = list(zip(texts, ids))
+        while len(self._units) >= self.kept_units:
+            self._units.pop(next(iter(self._units)))
+        self._units[unit] = (rewrites, rollouts)
+        return rewrites, rollouts
 
-    def rollouts(self) -> dict[str, list[tuple[str, list[int]]]]:
-        """pair_id -> its ok rollouts as (text, sampled ids), by sample index."""
-        if self._rollouts is None:
-            self._rollouts = {}
-            if self.rollouts_dir is not None:
-                table = pl.from_arrow(read_table(self.rollouts_dir,
-                                                 columns=["pair_id", "sample", "text", "token_ids", "status"]))
-                for pair_id, texts, ids in (table.filter(pl.col("status") == "ok").sort("pair_id", "sample")
-                                            .group_by("pair_id", maintain_order=True).agg("text", "token_ids").iter_rows()):
-                    self._rollouts[pair_id] = list(zip(texts, ids))
-        return self._rollouts
+    def rewrite(self, pair_id: str, unit: str) -> str | None:
+        """The ok rewrite (unclipped) of ``pair_id`` of unit ``unit``; None without one."""
+        return self._read(unit)[0].get(pair_id)
 
-    def for_pair(self, pair: dict) -> CandidateSet:
-        """``pair``: a pairs-table row with ``pair_id``, ``prefix``, ``suffix``, ``suffix_ids``."""
-        return assemble_candidates(pair, self.rewrites().get(pair["pair_id"]), self.rollouts().get(pair["pair_id"], []),
+    def for_pair(self, pair: dict, unit: str) -> CandidateSet:
+        """``pair``: a pairs-table row with ``pair_id``, ``prefix``, ``suffix``, ``suffix_ids``;
+        ``unit``: the key of its row group (:class:`pipeline.io.Unit`)."""
+        rewrites, rollouts = self._read(unit)
+        return assemble_candidates(pair, rewrites.get(pair["pair_id"]), rollouts.get(pair["pair_id"], []),
                                    load_tokenizer(self.tokenizer_dir), self.suffix_tokens)
 
 
@@ -116,7 +124,7 @@ class JudgeStep(EngineStep):
         counters = self.judge.counters
         before = counters.snapshot()
         started, cache_before = time.perf_counter(), self._prefix_cache()
-        sets = [self.upstream.for_pair(pair) for pair in rows]
+        sets = [self.upstream.for_pair(pair, self.unit) for pair in rows]
         judged = score_pairs(self.judge, sets)
         self.count("engine_ms", int((time.perf_counter() - started) * 1000))
         if cache_before is not None and (cache_after := self._prefix_cache()) is not None:
@@ -167,7 +175,7 @@ class JudgePlan:
             settings=self.manifest.judging.model_dump(),
         )
         return [
-            TableReader(str(self.pairs_dir), columns=PAIR_COLUMNS),
+            UnitReader(str(self.pairs_dir), columns=PAIR_COLUMNS),
             JudgeStep(self.manifest, str(self.stage.path), with_provenance(JUDGMENTS, prov), self.upstream()),
         ]
 
@@ -219,7 +227,7 @@ def plan_judge(manifest: Manifest, upstream_pending: bool = False) -> JudgePlan:
     if rollout is not None:
         view["upstream.rollout"] = rollout.stage.fingerprint
     tasks = manifest.executor.for_stage(STAGE).tasks
-    layout = {"executor.tasks": tasks, "judging.chunk_size": cfg.chunk_size}
+    layout = {"executor.tasks": tasks, "judging.chunk_size": cfg.chunk_size, **UNIT_LAYOUT}
     return JudgePlan(manifest, StageDir(manifest, STAGE, "judgments", view, layout), shard.stage.path,
                      rewrite.stage.path, shard.tokenizer_dir, model, rollout.stage.path if rollout else None)
 
@@ -249,18 +257,19 @@ def count_judge_calls(plan: JudgePlan) -> dict | str:
     model_dir = resolve_model_dir(manifest, ref.model, "judge.model") if local else None
     counter = CallCounter(model_dir, plan.model.get("name", ref.model), ref.max_model_len)
     judge, upstream_candidates = manifest_judge(manifest, counter), plan.upstream()
-    pairs = read_table(plan.pairs_dir, columns=PAIR_COLUMNS).to_pylist()
     sizes, chunk = [], manifest.judging.chunk_size
-    for start in range(0, len(pairs), chunk):
-        judged = score_pairs(judge, [upstream_candidates.for_pair(p) for p in pairs[start : start + chunk]])
-        sizes += [len(j) for j in judged]
+    for unit in table_units(plan.pairs_dir):
+        pairs = unit.read(PAIR_COLUMNS).to_pylist()
+        for start in range(0, len(pairs), chunk):
+            judged = score_pairs(judge, [upstream_candidates.for_pair(p, unit.key) for p in pairs[start : start + chunk]])
+            sizes += [len(j) for j in judged]
     candidates = sum(sizes)
     quality, both = manifest.judging.quality, manifest.judging.order == "both"
     by_scheme = ({s: sum(scheme_calls(s, n, both, quality.degree) for n in sizes) for s in SCHEMES}
                  if quality is not None and quality.mode != "likelihood" else None)
     return {
         "engine_calls": counter.calls,
-        "pairs": len(pairs),
+        "pairs": len(sizes),
         "candidates": candidates,
         "judge_calls": judge.counters.calls,
         "prompt_tokens": judge.counters.prompt_tokens if local else None,

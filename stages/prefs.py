@@ -1,5 +1,10 @@
 """Preferences stage: judgments -> the preferences table (DPO) and its SFT view (RF-NLL).
 
+Pair-keyed like the stages before it: a task is dealt units of the pairs table
+(:class:`pipeline.io.Unit`), reads the judgments of each unit only, and writes
+``<unit>.parquet`` and ``sft/<unit>.parquet`` (the preferences file last: it marks the unit
+done, so a resumed task skips it). A task's memory is one unit's judgments.
+
 Per pair, the scoring core's pick (``stages/scoring.py``): chosen = highest reward, rejected =
 lowest (METHOD.md "Training"). Pairs with fewer than two judged candidates, or whose best and
 worst rewards tie (margin <= prefs.min_margin), are skipped and counted. Token ids are the
@@ -14,13 +19,14 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Iterable
 
 import polars as pl
 import pyarrow.parquet as pq
 from datatrove.pipeline.base import PipelineStep
 
 from pipeline.cards import write_card
-from pipeline.io import read_table, table_files, write_table_atomic
+from pipeline.io import UNIT_LAYOUT, UnitReader, WorkUnit, chunk_stats, read_table, read_unit, table_files, table_units, write_table_atomic
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.runner import StageJob
 from pipeline.schema import CANDIDATE_SOURCES, PREFERENCES, SFT, provenance, with_provenance
@@ -31,6 +37,7 @@ from stages.shard import plan_shard
 
 STAGE = "prefs"
 JUDGMENT_COLUMNS = ["pair_id", "cand_id", "source", "text", "token_ids", "reward"]
+PAIR_SCHEMA = {"pair_id": pl.String, "prefix": pl.String, "prefix_ids": pl.List(pl.Int32)}
 
 
 def build_preferences(judgments: pl.DataFrame, pairs: pl.DataFrame, min_margin: float):
@@ -72,17 +79,19 @@ def build_preferences(judgments: pl.DataFrame, pairs: pl.DataFrame, min_margin: 
     return prefs, sft, counts
 
 
-def read_judgments(judgments_dir: Path) -> pl.DataFrame:
-    """The judgments columns prefs needs; a table from before candidates carried their ids is
-    refused (re-judging is the only way to know which ids were scored)."""
+def check_judgments(judgments_dir: Path) -> None:
+    """Refuse a judgments table from before candidates carried their ids (re-judging is the
+    only way to know which ids were scored)."""
     files = table_files(judgments_dir)
     if files and "token_ids" not in pq.read_schema(files[0]).names:
         raise StageFailed(f"prefs: the judgments table at {judgments_dir} has no token_ids column (made by an older "
                           "sip); re-run the judge stage with --force")
-    return pl.from_arrow(read_table(judgments_dir, columns=JUDGMENT_COLUMNS))
 
 
 class PrefsStep(PipelineStep):
+    """A task's units -> their preferences and SFT rows, one pair of files per unit; the
+    counts (pairs, usable, skipped) are kept in each preferences file (``io.chunk_stats``)."""
+
     name = "prefs"
     type = "🏁 - PREFERENCES"
 
@@ -90,18 +99,25 @@ class PrefsStep(PipelineStep):
         super().__init__()
         self.plan = plan
 
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
+    def run(self, data: Iterable[WorkUnit] | None = None, rank: int = 0, world_size: int = 1):
         plan, m = self.plan, self.plan.manifest
-        judgments = read_judgments(plan.judgments_dir)
-        pairs = pl.from_arrow(read_table(plan.pairs_dir, columns=["pair_id", "prefix", "prefix_ids"]))
-        prefs, sft, counts = build_preferences(judgments, pairs, m.prefs.min_margin)
-        for key, value in counts.items():
-            self.stat_update(key, value=value)
+        check_judgments(plan.judgments_dir)
         prov = provenance(stage=STAGE, table="preferences", manifest_fingerprint=fingerprint(m),
                           stage_fingerprint=plan.stage.fingerprint, settings=m.prefs.model_dump())
         os.makedirs(plan.stage.path / "sft", exist_ok=True)
-        write_table_atomic(str(plan.stage.path / "sft" / "00000.parquet"), sft, with_provenance(SFT, {**prov, "table": "sft"}))
-        write_table_atomic(str(plan.stage.path / "00000.parquet"), prefs, with_provenance(PREFERENCES, prov))
+        for work in data or ():
+            path = plan.stage.path / f"{work.key}.parquet"
+            if path.exists():
+                self.stat_update("units_resumed")
+                continue
+            judgments = pl.from_arrow(read_unit(plan.judgments_dir, work.key, columns=JUDGMENT_COLUMNS))
+            prefs, sft, counts = build_preferences(judgments, pl.from_dicts(work.rows, schema=PAIR_SCHEMA),
+                                                   m.prefs.min_margin)
+            for key, value in counts.items():
+                self.stat_update(key, value=value)
+            write_table_atomic(str(plan.stage.path / "sft" / path.name), sft,
+                               with_provenance(SFT, {**prov, "table": "sft"}))
+            write_table_atomic(str(path), prefs, with_provenance(PREFERENCES, prov), counts)  # last: the unit is done
         yield from ()
 
 
@@ -119,12 +135,13 @@ def plan_prefs(manifest: Manifest, upstream_pending: bool = False) -> PrefsPlan:
         judge.stage.check_upstream_of(STAGE)
     view = fingerprinted_view(manifest, ("prefs",))
     view["upstream.judge"] = judge.stage.fingerprint
-    return PrefsPlan(manifest, StageDir(manifest, STAGE, "preferences", view, {"executor.tasks": 1}),
-                     judge.stage.path, shard.stage.path)
+    layout = {"executor.tasks": manifest.executor.for_stage(STAGE).tasks, **UNIT_LAYOUT}
+    return PrefsPlan(manifest, StageDir(manifest, STAGE, "preferences", view, layout), judge.stage.path,
+                     shard.stage.path)
 
 
 def prefs_summary(plan: PrefsPlan, elapsed_s: float | None) -> dict:
-    stats = plan.stage.merged_stats()
+    stats = chunk_stats(plan.stage.path)  # each unit's counts, kept in its file: right after any resume
     p = pl.from_arrow(read_table(plan.stage.path))
     # Every source that can be a candidate is listed, 0.0 included: the rollout chosen rate is
     # the curriculum's signal, and an absent key would read as "not measured".
@@ -148,14 +165,19 @@ def prefs_summary(plan: PrefsPlan, elapsed_s: float | None) -> dict:
 
 def finalize_prefs(manifest: Manifest, elapsed_s: float | None = None) -> dict:
     plan = plan_prefs(manifest)
+    units = {unit.key for unit in table_units(plan.pairs_dir)}
+    written = {p.stem for p in table_files(plan.stage.path)}
+    if units != written:
+        raise StageFailed(f"prefs: {len(units - written)} units of the pairs table have no preferences file in "
+                          f"{plan.stage.path} and {len(written - units)} files belong to no unit; re-run `sip prefs`")
     return write_card(plan.stage, prefs_summary(plan, elapsed_s),
                       "The SFT view (best candidate per pair, for RF-NLL) is in `sft/`.")
 
 
 def prefs_job(manifest: Manifest, upstream_pending: bool = False) -> StageJob:
     plan = plan_prefs(manifest, upstream_pending)
-    # One task: the whole table is small next to the judgments it summarises.
-    return StageJob(plan.stage, [PrefsStep(plan)], partial(finalize_prefs, manifest))
+    return StageJob(plan.stage, [UnitReader(str(plan.pairs_dir), columns=list(PAIR_SCHEMA)), PrefsStep(plan)],
+                    partial(finalize_prefs, manifest))
 
 
 def summary_line(card: dict) -> str:

@@ -26,7 +26,7 @@ from pipeline.cards import write_card
 from pipeline.chunks import EngineStep
 from pipeline.engines.base import Engine, Request, Result, Sampling
 from pipeline.engines.factory import RUN_ONLY, counting_tokenizer, make_engine, model_identity
-from pipeline.io import TableReader, chunk_stats, read_table
+from pipeline.io import UNIT_LAYOUT, UnitReader, chunk_stats, read_table
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.prompts import PromptTemplate
 from pipeline.runner import StageJob
@@ -159,7 +159,7 @@ class RewritePlan:
                            self.model.get("served_name") or self.model.get("name") or "model")
 
     def pipeline(self) -> list:
-        return [TableReader(str(self.pairs_dir), columns=["pair_id", "prefix", "suffix"]), self.step()]
+        return [UnitReader(str(self.pairs_dir), columns=["pair_id", "prefix", "suffix"]), self.step()]
 
 
 def plan_rewrite(manifest: Manifest, upstream_pending: bool = False) -> RewritePlan:
@@ -178,7 +178,7 @@ def plan_rewrite(manifest: Manifest, upstream_pending: bool = False) -> RewriteP
     view.update({"upstream.shard": shard.fingerprint, "rewrite.prompt_sha": template.sha,
                  "rewriter.identity": model.get("weights_sha") or model.get("url")})
     tasks = manifest.executor.for_stage(STAGE).tasks
-    return RewritePlan(manifest, StageDir(manifest, STAGE, "rewrites", view, {"executor.tasks": tasks}),
+    return RewritePlan(manifest, StageDir(manifest, STAGE, "rewrites", view, {"executor.tasks": tasks, **UNIT_LAYOUT}),
                        shard.path, template, model)
 
 

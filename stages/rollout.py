@@ -28,7 +28,7 @@ import polars as pl
 from pipeline.cards import write_card
 from pipeline.chunks import EngineStep
 from pipeline.engines.base import Engine, Request, Result, Sampling
-from pipeline.io import TableReader, chunk_stats, read_table
+from pipeline.io import UNIT_LAYOUT, UnitReader, chunk_stats, read_table
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.policy import check_context, policy_hf_dir, policy_identity
 from pipeline.runner import StageJob
@@ -123,7 +123,7 @@ class RolloutPlan:
                       "top_p": m.rollouts.top_p, "engine_seed": f"run.seed + task rank = {m.run.seed} + r"},
         )
         return [
-            TableReader(str(self.pairs_dir), columns=["pair_id", "prefix_ids"]),
+            UnitReader(str(self.pairs_dir), columns=["pair_id", "prefix_ids"]),
             RolloutStep(m, str(self.stage.path), with_provenance(ROLLOUTS, prov), str(self.tokenizer_dir),
                         self.model["name"]),
         ]
@@ -142,7 +142,7 @@ def plan_rollout(manifest: Manifest, upstream_pending: bool = False) -> RolloutP
             if k not in _RUN_ONLY}
     view.update({"upstream.shard": shard.stage.fingerprint, "policy.identity": model["weights_sha"]})
     tasks = manifest.executor.for_stage(STAGE).tasks
-    layout = {"executor.tasks": tasks, "rollouts.chunk_size": manifest.rollouts.chunk_size}
+    layout = {"executor.tasks": tasks, "rollouts.chunk_size": manifest.rollouts.chunk_size, **UNIT_LAYOUT}
     return RolloutPlan(manifest, StageDir(manifest, STAGE, "rollouts", view, layout), shard.stage.path,
                        shard.tokenizer_dir, model)
 

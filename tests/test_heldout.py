@@ -7,7 +7,7 @@ import shutil
 import polars as pl
 import pytest
 
-from pipeline.io import TableReader, read_table, table_provenance
+from pipeline.io import UnitReader, read_table, table_provenance
 from pipeline.manifest import parse_manifest
 from pipeline.stage import StageConflict
 from stages.heldout import heldout_document
@@ -110,9 +110,10 @@ def test_no_held_out_document_reaches_a_training_table(tmp_path, corpus):
     heldout_ids = set(frame(plan.heldout_path)["doc_id"])
     assert heldout_ids
     # The pairs table as the later stages read it (rewrite, rollout and judge deal its row groups
-    # out with TableReader; prefs joins their outputs to its pair ids) and as the trainer reads it.
+    # out with UnitReader; prefs joins their outputs to its pair ids) and as the trainer reads it.
     read = [row["doc_id"] for rank in range(2)
-            for row in TableReader(str(plan.stage.path), columns=["doc_id"]).run(rank=rank, world_size=2)]
+            for unit in UnitReader(str(plan.stage.path), columns=["doc_id"]).run(rank=rank, world_size=2)
+            for row in unit.rows]
     assert len(read) == len(frame(plan.stage.path)) and not set(read) & heldout_ids
     (phase,) = plan_phases(m)
     assert phase.table == plan.stage.path and phase.rows == len(read)

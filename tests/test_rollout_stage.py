@@ -130,7 +130,7 @@ def write_rollouts(directory, rows):
     directory.mkdir(parents=True, exist_ok=True)
     full = [{"cand_id": None, "finish_reason": "length", "error": None, "prompt_tokens": 3,
              "completion_tokens": len(r["token_ids"]), "model": "m", **r} for r in rows]
-    pq.write_table(pa.Table.from_pylist(full, schema=ROLLOUTS), directory / "00000_00000.parquet")
+    pq.write_table(pa.Table.from_pylist(full, schema=ROLLOUTS), directory / "00000_00000_00000.parquet")  # unit 00000_00000
     return directory
 
 
@@ -138,7 +138,7 @@ def test_judge_candidates_take_ok_rollouts_with_their_sampled_ids_and_judge_each
     (tmp_path / "rw").mkdir()
     pq.write_table(pa.Table.from_pylist([{"pair_id": "p", "rewrite": " a better end.", "status": "ok", "error": None,
                                           "model": "m", "prompt_sha": "s", "prompt_tokens": 1, "completion_tokens": 1,
-                                          "finish_reason": "stop"}], schema=REWRITES), tmp_path / "rw" / "0.parquet")
+                                          "finish_reason": "stop"}], schema=REWRITES), tmp_path / "rw" / "00000_00000_00000.parquet")
     rollouts = write_rollouts(tmp_path / "ro", [
         {"pair_id": "p", "sample": 0, "text": " the original end.", "token_ids": [1], "status": "ok"},  # = original
         {"pair_id": "p", "sample": 1, "text": " a policy end.", "token_ids": [2, 7], "status": "ok"},
@@ -147,12 +147,13 @@ def test_judge_candidates_take_ok_rollouts_with_their_sampled_ids_and_judge_each
         {"pair_id": "q", "sample": 0, "text": None, "token_ids": [], "status": "too_long"},
     ])
     upstream = UpstreamCandidates(str(tmp_path / "rw"), str(embedded_dir), 16, str(rollouts))
-    p = upstream.for_pair({"pair_id": "p", "prefix": "x", "suffix": " the original end.", "suffix_ids": [9, 9]})
+    p = upstream.for_pair({"pair_id": "p", "prefix": "x", "suffix": " the original end.", "suffix_ids": [9, 9]},
+                          "00000_00000")
     assert [(c.source, c.text) for c in p.candidates] == [
         ("original", " the original end."), ("rewrite", " a better end."), ("rollout", " a policy end.")]
     assert p.candidates[0].token_ids == (9, 9) and p.candidates[2].token_ids == (2, 7)  # the first sample's ids
     assert p.duplicates == 2
-    q = upstream.for_pair({"pair_id": "q", "prefix": "x", "suffix": " q's end.", "suffix_ids": [5]})
+    q = upstream.for_pair({"pair_id": "q", "prefix": "x", "suffix": " q's end.", "suffix_ids": [5]}, "00000_00000")
     assert [(c.source, c.text) for c in q.candidates] == [("original", " q's end.")]
 
 

@@ -56,10 +56,14 @@ def test_resubmitting_while_earlier_jobs_are_queued_is_refused(tmp_path, slurm_c
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_shard_then_rewrite_as_one_afterok_chain(tmp_path, slurm_cluster):
-    write_jsonl(tmp_path / "c.jsonl", wiki_documents(4, words=60))
+    # Six shard tasks on a cluster whose MaxArraySize is 4 (scripts/slurm.sh): two arrays, which
+    # the card job, the wait and the rewrite array must all wait for.
+    docs = wiki_documents(6, words=60)
+    for i in range(6):
+        write_jsonl(tmp_path / f"c{i}.jsonl", docs[i:i + 1])
     executor = {"type": "slurm", "tasks": 1, "slurm": {"time": "00:20:00", "mem_per_cpu_gb": 2},
-                "stages": {"rewrite": {"cpus_per_task": 2}}}
-    data = base_manifest(tmp_path / "out", [str(tmp_path / "c.jsonl")], executor=executor,
+                "stages": {"shard": {"tasks": 6}, "rewrite": {"cpus_per_task": 2}}}
+    data = base_manifest(tmp_path / "out", [str(tmp_path / "c*.jsonl")], executor=executor,
                          shard={"suffix_tokens": 16, "min_prefix_tokens": 8, "max_prefix_tokens": 48})
     data["rewriter"] = {"model": "embedded", "max_model_len": 512}
     data["rewrite"] = {"chunk_size": 4}
@@ -70,12 +74,19 @@ def test_shard_then_rewrite_as_one_afterok_chain(tmp_path, slurm_cluster):
     assert dry.count("#!/bin/bash") == 2 and "#SBATCH --gpus-per-task=1" in dry and "#SBATCH --cpus-per-task=2" in dry
 
     proc = run_sip("run", "--stages", "shard,rewrite", "-m", str(path), timeout=900)
-    assert "shard: submitted" in proc.stdout and "rewrite: submitted" in proc.stdout
+    assert "shard: submitted" in proc.stdout and "(tasks, 2 arrays)" in proc.stdout and "rewrite: submitted" in proc.stdout
     out = tmp_path / "out"
     pairs = pl.read_parquet(str(out / "shard" / "*.parquet"))
     rewrites = pl.read_parquet(str(out / "rewrite" / "*.parquet"))
-    assert len(pairs) == 8 and set(rewrites["pair_id"]) == set(pairs["pair_id"]) and len(rewrites) == 8
+    assert len(pairs) == 12 and set(rewrites["pair_id"]) == set(pairs["pair_id"]) and len(rewrites) == 12
+    assert sorted(p.name for p in (out / "shard" / "_logs" / "completions").iterdir()) == [f"{r:05d}" for r in range(6)]
     shard_jobs = json.loads((out / "shard" / "_logs" / "slurm_jobs.json").read_text())
     rewrite_jobs = json.loads((out / "rewrite" / "_logs" / "slurm_jobs.json").read_text())
-    # The rewrite array started only after the shard stage's card job had ended (afterok chain).
-    assert slurm_job_times(rewrite_jobs["tasks"] + "_0")[0] >= slurm_job_times(shard_jobs["card"])[1]
+    assert len(shard_jobs["tasks"]) == 2 and len(rewrite_jobs["tasks"]) == 1
+    # The shard card job started only after every task of both arrays had ended, and the
+    # rewrite array only after the card job (afterok chain).
+    shard_tasks_end = max(slurm_job_times(f"{job}_{i}")[1] for job, size in zip(shard_jobs["tasks"], (4, 2))
+                          for i in range(size))
+    card_start, card_end = slurm_job_times(shard_jobs["card"])
+    assert card_start >= shard_tasks_end
+    assert slurm_job_times(rewrite_jobs["tasks"][0] + "_0")[0] >= card_end

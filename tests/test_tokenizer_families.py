@@ -151,8 +151,11 @@ def write_rewrites(directory, rewrites: dict[str, str]):
     pq.write_table(pa.Table.from_pylist([
         {"pair_id": p, "rewrite": r, "status": "ok", "error": None, "model": "m", "prompt_sha": "s",
          "prompt_tokens": 1, "completion_tokens": 1, "finish_reason": "stop"} for p, r in rewrites.items()],
-        schema=REWRITES), directory / "0.parquet")
+        schema=REWRITES), directory / f"{UNIT}_00000.parquet")
     return directory
+
+
+UNIT = "00000_00000"  # the pairs table's first row group: every pair of these tests
 
 
 @pytest.mark.parametrize("n", [1, 3, N])
@@ -165,7 +168,7 @@ def test_judge_clips_a_rewrite_to_n_tokens_after_the_prefix(family, tmp_path, n)
         rewrites = write_rewrites(tmp_path / f"rw{k}", {p["pair_id"]: rewrite for p in pairs})
         upstream = UpstreamCandidates(str(rewrites), str(directory), n)
         for pair in pairs:
-            candidates = upstream.for_pair(pair)
+            candidates = upstream.for_pair(pair, UNIT)
             whole = continuation(tok, pair["prefix"], rewrite)
             if whole is None:  # the rewrite fuses with the prefix
                 assert candidates.fused == 1 and [c.source for c in candidates.candidates] == ["original"]
@@ -198,7 +201,7 @@ def test_preferences_and_training_batches_hold_the_continuation_ids(family, tmp_
     directory, tok = family
     pairs = [p for p in shard_pairs(directory, tok) if continuation(tok, p["prefix"], rewrite) is not None]
     rewrites = write_rewrites(tmp_path / "rw", {p["pair_id"]: rewrite for p in pairs})
-    sets = [UpstreamCandidates(str(rewrites), str(directory), N).for_pair(p) for p in pairs]
+    sets = [UpstreamCandidates(str(rewrites), str(directory), N).for_pair(p, UNIT) for p in pairs]
     sets = [s for s in sets if [c.source for c in s.candidates] == ["original", "rewrite"]]
     pairs = [p for p in pairs if p["pair_id"] in {s.pair_id for s in sets}]
     assert len(pairs) >= 10

@@ -273,7 +273,7 @@ class OnlinePhase:
         for pair, drawn in zip(rows, drawn_all):
             tokens += sum(len(s.token_ids) for s in drawn)
             texts = decode_continuations(self.tokenizer, prefixes[pair["pair_id"]], [s.token_ids for s in drawn])
-            sets.append(assemble_candidates(pair, self.candidates.rewrites().get(pair["pair_id"]),
+            sets.append(assemble_candidates(pair, self.candidates.rewrite(pair["pair_id"], pair["unit"]),
                                             [(t, s.token_ids) for t, s in zip(texts, drawn)], self.tokenizer, self.n))
             # The first sample that gave each text (a repeated text is judged once).
             by_text: dict[str, tuple[int, float]] = {}

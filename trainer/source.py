@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import SipError
-from pipeline.io import read_table, table_files
+from pipeline.io import read_table, table_files, table_units
 from pipeline.schema import HELDOUT_TABLE, read_provenance
 
 COLUMNS = {
@@ -65,7 +65,7 @@ def load_table(path: Path, kind: str, key: str) -> pa.Table:
         hint = {"pairs": "sip shard", "sft": "sip prefs", "preferences": "sip prefs", "prefixes": "sip shard"}[kind]
         raise TableError(f"{key}: no {kind} table at {path} (no .parquet files); run `{hint}` first or set {key}")
     try:
-        table = read_table(path)
+        table = read_table(path) if kind != "prefixes" else _with_units(path)
     except pa.ArrowInvalid as exc:
         raise TableError(f"{key}: {path} could not be read as Parquet: {exc}") from None
     refuse_heldout(files, key)
@@ -76,7 +76,15 @@ def load_table(path: Path, kind: str, key: str) -> pa.Table:
                          f"(has {table.column_names})")
     if table.num_rows == 0:
         raise TableError(f"{key}: the {kind} table at {path} has no rows")
-    return table.select(wanted)
+    return table.select(wanted + (["unit"] if kind == "prefixes" else []))
+
+
+def _with_units(path: Path) -> pa.Table:
+    """A pairs table with a ``unit`` column: each row's :class:`pipeline.io.Unit` key, where the
+    online phase finds the pair's rewrite (the rewrite stage's files are named by unit)."""
+    parts = [(t := unit.read()).append_column("unit", pa.array([unit.key] * t.num_rows, pa.string()))
+             for unit in table_units(path)]
+    return pa.concat_tables(parts)
 
 
 def _check_stage_finished(path: Path, key: str) -> None:

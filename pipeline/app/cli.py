@@ -331,16 +331,38 @@ def bench_judge_cmd(manifest_path: str, overrides: tuple[str, ...], pairs: int) 
     click.echo(json.dumps(bench_judge(_load(manifest_path, overrides), pairs), indent=1))
 
 
+@bench.command("memory")
+@click.option("--pairs", "sizes", type=click.IntRange(min=1), multiple=True, show_default=True,
+              default=(10_000, 100_000, 1_000_000), help="Pairs of one synthetic run (repeatable).")
+@click.option("--tasks", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Tasks of the judge and prefs stages (fixed while the corpus grows).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default="outputs/bench-memory",
+              show_default=True, help="Where the synthetic runs are written and kept.")
+def bench_memory_cmd(sizes: tuple[int, ...], tasks: int, directory: str) -> None:
+    """Peak memory of a judge task and a prefs task as the corpus grows (synthetic tables, no LLM)."""
+    from pipeline.app.bench.memory import bench_memory
+
+    click.echo(json.dumps(bench_memory(Path(directory), list(sizes), tasks), indent=1))
+
+
 @bench.command("online")
 @manifest_option
 @set_option
 @click.option("--steps", type=click.IntRange(min=1), default=4, show_default=True, help="Online steps run.")
 @click.option("--pairs", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs in the shard table.")
-def bench_online_cmd(manifest_path: str, overrides: tuple[str, ...], steps: int, pairs: int) -> None:
+@click.option("--scheme", "schemes", multiple=True,
+              type=click.Choice(["all_pairs", "pivot", "tournament", "sparse_bt", "adaptive"]),
+              help="Also run the same steps with this judging.quality.scheme (repeatable); reports each one's "
+                   "judge calls and step time against the manifest's scheme.")
+@click.option("--rollouts", type=click.IntRange(min=1), default=None,
+              help="Rollouts per prefix (replaces the online phase's online.rollouts).")
+def bench_online_cmd(manifest_path: str, overrides: tuple[str, ...], steps: int, pairs: int,
+                     schemes: tuple[str, ...], rollouts: int | None) -> None:
     """An online phase's step time split, rollout tokens/s and judge calls/s vs bare vLLM doing the same work."""
     from pipeline.app.bench.online import bench_online
 
-    click.echo(json.dumps(bench_online(_load(manifest_path, overrides), steps, pairs), indent=1))
+    report = bench_online(_load(manifest_path, overrides), steps, pairs, schemes, rollouts)
+    click.echo(json.dumps(report, indent=1))
 
 
 def _entry() -> None:

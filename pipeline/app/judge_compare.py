@@ -26,7 +26,7 @@ from typing import Callable
 
 from pipeline.engines.factory import make_engine
 from pipeline.errors import SipError
-from pipeline.io import read_table
+from pipeline.io import table_units
 from pipeline.manifest import Manifest, ManifestError
 from stages.criteria import manifest_judge
 from stages.judge import PAIR_COLUMNS, plan_judge
@@ -85,11 +85,16 @@ def candidate_sets(manifest: Manifest, limit: int) -> tuple[list[CandidateSet], 
     were looked at."""
     plan = plan_judge(manifest)
     upstream = plan.upstream()
-    pairs = sorted(read_table(plan.pairs_dir, columns=PAIR_COLUMNS).to_pylist(), key=lambda p: p["pair_id"])
+    units = table_units(plan.pairs_dir)
+    order = sorted((pair_id, i) for i, unit in enumerate(units)
+                   for pair_id in unit.read(["pair_id"]).column("pair_id").to_pylist())
+    rows: dict[int, dict[str, dict]] = {}  # unit index -> its pairs by id, read when first needed
     sets, seen = [], 0
-    for pair in pairs:
+    for pair_id, i in order:
         seen += 1
-        candidate_set = upstream.for_pair(pair)
+        if i not in rows:
+            rows[i] = {p["pair_id"]: p for p in units[i].read(PAIR_COLUMNS).to_pylist()}
+        candidate_set = upstream.for_pair(rows[i][pair_id], units[i].key)
         if len(candidate_set.candidates) >= 3:
             sets.append(candidate_set)
             if len(sets) == limit:
