@@ -9,11 +9,41 @@ attempt leaves its temporary behind; :func:`remove_leftovers` deletes those.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from pipeline.errors import SipError
+
+# The OS errors that mean the output location itself refuses the write (not a bug in sip).
+_REFUSED = {errno.ENOSPC: "no space left on its filesystem", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "its filesystem is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied"}
+
+
+class OutputNotWritable(SipError, OSError):
+    """An output could not be written where the manifest puts it (a full disk, a quota, a
+    read-only filesystem, no permission); nothing half-written was left in its place."""
+
+
+def refused_write(exc: BaseException, path: str | Path) -> OutputNotWritable | None:
+    """The error to raise instead of ``exc`` when ``exc`` means ``path``'s location refuses
+    writes, naming the path, why, the space left and what to do; None for any other error."""
+    if not isinstance(exc, OSError) or exc.errno not in _REFUSED or isinstance(exc, OutputNotWritable):
+        return None
+    path = Path(path)
+    where = next((p for p in (path, *path.parents) if p.exists()), path)
+    try:
+        free = shutil.disk_usage(where).free
+        room = f"{free / 2**20:,.1f} MiB free there"
+    except OSError:
+        room = "free space unknown"
+    return OutputNotWritable(f"cannot write {path}: {_REFUSED[exc.errno]} ({room}). Nothing half-written was kept; "
+                             "free space or make the directory writable (or set run.output_dir elsewhere) and re-run: "
+                             "finished work is kept and resumed")
 
 
 def temporary_path(final: str | Path) -> Path:
@@ -42,27 +72,37 @@ def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]
         The temporary path (``.<name>.<pid>.tmp`` beside ``final``).
 
     On an exception (or a KeyboardInterrupt) the temporary is removed and the exception
-    propagates; ``final`` is left as it was. An existing directory ``final`` is replaced whole
+    propagates; ``final`` is left as it was. A write the location refuses (full disk, quota,
+    read-only filesystem, permission) is raised as :class:`OutputNotWritable`, naming ``final``. An existing directory ``final`` is replaced whole
     (moved aside, then deleted: a directory cannot be renamed over a non-empty one).
     """
     final = Path(final)
     tmp = temporary_path(final)
-    _remove(tmp)  # an earlier attempt under the same (reused) pid
-    if directory:
-        tmp.mkdir()
+    try:
+        _remove(tmp)  # an earlier attempt under the same (reused) pid
+        if directory:
+            tmp.mkdir()
+    except OSError as exc:
+        raise (refused_write(exc, final) or exc) from exc
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        if (refused := refused_write(exc, final)) is not None:
+            raise refused from exc
         raise
-    if directory and final.is_dir():
-        old = final.with_name(f".{final.name}.{os.getpid()}.old.tmp")
-        _remove(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        _remove(old)
-    else:
-        os.replace(tmp, final)
+    try:
+        if directory and final.is_dir():
+            old = final.with_name(f".{final.name}.{os.getpid()}.old.tmp")
+            _remove(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _remove(old)
+        else:
+            os.replace(tmp, final)
+    except OSError as exc:
+        _remove(tmp)
+        raise (refused_write(exc, final) or exc) from exc
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -15,6 +15,7 @@ the first record.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import glob
 import gzip
 import io
@@ -53,6 +54,28 @@ class CorpusFile:
     name: str  # relative to the common directory of all corpus files: unique, used in ids and `source`
     format: str  # jsonl | parquet | text
     max_records: int | None = None  # from corpus.limit, applied in file order
+    # As planned: a file whose size or modification time differs when a task reads it is refused.
+    size: int | None = None
+    mtime_ns: int | None = None
+
+    def check_unchanged(self) -> None:
+        """Raise unless the file is as it was when the corpus was planned.
+
+        Raises:
+            CorpusError: naming the file, when it is gone or its size or modification time
+                changed: documents of two versions of a corpus must not mix in one table.
+        """
+        if self.size is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise CorpusError(f"{self.path}: the corpus file disappeared after the stage was planned; restore it, or "
+                              "re-run with the corpus as it is now (--force, since the table would mix two corpora)") from None
+        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
+            raise CorpusError(f"{self.path}: the corpus file changed after the stage was planned (size {self.size:,} -> "
+                              f"{st.st_size:,} bytes, modified again); its documents are not read, so the table does not "
+                              "mix two versions of it; re-run once the corpus is final (--force to start over)")
 
 
 def _format_of(path: str, forced: str) -> str | None:
@@ -133,9 +156,8 @@ def resolve_corpus(
     # Names relative to the common directory are unique (two globs may both match part-0.jsonl
     # in different directories) and do not change when the whole corpus moves.
     root = os.path.commonpath([os.path.dirname(p) for p in found])
-    ordered = sorted(
-        (CorpusFile(path, os.path.relpath(path, root), kind) for path, kind in found.items()), key=lambda f: f.name
-    )
+    ordered = sorted((CorpusFile(path, os.path.relpath(path, root), kind, None, *_size_and_mtime(path))
+                      for path, kind in found.items()), key=lambda f: f.name)
     for file in ordered:
         if file.format == "parquet":
             import pyarrow as pa
@@ -156,9 +178,14 @@ def resolve_corpus(
             break
         n = _count_records(file, remaining)
         take = min(n, remaining)
-        limited.append(CorpusFile(file.path, file.name, file.format, take))
+        limited.append(dataclasses.replace(file, max_records=take))
         remaining -= take
     return limited
+
+
+def _size_and_mtime(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def _compression(raw: BinaryIO) -> str | None:
@@ -355,15 +382,19 @@ class CorpusReader(PipelineStep):
     def _read(self, files: list[CorpusFile], rank: int, record_id) -> Iterator[Document]:
         """The documents of ``files``; ``record_id(doc_id, path, line)`` is called for each."""
         readers = {"jsonl": self._jsonl, "parquet": self._parquet, "text": self._text}
+        for file in files:  # every file of the task as planned, before any is read
+            file.check_unchanged()
         total_bytes = sum(os.path.getsize(f.path) for f in files) or 1
         done_bytes = 0
         progress = Progress(f"task {rank}: read", unit="documents")
         for file in files:
             logger.info(f"reading {file.path}")
+            file.check_unchanged()
             self._position = 0
             for line, doc in readers[file.format](file):
                 record_id(doc.id, file.path, line)
                 self.stat_update("documents")
                 progress.update(1, (done_bytes + self._position) / total_bytes)
                 yield doc
+            file.check_unchanged()  # changed while it was read: the task fails, its table is never written
             done_bytes += os.path.getsize(file.path)

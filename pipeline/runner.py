@@ -28,6 +28,7 @@ from typing import Callable
 
 from datatrove.pipeline.base import PipelineStep
 
+from pipeline.atomic import OutputNotWritable, refused_write
 from pipeline.chain import JOBS_FILE, ChainMember
 from pipeline.executor import make_executor, sbatch_script, wait_for_jobs
 from pipeline.manifest import Manifest
@@ -120,6 +121,12 @@ class StageJob(ChainMember):
         try:
             executor.run()
         except Exception as exc:  # datatrove re-raises a task's exception: report it as the stage's
+            # A full or read-only disk may first hit datatrove's own logs: name the stage directory.
+            chain = _chain(exc)
+            refused = next((e for e in chain if isinstance(e, OutputNotWritable)), None) or next(
+                (r for e in chain if (r := refused_write(e, stage.path)) is not None), None)
+            if refused is not None:
+                raise StageFailed(f"{self.name}: {refused}") from exc
             raise StageFailed(
                 f"{self.name}: a task failed: {type(exc).__name__}: {exc}\n"
                 f"Finished tasks are kept; fix the cause and re-run. Logs: {stage.logs}/logs"
@@ -163,6 +170,15 @@ class StageJob(ChainMember):
             raise StageFailed(f"{self.name}: the card job {self._card_job.job_id} failed; see "
                               f"{self.stage.logs}/card/slurm_logs")
         return card
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, innermost last."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
 
 
 def run_chain(

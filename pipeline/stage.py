@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.atomic import write_text_atomic
+from pipeline.atomic import refused_write, write_text_atomic
 from pipeline.errors import SipError
 from pipeline.manifest import Manifest, diff_views, fingerprint, hash_view
 
@@ -106,7 +106,10 @@ class StageDir:
             return
         if self.path.exists() and any(self.path.iterdir()):
             raise StageConflict(f"{self.path} exists, is not empty and was not made by sip; use --force to replace it")
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise (refused_write(exc, self.path) or exc) from exc
         state = {
             "stage": self.stage,
             "table": self.table,

@@ -57,6 +57,7 @@ from pipeline.doc_ids import check_unique_doc_ids
 from pipeline.io import TableWriter
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view, hash_view
 from pipeline.models import policy_tokenizer_dir
+from pipeline.plans import planned
 from pipeline.schema import HELDOUT, HELDOUT_TABLE, PAIRS, pair_id, provenance, with_provenance
 from pipeline.runner import StageJob
 from pipeline.stage import StageDir
@@ -232,6 +233,12 @@ def corpus_files(manifest: Manifest) -> list[CorpusFile]:
 
 
 def plan_shard(manifest: Manifest) -> ShardPlan:
+    """The shard stage's plan: the corpus resolved, the tokenizer hashed; made once per
+    invocation (:func:`pipeline.plans.planned`), however many later stages ask for it."""
+    return planned(STAGE, manifest, lambda: _plan_shard(manifest))
+
+
+def _plan_shard(manifest: Manifest) -> ShardPlan:
     files = corpus_files(manifest)
     tok_dir = policy_tokenizer_dir(manifest)
     tok_id = tokenizer_id(str(tok_dir))

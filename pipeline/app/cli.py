@@ -32,8 +32,12 @@ def _load(manifest_path: str, overrides: tuple[str, ...], executor: str | None =
 
 @click.group()
 @click.version_option(package_name="sip-pretrain")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """sip: Self-Improving Pretraining pipeline (shard, rewrite, judge, train)."""
+    from pipeline.plans import planning_once
+
+    ctx.with_resource(planning_once())  # each stage planned once per command
 
 
 @main.group()
