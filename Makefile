@@ -80,6 +80,10 @@ bench-rewrite: setup
 bench-judge: setup
 	$(SIP) bench judge -m $(MANIFEST)
 
+.PHONY: chaos
+chaos: setup
+	$(SIP) bench chaos -m $(MANIFEST)
+
 .PHONY: bench-memory
 bench-memory: setup
 	$(SIP) bench memory

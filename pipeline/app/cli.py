@@ -335,6 +335,26 @@ def bench_judge_cmd(manifest_path: str, overrides: tuple[str, ...], pairs: int) 
     click.echo(json.dumps(bench_judge(_load(manifest_path, overrides), pairs), indent=1))
 
 
+@bench.command("chaos")
+@manifest_option
+@set_option
+@click.option("--stages", default="shard,rewrite,rollout,judge,prefs", show_default=True,
+              help="Comma-separated stages to kill and resume.")
+@click.option("--kills", type=click.IntRange(min=0), default=20, show_default=True, help="SIGKILLs per stage.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the kill moments.")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default="outputs/chaos", show_default=True,
+              help="Where the reference and chaos runs are written.")
+def bench_chaos_cmd(manifest_path: str, overrides: tuple[str, ...], stages: str, kills: int, seed: int,
+                    directory: str) -> None:
+    """Each stage SIGKILLed at random moments and resumed, vs an uninterrupted run: rows lost, duplicated."""
+    from pipeline.app.bench.chaos import bench_chaos, table
+
+    report = bench_chaos(_load(manifest_path, overrides), Path(directory),
+                         [s.strip() for s in stages.split(",") if s.strip()], kills, seed, log=click.echo)
+    click.echo(table(report))
+    click.echo(json.dumps(report, indent=1))
+
+
 @bench.command("memory")
 @click.option("--pairs", "sizes", type=click.IntRange(min=1), multiple=True, show_default=True,
               default=(10_000, 100_000, 1_000_000), help="Pairs of one synthetic run (repeatable).")
