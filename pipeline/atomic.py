@@ -41,9 +41,9 @@ def refused_write(exc: BaseException, path: str | Path) -> OutputNotWritable | N
         room = f"{free / 2**20:,.1f} MiB free there"
     except OSError:
         room = "free space unknown"
-    return OutputNotWritable(f"cannot write {path}: {_REFUSED[exc.errno]} ({room}). Nothing half-written was kept; "
-                             "free space or make the directory writable (or set run.output_dir elsewhere) and re-run: "
-                             "finished work is kept and resumed")
+    return OutputNotWritable(f"cannot write {path}: {_REFUSED[exc.errno]} ({room}). No half-written file took an "
+                             "output's name; free space or make the directory writable (or set run.output_dir "
+                             "elsewhere) and re-run: finished work is kept and resumed")
 
 
 def temporary_path(final: str | Path) -> Path:
@@ -109,6 +109,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` so that it appears complete or not at all."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def remove_leftovers_under(directory: str | Path) -> list[Path]:
+    """Delete every temporary (``.<name>.<pid>.tmp``) under ``directory``: what the writers of a
+    failed run left when they were stopped. Only when none of them is still running."""
+    stale = sorted(Path(directory).rglob(".*.tmp")) if Path(directory).is_dir() else []
+    for path in stale:
+        _remove(path)
+    return stale
 
 
 def remove_leftovers(final: str | Path) -> list[Path]:

@@ -70,12 +70,14 @@ class CorpusFile:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            raise CorpusError(f"{self.path}: the corpus file disappeared after the stage was planned; restore it, or "
-                              "re-run with the corpus as it is now (--force, since the table would mix two corpora)") from None
+            raise CorpusError(f"{self.path}: the corpus file disappeared after the stage was planned; the task writes "
+                              "nothing. Restore it, or re-run with the corpus as it is now (with --force: the other "
+                              "tasks' files hold its documents)") from None
         if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
             raise CorpusError(f"{self.path}: the corpus file changed after the stage was planned (size {self.size:,} -> "
-                              f"{st.st_size:,} bytes, modified again); its documents are not read, so the table does not "
-                              "mix two versions of it; re-run once the corpus is final (--force to start over)")
+                              f"{st.st_size:,} bytes, modified again); the task writes nothing, so the table does not "
+                              "mix two versions of it. Re-run once the corpus is final (with --force if its size "
+                              "changed: the stage's fingerprint covers the file sizes)")
 
 
 def _format_of(path: str, forced: str) -> str | None:

@@ -28,7 +28,7 @@ from typing import Callable
 
 from datatrove.pipeline.base import PipelineStep
 
-from pipeline.atomic import OutputNotWritable, refused_write
+from pipeline.atomic import OutputNotWritable, refused_write, remove_leftovers_under
 from pipeline.chain import JOBS_FILE, ChainMember
 from pipeline.executor import make_executor, sbatch_script, wait_for_jobs
 from pipeline.manifest import Manifest
@@ -121,6 +121,9 @@ class StageJob(ChainMember):
         try:
             executor.run()
         except Exception as exc:  # datatrove re-raises a task's exception: report it as the stage's
+            # Its pool is stopped: the temporaries the other tasks were writing are dead weight
+            # (on a full disk, the space the re-run needs).
+            remove_leftovers_under(stage.path)
             # A full or read-only disk may first hit datatrove's own logs: name the stage directory.
             chain = _chain(exc)
             refused = next((e for e in chain if isinstance(e, OutputNotWritable)), None) or next(

@@ -95,7 +95,10 @@ class StageDir:
         """
         state_file = self.path / SETTINGS_FILE
         if force and self.path.exists():
-            shutil.rmtree(self.path)
+            try:
+                shutil.rmtree(self.path)
+            except OSError as exc:
+                raise (refused_write(exc, self.path) or exc) from exc
         if state_file.is_file():
             if changes := self.conflicts():
                 raise StageConflict(
@@ -103,6 +106,8 @@ class StageDir:
                     + "\n  ".join(changes)
                     + "\nRe-run with --force to delete it and start over, or set run.output_dir elsewhere."
                 )
+            if not (self.path / "manifest.yaml").is_file():  # a full disk stopped the first prepare after _stage.json
+                self._write_manifest()
             return
         if self.path.exists() and any(self.path.iterdir()):
             raise StageConflict(f"{self.path} exists, is not empty and was not made by sip; use --force to replace it")
@@ -120,6 +125,9 @@ class StageDir:
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         write_text_atomic(state_file, json.dumps(state, indent=1, sort_keys=True))
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
         write_text_atomic(self.path / "manifest.yaml", yaml.safe_dump(self.manifest.model_dump(mode="json"), sort_keys=False))
 
     def check_upstream_of(self, downstream: str) -> None:
@@ -134,6 +142,11 @@ class StageDir:
             raise StageFailed(f"{downstream}: the {self.stage} stage is not complete ({self.path}); "
                               f"run `sip {self.stage}` (or `sip run`) first")
         old = json.loads(state_file.read_text())
+        if old.get("layout", {}).get("files") != self.layout.get("files"):
+            # The file names a later stage looks rows up by (pipeline.io.UNIT_LAYOUT) differ.
+            raise StageFailed(f"{downstream}: the {self.stage} outputs in {self.path} were written with an older file "
+                              f"layout (one file per task and chunk, not per unit); re-run `sip {self.stage} --force` "
+                              "first")
         if changes := diff_views(old["view"], self.view):
             raise StageFailed(f"{downstream}: the {self.stage} outputs in {self.path} were made with other settings "
                               f"({'; '.join(changes[:3])}); re-run `sip {self.stage} --force` first")

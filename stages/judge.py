@@ -26,7 +26,7 @@ from pipeline.models import resolve_model_dir
 from pipeline.manifest import Manifest, ManifestError, fingerprint, fingerprinted_view
 from pipeline.runner import StageJob
 from pipeline.schema import JUDGMENTS, provenance, with_provenance
-from pipeline.stage import StageDir, StageFailed
+from pipeline.stage import SETTINGS_FILE, StageDir, StageFailed
 from pipeline.tokenizer import load_tokenizer
 from stages.criteria import PROMPTS, Judge, manifest_judge
 from stages.rewrite import plan_rewrite
@@ -252,6 +252,10 @@ def count_judge_calls(plan: JudgePlan) -> dict | str:
     missing = [name for name, path in upstream if not (Path(path) / "card.json").is_file() or not table_files(path)]
     if missing:
         return f"calls and tokens are counted once {' and '.join(missing)} have run"
+    stale = [name for name, path in upstream[1:] if _files_layout(Path(path)) != UNIT_LAYOUT["files"]]
+    if stale:
+        return (f"calls and tokens cannot be counted: {' and '.join(stale)} were written with an older file layout; "
+                "the stage will refuse them (re-run them with --force)")
     manifest, ref = plan.manifest, plan.manifest.judge
     local = ref.kind != "endpoint"
     model_dir = resolve_model_dir(manifest, ref.model, "judge.model") if local else None
@@ -276,6 +280,12 @@ def count_judge_calls(plan: JudgePlan) -> dict | str:
         "max_completion_tokens": counter.max_completion_tokens,
         "quality_calls_by_scheme": by_scheme,  # what judging.quality.scheme would cost instead
     }
+
+
+def _files_layout(stage_dir: Path) -> str | None:
+    """The file layout a stage directory was written with (``_stage.json``'s layout.files)."""
+    state = stage_dir / SETTINGS_FILE
+    return json.loads(state.read_text()).get("layout", {}).get("files") if state.is_file() else None
 
 
 def describe_judge_cost(plan: JudgePlan) -> str:

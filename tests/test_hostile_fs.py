@@ -45,7 +45,7 @@ def _no_partial_files(stage: Path) -> None:
     filled keeps its file), and no card."""
     import pyarrow.parquet as pq
 
-    assert not list(stage.glob(".*.tmp")) and not (stage / "card.json").exists(), sorted(p.name for p in stage.iterdir())
+    assert not list(stage.rglob(".*.tmp")) and not (stage / "card.json").exists(), sorted(p.name for p in stage.iterdir())
     for f in stage.glob("*.parquet"):
         pq.read_metadata(f)
 
@@ -80,6 +80,11 @@ def test_a_read_only_output_directory_is_refused_by_name(tmp_path, small_fs):
     remount("rw")
     run_sip("shard", "-m", str(path))
     assert (mount / "out" / "shard" / "card.json").is_file()
+    remount("ro")
+    assert "already complete" in run_sip("shard", "-m", str(path)).stdout  # reading needs no write
+    forced = run_sip("shard", "-m", str(path), "--force", check=False)  # deleting it does
+    assert forced.returncode == 2 and f"cannot write {mount / 'out' / 'shard'}" in forced.stderr, forced.stderr
+    remount("rw")
 
 
 @pytest.mark.parametrize("change", ["append", "delete"])
@@ -100,3 +105,24 @@ def test_a_corpus_file_that_changes_after_planning_is_refused_by_name(tmp_path, 
         run_chain(m, [job], log=lambda _line: None)
     assert not list((tmp_path / "out" / "shard").glob("*.parquet")) or \
         "c2.jsonl" not in set(pl.read_parquet(str(tmp_path / "out" / "shard" / "*.parquet"))["source"])
+
+
+def test_a_stage_refuses_an_upstream_written_with_the_older_file_layout(tmp_path):
+    """Files named per task and chunk (before units) cannot be looked up by unit: the stage
+    that reads them says so before starting its engine, and names the fix."""
+    import json
+
+    from pipeline.stage import SETTINGS_FILE, StageDir
+
+    m = parse_manifest(base_manifest(tmp_path / "out", _corpus(tmp_path, 8)))
+    stage = StageDir(m, "rewrite", "rewrites", {"k": 1}, {"executor.tasks": 1, "files": "per unit"})
+    stage.prepare()
+    (stage.path / "card.json").write_text("{}")
+    (stage.logs / "completions").mkdir(parents=True)
+    (stage.logs / "completions" / "00000").write_text("")
+    stage.check_upstream_of("judge")  # the same layout: accepted
+    state = json.loads((stage.path / SETTINGS_FILE).read_text())
+    del state["layout"]["files"]  # as an older sip wrote it
+    (stage.path / SETTINGS_FILE).write_text(json.dumps(state))
+    with pytest.raises(StageFailed, match="older file layout.*sip rewrite --force"):
+        stage.check_upstream_of("judge")

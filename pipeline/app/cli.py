@@ -14,7 +14,7 @@ from pipeline.manifest import Manifest, ManifestError, fingerprint, load_manifes
 
 manifest_option = click.option(
     "-m", "--manifest", "manifest_path", default="manifests/demo.yaml", show_default=True,
-    type=click.Path(dir_okay=False), help="Experiment manifest (YAML).",
+    type=click.Path(dir_okay=False), help="The run's manifest (YAML).",
 )
 set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -347,10 +347,12 @@ def bench_judge_cmd(manifest_path: str, overrides: tuple[str, ...], pairs: int) 
 def bench_chaos_cmd(manifest_path: str, overrides: tuple[str, ...], stages: str, kills: int, seed: int,
                     directory: str) -> None:
     """Each stage SIGKILLed at random moments and resumed, vs an uninterrupted run: rows lost, duplicated."""
-    from pipeline.app.bench.chaos import bench_chaos, table
+    from pipeline.app.bench.chaos import KEYS, bench_chaos, table
 
-    report = bench_chaos(_load(manifest_path, overrides), Path(directory),
-                         [s.strip() for s in stages.split(",") if s.strip()], kills, seed, log=click.echo)
+    names = [s.strip() for s in stages.split(",") if s.strip()]
+    if not names or any(s not in KEYS for s in names):
+        raise click.BadParameter(f"expected stages among {', '.join(KEYS)}, got {stages!r}", param_hint="--stages")
+    report = bench_chaos(_load(manifest_path, overrides), Path(directory), names, kills, seed, log=click.echo)
     click.echo(table(report))
     click.echo(json.dumps(report, indent=1))
 
@@ -364,9 +366,13 @@ def bench_chaos_cmd(manifest_path: str, overrides: tuple[str, ...], stages: str,
               show_default=True, help="Where the synthetic runs are written and kept.")
 def bench_memory_cmd(sizes: tuple[int, ...], tasks: int, directory: str) -> None:
     """Peak memory of a judge task and a prefs task as the corpus grows (synthetic tables, no LLM)."""
-    from pipeline.app.bench.memory import bench_memory
+    from pipeline.app.bench.memory import bench_memory, table
 
-    click.echo(json.dumps(bench_memory(Path(directory), list(sizes), tasks), indent=1))
+    if any(p.exists() and not p.is_dir() for p in (Path(directory), *Path(directory).parents)):
+        raise click.BadParameter(f"{directory} is not a directory (or lies under a file)", param_hint="--dir")
+    report = bench_memory(Path(directory), list(sizes), tasks)
+    click.echo(table(report))
+    click.echo(json.dumps(report, indent=1))
 
 
 @bench.command("online")

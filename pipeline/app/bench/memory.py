@@ -223,3 +223,11 @@ def bench_memory(directory: Path, sizes: list[int], tasks: int = 16) -> dict:
     growth = {k: round(last[k]["peak_rss_mb"] / first[k]["peak_rss_mb"], 2)
               for k in ("judge_task", "prefs_task", "whole_table_read")}
     return {"rows": rows, f"peak_rss_growth_{first['pairs']}_to_{last['pairs']}": growth}
+
+
+def table(report: dict) -> str:
+    """The report as a Markdown table (peak RSS in MiB)."""
+    lines = ["| pairs | judge task (its pairs) | prefs task | whole-table read |", "|---|---|---|---|"]
+    lines += [f"| {r['pairs']:,} | {r['judge_task']['peak_rss_mb']} ({r['judge_task']['pairs']:,}) | "
+              f"{r['prefs_task']['peak_rss_mb']} | {r['whole_table_read']['peak_rss_mb']} |" for r in report["rows"]]
+    return "\n".join(lines)
