@@ -7,8 +7,10 @@ For each stage named (in pipeline order), on the manifest's own data:
    stages first, also uninterrupted); its wall time ``T`` is kept;
 2. **chaos**: in ``<dir>/chaos-<stage>``, holding copies of the reference's upstream tables,
    ``sip <stage>`` is started ``--kills`` times and each time sent SIGKILL (its whole process
-   group: the executor's workers and engine processes too) after a delay drawn uniformly from
-   ``[0, T]`` by ``--seed``; then it runs to the end;
+   group: the executor's workers and engine processes too) after a delay drawn by ``--seed``
+   uniformly from ``[0, T x f]``, where ``f`` is the share of the reference's table files not
+   yet written (at least a quarter: start-up and the card are part of every run), so that the
+   kills stay inside the shrinking resumed runs; then it runs to the end;
 3. the two tables are compared by the stage's row key: rows lost (in the reference, not in
    the chaos run), rows duplicated (a key twice), and whether the key sets are equal.
 
@@ -137,8 +139,10 @@ def bench_chaos(manifest: Manifest, directory: Path, stages: list[str], kills: i
         chaos_manifest = _manifest_at(manifest, chaos)
         log_path = directory / f"chaos-{stage}.log"
         landed, started = 0, time.perf_counter()
-        for k in range(kills):
-            delay = rng.uniform(0, wall)
+        reference_files = max(1, len(list((reference / stage).glob("*.parquet"))))
+        for _ in range(kills):
+            left = 1 - len(list((chaos / stage).glob("*.parquet"))) / reference_files
+            delay = rng.uniform(0, wall * max(0.25, left))
             if _kill_after(stage, chaos_manifest, delay, log_path):
                 landed += 1
             elif (chaos / stage / "card.json").is_file():
