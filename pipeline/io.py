@@ -189,6 +189,27 @@ def read_unit(path: str | Path, key: str, columns: list[str] | None = None) -> p
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
 
 
+def unit_tables(pairs_dir: str | Path, path: str | Path, columns: list[str],
+                pair_columns: list[str] | None = None) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """For each unit of the pairs table at ``pairs_dir``, in table order: its pairs
+    (``pair_columns``, default ``pair_id``) and its rows of the pair-keyed table at ``path``
+    (``columns``; empty when the unit has no file). What a card job summarizes a unit at a
+    time, so it holds one unit's rows, not the table's."""
+    empty = None
+    for unit in table_units(pairs_dir):
+        pairs = unit.read(pair_columns or ["pair_id"])
+        files = unit_files(path, unit.key)
+        if files:
+            rows = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+        else:
+            if empty is None:
+                schema = pq.read_schema(table_files(path)[0]) if table_files(path) else None
+                empty = schema.empty_table().select(columns) if schema is not None else pa.table(
+                    {c: pa.array([], pa.null()) for c in columns})
+            rows = empty
+        yield pairs, rows
+
+
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     files = table_files(path)
     if not files:

@@ -715,13 +715,41 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key: PyYAML keeps the last value
+    silently, so a setting written twice (a `train:` section pasted below another) would
+    quietly win over the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            mark = key_node.start_mark
+            if key in seen:
+                first = seen[key]
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {first.line + 1}, column {first.column + 1}, "
+                    f"again on line {mark.line + 1}, column {mark.column + 1})", mark)
+            seen[key] = mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_manifest(path: str | Path, overrides: list[str] = ()) -> Manifest:
-    """Read, override and validate a manifest file."""
+    """Read, override and validate a manifest file.
+
+    Raises:
+        ManifestError: no such file, invalid YAML (a key repeated in one mapping included,
+            with both lines), or settings that do not validate.
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with open(path, encoding="utf-8") as fh:  # a stream: the error marks name the file
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: not valid YAML: {exc}") from None
     if isinstance(data, dict) and overrides:

@@ -17,7 +17,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -36,6 +36,23 @@ class StageConflict(SipError, RuntimeError):
     """An output directory made with different settings; re-run with --force to start over."""
 
 
+def stored_settings(directory: Path) -> dict | None:
+    """What a stage directory was made with (its ``_stage.json``: stage, view, layout, ...), or
+    None where there is none."""
+    state_file = Path(directory) / SETTINGS_FILE
+    return json.loads(state_file.read_text()) if state_file.is_file() else None
+
+
+def older_file_layout(directory: Path) -> bool:
+    """Whether a stage directory was written with another file layout than
+    :data:`pipeline.io.UNIT_LAYOUT`'s (files named by task, not by unit): later stages cannot
+    find a unit's rows in it by name."""
+    from pipeline.io import UNIT_LAYOUT
+
+    old = stored_settings(directory)
+    return old is not None and old.get("layout", {}).get("files") != UNIT_LAYOUT["files"]
+
+
 def require_each_key_once(path: Path, columns: list[str], expected: set[tuple], what: str) -> None:
     """A finished stage's table at ``path`` holds every key of ``expected`` (tuples of the values
     of ``columns``) exactly once, and no other key.
@@ -52,6 +69,46 @@ def require_each_key_once(path: Path, columns: list[str], expected: set[tuple], 
         raise StageFailed(f"{path}: {len(keys)} rows ({len(keys) - len(found)} repeated ({', '.join(columns)}), "
                           f"{len(expected - found)} missing, {len(found - expected)} unexpected) for {what}; every "
                           "key must appear exactly once")
+
+
+def require_unit_keys(path: Path, pairs_dir: Path, columns: list[str], keys_of: Callable[[list[str]], set[tuple]],
+                      what: str, *, once: bool = True) -> None:
+    """A finished pair-keyed stage's table at ``path`` holds, for every unit of the pairs table
+    at ``pairs_dir``, the keys ``keys_of(the unit's pair ids)`` (tuples of the values of
+    ``columns``), each exactly once (``once``; else at least once), and nothing else.
+
+    Checked a unit at a time (its output files are named by it, :class:`pipeline.io.Unit`), so
+    the card job holds one unit's keys, not the table's.
+
+    Raises:
+        StageFailed: naming ``what`` the rows should be, how many are repeated, missing and
+            unexpected, and the first unit that is not as it should be.
+    """
+    from pipeline.io import read_unit, table_files, table_units
+
+    repeated = missing = unexpected = rows = 0
+    first_bad, seen = None, set()
+    for unit in table_units(pairs_dir):
+        seen.add(unit.key)
+        expected = keys_of(unit.read(["pair_id"]).column("pair_id").to_pylist())
+        try:
+            table = read_unit(path, unit.key, columns)
+            keys = list(zip(*(table.column(c).to_pylist() for c in columns)))
+        except FileNotFoundError:
+            keys = []
+        found = set(keys)
+        bad = (len(keys) - len(found) if once else 0, len(expected - found), len(found - expected))
+        rows += len(keys)
+        repeated, missing, unexpected = repeated + bad[0], missing + bad[1], unexpected + bad[2]
+        if any(bad) and first_bad is None:
+            first_bad = unit.key
+    strays = [f.name for f in table_files(path) if f.name.rsplit("_", 1)[0] not in seen]
+    if repeated or missing or unexpected or strays:
+        where = f"; first in unit {first_bad}" if first_bad else ""
+        stray = f"; {len(strays)} file(s) of no unit of {pairs_dir} (e.g. {strays[0]})" if strays else ""
+        raise StageFailed(f"{path}: {rows} rows ({repeated} repeated ({', '.join(columns)}), {missing} missing, "
+                          f"{unexpected} unexpected) for {what}{where}{stray}; every key must appear "
+                          + ("exactly once" if once else "at least once"))
 
 
 @dataclass
@@ -81,11 +138,8 @@ class StageDir:
     def conflicts(self) -> list[str]:
         """The settings that differ from those the existing directory was made with (what
         :meth:`prepare` would refuse), without touching anything; empty when none differ."""
-        state_file = self.path / SETTINGS_FILE
-        if not state_file.is_file():
-            return []
-        old = json.loads(state_file.read_text())
-        return diff_views({**old["view"], **old["layout"]}, {**self.view, **self.layout})
+        old = stored_settings(self.path)
+        return diff_views({**old["view"], **old["layout"]}, {**self.view, **self.layout}) if old else []
 
     def prepare(self, force: bool = False) -> None:
         """Create the directory, or check that an existing one was made with the same settings.
@@ -137,12 +191,11 @@ class StageDir:
         checks over all tasks' outputs (a document id used twice, say), so a stage that failed
         them is not read by the next one.
         """
-        state_file = self.path / SETTINGS_FILE
-        if not self.is_complete() or not state_file.is_file() or not (self.path / "card.json").is_file():
+        old = stored_settings(self.path)
+        if not self.is_complete() or old is None or not (self.path / "card.json").is_file():
             raise StageFailed(f"{downstream}: the {self.stage} stage is not complete ({self.path}); "
                               f"run `sip {self.stage}` (or `sip run`) first")
-        old = json.loads(state_file.read_text())
-        if old.get("layout", {}).get("files") != self.layout.get("files"):
+        if "files" in self.layout and older_file_layout(self.path):
             # The file names a later stage looks rows up by (pipeline.io.UNIT_LAYOUT) differ.
             raise StageFailed(f"{downstream}: the {self.stage} outputs in {self.path} were written with an older file "
                               f"layout (one file per task and chunk, not per unit); re-run `sip {self.stage} --force` "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,12 +22,12 @@ from pipeline.cards import write_card
 from pipeline.chunks import EngineStep
 from pipeline.engines.counter import CallCounter
 from pipeline.engines.factory import RUN_ONLY, make_engine, model_identity
-from pipeline.io import UNIT_LAYOUT, UnitReader, chunk_stats, read_table, read_unit, table_files, table_units
+from pipeline.io import UNIT_LAYOUT, UnitReader, chunk_stats, read_unit, table_files, table_units, unit_tables
 from pipeline.models import resolve_model_dir
 from pipeline.manifest import Manifest, ManifestError, fingerprint, fingerprinted_view
 from pipeline.runner import StageJob
 from pipeline.schema import JUDGMENTS, provenance, with_provenance
-from pipeline.stage import SETTINGS_FILE, StageDir, StageFailed
+from pipeline.stage import StageDir, older_file_layout, require_unit_keys
 from pipeline.tokenizer import load_tokenizer
 from stages.criteria import PROMPTS, Judge, manifest_judge
 from stages.rewrite import plan_rewrite
@@ -37,6 +38,9 @@ from stages.shard import plan_shard
 from stages.fit import fit_lines
 
 STAGE = "judge"
+# The stages whose tables this one reads (pipeline.app.registry); rollout only when
+# rollouts.count > 0 (the registry skips an inactive stage).
+UPSTREAMS = ("shard", "rewrite", "rollout")
 PAIR_COLUMNS = ["pair_id", "prefix", "suffix", "suffix_ids"]  # what a pair's candidates need
 
 
@@ -252,7 +256,7 @@ def count_judge_calls(plan: JudgePlan) -> dict | str:
     missing = [name for name, path in upstream if not (Path(path) / "card.json").is_file() or not table_files(path)]
     if missing:
         return f"calls and tokens are counted once {' and '.join(missing)} have run"
-    stale = [name for name, path in upstream[1:] if _files_layout(Path(path)) != UNIT_LAYOUT["files"]]
+    stale = [name for name, path in upstream[1:] if older_file_layout(Path(path))]
     if stale:
         return (f"calls and tokens cannot be counted: {' and '.join(stale)} were written with an older file layout; "
                 "the stage will refuse them (re-run them with --force)")
@@ -282,12 +286,6 @@ def count_judge_calls(plan: JudgePlan) -> dict | str:
     }
 
 
-def _files_layout(stage_dir: Path) -> str | None:
-    """The file layout a stage directory was written with (``_stage.json``'s layout.files)."""
-    state = stage_dir / SETTINGS_FILE
-    return json.loads(state.read_text()).get("layout", {}).get("files") if state.is_file() else None
-
-
 def describe_judge_cost(plan: JudgePlan) -> str:
     counted = count_judge_calls(plan)
     if isinstance(counted, str):
@@ -308,18 +306,33 @@ def judge_summary(plan: JudgePlan, elapsed_s: float | None) -> dict:
     # Costs come from the chunk files (complete after any resume); only the engine start-up,
     # a per-task cost, comes from the tasks' stats.
     stats = chunk_stats(plan.stage.path)
-    j = pl.from_arrow(read_table(plan.stage.path))
-    by_source = (
-        j.group_by("source")
-        .agg(pl.len().alias("candidates"), *(pl.col(c).mean().round(3) for c in (*CRITERIA, "reward")))
-        .sort("source")
-    )
+    # A unit at a time, the columns summarized only: the card job holds one unit's rows.
+    scored = (*CRITERIA, "reward")
+    sums: dict[str, Counter] = {}
+    candidates = pairs = unparsable = 0
+    prefix_max = None
+    for unit_pairs, rows in unit_tables(plan.pairs_dir, plan.stage.path,
+                                        ["source", *scored, "parse_status", "prefix_tokens"]):
+        j = pl.from_arrow(rows)
+        pairs, candidates = pairs + unit_pairs.num_rows, candidates + j.height
+        unparsable += int((j["parse_status"] == "unparsable").sum())
+        if j["prefix_tokens"].null_count() < j.height:
+            prefix_max = max(prefix_max or 0, int(j["prefix_tokens"].max()))
+        part = j.group_by("source").agg(pl.len().alias("candidates"),
+                                        *(pl.col(c).sum().alias(f"{c}_sum") for c in scored),
+                                        *(pl.col(c).count().alias(f"{c}_n") for c in scored))
+        for row in part.iter_rows(named=True):
+            sums.setdefault(row.pop("source"), Counter()).update({k: v or 0 for k, v in row.items()})
+    # Each criterion's mean over the candidates it scored (nulls left out), by source.
+    by_source = {source: {"candidates": int(t["candidates"]),
+                          **{c: round(t[f"{c}_sum"] / t[f"{c}_n"], 3) if t[f"{c}_n"] else None for c in scored}}
+                 for source, t in sorted(sums.items())}
     compared = int(stats.get("order_compared", 0))
     summary = {
-        "candidates": len(j),
-        "pairs": j["pair_id"].n_unique(),
-        "by_source": {r["source"]: {k: v for k, v in r.items() if k != "source"} for r in by_source.iter_rows(named=True)},
-        "unparsable_candidates": int((j["parse_status"] == "unparsable").sum()),
+        "candidates": candidates,
+        "pairs": pairs,
+        "by_source": by_source,
+        "unparsable_candidates": unparsable,
         # Offered texts that are not candidates: repeats, blanks, rewrites fused with the prefix.
         "candidates_dropped": {k.removeprefix("candidates_dropped_"): int(v) for k, v in sorted(stats.items())
                                if k.startswith("candidates_dropped_")},
@@ -329,7 +342,7 @@ def judge_summary(plan: JudgePlan, elapsed_s: float | None) -> dict:
         "prefix_cache_hit_rate": (round(stats["prefix_cache_hit_tokens"] / stats["prefix_cache_queried_tokens"], 3)
                                   if stats.get("prefix_cache_queried_tokens") else None),
         "judge_calls": int(stats.get("judge_calls", 0)),
-        "judge_calls_per_pair": round(stats.get("judge_calls", 0) / max(j["pair_id"].n_unique(), 1), 2),
+        "judge_calls_per_pair": round(stats.get("judge_calls", 0) / max(pairs, 1), 2),
         "quality_scheme": plan.manifest.judging.quality.scheme if plan.manifest.judging.quality else None,
         "prompt_tokens": int(stats.get("prompt_tokens", 0)),
         "completion_tokens": int(stats.get("completion_tokens", 0)),
@@ -337,7 +350,7 @@ def judge_summary(plan: JudgePlan, elapsed_s: float | None) -> dict:
         "engine_start_s": round(plan.stage.merged_stats().get("engine_start_ms", 0) / 1000, 2),
         "modes": {c: getattr(plan.manifest.judging, c).mode for c in CRITERIA if getattr(plan.manifest.judging, c)},
         # The most prefix tokens the judge saw (judging.prefix_tokens bounds it).
-        "prefix_tokens_shown_max": int(j["prefix_tokens"].max()) if j["prefix_tokens"].null_count() < len(j) else None,
+        "prefix_tokens_shown_max": prefix_max,
     }
     if elapsed_s:
         summary["elapsed_s"] = round(elapsed_s, 2)
@@ -346,10 +359,8 @@ def judge_summary(plan: JudgePlan, elapsed_s: float | None) -> dict:
 
 def finalize_judge(manifest: Manifest, elapsed_s: float | None = None) -> dict:
     plan = plan_judge(manifest)
-    judged = set(read_table(plan.stage.path, columns=["pair_id"]).column("pair_id").to_pylist())
-    pairs = set(read_table(plan.pairs_dir, columns=["pair_id"]).column("pair_id").to_pylist())
-    if judged != pairs:
-        raise StageFailed(f"judge: {len(pairs - judged)} pairs have no judgments")
+    require_unit_keys(plan.stage.path, plan.pairs_dir, ["pair_id"], lambda pairs: {(p,) for p in pairs},
+                      "the judgments of every pair", once=False)
     summary, notes = judge_summary(plan, elapsed_s), ""
     return write_card(plan.stage, summary, notes)
 

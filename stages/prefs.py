@@ -16,6 +16,7 @@ judge saw.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,7 +27,8 @@ import pyarrow.parquet as pq
 from datatrove.pipeline.base import PipelineStep
 
 from pipeline.cards import write_card
-from pipeline.io import UNIT_LAYOUT, UnitReader, WorkUnit, chunk_stats, read_table, read_unit, table_files, table_units, write_table_atomic
+from pipeline.io import (UNIT_LAYOUT, UnitReader, WorkUnit, chunk_stats, read_unit, row_count, table_files, table_units,
+                         write_table_atomic)
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.runner import StageJob
 from pipeline.schema import CANDIDATE_SOURCES, PREFERENCES, SFT, provenance, with_provenance
@@ -36,6 +38,7 @@ from stages.scoring import Ranked, pick
 from stages.shard import plan_shard
 
 STAGE = "prefs"
+UPSTREAMS = ("shard", "judge")  # the stages whose tables this one reads (pipeline.app.registry)
 JUDGMENT_COLUMNS = ["pair_id", "cand_id", "source", "text", "token_ids", "reward"]
 PAIR_SCHEMA = {"pair_id": pl.String, "prefix": pl.String, "prefix_ids": pl.List(pl.Int32)}
 
@@ -142,21 +145,27 @@ def plan_prefs(manifest: Manifest, upstream_pending: bool = False) -> PrefsPlan:
 
 def prefs_summary(plan: PrefsPlan, elapsed_s: float | None) -> dict:
     stats = chunk_stats(plan.stage.path)  # each unit's counts, kept in its file: right after any resume
-    p = pl.from_arrow(read_table(plan.stage.path))
+    # A file (a unit) at a time, the columns summarized only: the card job holds one unit's rows.
+    chosen, rejected, margin_sum, rows = Counter(), Counter(), 0.0, 0
+    for file in table_files(plan.stage.path):
+        p = pl.read_parquet(file, columns=["chosen_source", "rejected_source", "chosen_reward", "rejected_reward"])
+        rows += p.height
+        chosen.update(dict(p["chosen_source"].value_counts().iter_rows()))
+        rejected.update(dict(p["rejected_source"].value_counts().iter_rows()))
+        margin_sum += float((p["chosen_reward"] - p["rejected_reward"]).sum())
     # Every source that can be a candidate is listed, 0.0 included: the rollout chosen rate is
     # the curriculum's signal, and an absent key would read as "not measured".
     sources = [s for s in CANDIDATE_SOURCES if s != "rollout" or plan.manifest.rollouts.count]
 
-    def rates(col: str) -> dict[str, float]:
-        counts = dict(p[col].value_counts().iter_rows()) if p.height else {}
-        return {s: round(counts.get(s, 0) / max(1, p.height), 3) for s in sources}
+    def rates(counts: Counter) -> dict[str, float]:
+        return {s: round(counts.get(s, 0) / max(1, rows), 3) for s in sources}
 
     summary = {
         **{k: int(stats.get(k, 0)) for k in ("pairs", "usable", "skipped_single_candidate", "skipped_tie", "skipped_unjudged")},
-        "chosen_source_rate": rates("chosen_source"),
-        "rejected_source_rate": rates("rejected_source"),
-        "reward_margin_mean": round(float((p["chosen_reward"] - p["rejected_reward"]).mean()), 4) if p.height else None,
-        "sft_rows": len(read_table(plan.stage.path / "sft", columns=["pair_id"])),
+        "chosen_source_rate": rates(chosen),
+        "rejected_source_rate": rates(rejected),
+        "reward_margin_mean": round(margin_sum / rows, 4) if rows else None,
+        "sft_rows": row_count(plan.stage.path / "sft"),
     }
     if elapsed_s:
         summary["elapsed_s"] = round(elapsed_s, 2)

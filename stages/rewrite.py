@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 from functools import partial
@@ -26,18 +27,19 @@ from pipeline.cards import write_card
 from pipeline.chunks import EngineStep
 from pipeline.engines.base import Engine, Request, Result, Sampling
 from pipeline.engines.factory import RUN_ONLY, counting_tokenizer, make_engine, model_identity
-from pipeline.io import UNIT_LAYOUT, UnitReader, chunk_stats, read_table
+from pipeline.io import UNIT_LAYOUT, UnitReader, chunk_stats, unit_tables
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.prompts import PromptTemplate
 from pipeline.runner import StageJob
 from pipeline.schema import REWRITES, provenance, with_provenance
-from pipeline.stage import StageDir, StageFailed
+from pipeline.stage import StageDir, StageFailed, require_unit_keys
 from pipeline.tokenizer import Window, join_encoding, load_tokenizer, prefix_window
 from stages.refusals import is_refusal
 from stages.shard import plan_shard
 from stages.fit import fit_lines
 
 STAGE = "rewrite"
+UPSTREAMS = ("shard",)  # the stages whose tables this one reads (pipeline.app.registry)
 DEFAULT_PROMPT = Path(__file__).parent / "prompts" / "rewrite.txt"
 _WORD = re.compile(r"\S+\s*$")
 
@@ -182,25 +184,34 @@ def plan_rewrite(manifest: Manifest, upstream_pending: bool = False) -> RewriteP
                        shard.path, template, model)
 
 
+_OVERLAP_SAMPLE = 20_000  # rewrites (the first, in table order) whose overlap and length the card reports
+
+
 def rewrite_summary(plan: RewritePlan, elapsed_s: float | None) -> dict:
     stage = plan.stage
     # Costs come from the chunk files (complete after any resume); the engine start-up, a
     # per-task cost, and the resumed chunks come from the tasks' stats.
     stats, task_stats = chunk_stats(stage.path), stage.merged_stats()
-    rewrites = pl.from_arrow(read_table(stage.path, columns=["pair_id", "rewrite", "status"]))
-    pairs = pl.from_arrow(read_table(plan.pairs_dir, columns=["pair_id", "prefix", "suffix_ids"]))
-    kept = rewrites.filter(pl.col("rewrite").is_not_null()).join(pairs, on="pair_id").head(20000)
     tok = load_tokenizer(str(plan_shard(plan.manifest).tokenizer_dir))
-    overlaps, lengths = [], []
-    for prefix, text, original in zip(*(kept[c].to_list() for c in ("prefix", "rewrite", "suffix_ids"))):
-        joined = join_encoding(tok, prefix, text)  # the rewrite's tokens as they follow the prefix
-        ids = joined.ids[joined.start:]
-        lengths.append(len(ids))
-        overlaps.append(SequenceMatcher(None, original, ids, autojunk=False).ratio())
-    counts = dict(rewrites.group_by("status").len().iter_rows())
+    # A unit at a time (a rewrite's pair is in its unit): the card job holds one unit's texts.
+    counts, pairs, rows, overlaps, lengths = Counter(), 0, 0, [], []
+    for unit_pairs, unit_rows in unit_tables(plan.pairs_dir, stage.path, ["pair_id", "rewrite", "status"],
+                                             ["pair_id", "prefix", "suffix_ids"]):
+        rewrites = pl.from_arrow(unit_rows)
+        pairs, rows = pairs + unit_pairs.num_rows, rows + rewrites.height
+        counts.update(dict(rewrites.group_by("status").len().iter_rows()))
+        if len(overlaps) >= _OVERLAP_SAMPLE:
+            continue
+        kept = rewrites.filter(pl.col("rewrite").is_not_null()).join(pl.from_arrow(unit_pairs), on="pair_id")
+        for prefix, text, original in zip(*(kept.head(_OVERLAP_SAMPLE - len(overlaps))[c].to_list()
+                                            for c in ("prefix", "rewrite", "suffix_ids"))):
+            joined = join_encoding(tok, prefix, text)  # the rewrite's tokens as they follow the prefix
+            ids = joined.ids[joined.start:]
+            lengths.append(len(ids))
+            overlaps.append(SequenceMatcher(None, original, ids, autojunk=False).ratio())
     length = pl.Series(lengths or [0])
     summary = {
-        "pairs": len(pairs), "rows": len(rewrites),
+        "pairs": pairs, "rows": rows,
         "status_counts": {s: int(counts.get(s, 0)) for s in ("ok", "copied", "refused", "empty", "too_long", "error")},
         "token_overlap_with_original_mean": round(sum(overlaps) / len(overlaps), 3) if overlaps else None,
         "rewrite_tokens": {"mean": round(float(length.mean()), 1), "p50": float(length.quantile(0.5)),
@@ -222,13 +233,8 @@ def rewrite_summary(plan: RewritePlan, elapsed_s: float | None) -> dict:
 
 def finalize_rewrite(manifest: Manifest, elapsed_s: float | None = None) -> dict:
     plan = plan_rewrite(manifest)
-    rows = read_table(plan.stage.path, columns=["pair_id"]).column("pair_id").to_pylist()
-    pairs = set(read_table(plan.pairs_dir, columns=["pair_id"]).column("pair_id").to_pylist())
-    if len(rows) != len(set(rows)) or set(rows) != pairs:
-        raise StageFailed(
-            f"rewrite: {len(rows)} rows ({len(rows) - len(set(rows))} duplicates, {len(pairs - set(rows))} pairs "
-            f"missing) for {len(pairs)} pairs; every pair must give exactly one row"
-        )
+    require_unit_keys(plan.stage.path, plan.pairs_dir, ["pair_id"], lambda pairs: {(p,) for p in pairs},
+                      "one rewrite row per pair")
     notes = "## Prompt template\n\n```\n" + plan.template.text.strip() + "\n```"
     return write_card(plan.stage, rewrite_summary(plan, elapsed_s), notes)
 

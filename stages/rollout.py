@@ -21,24 +21,27 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from pipeline.cards import write_card
 from pipeline.chunks import EngineStep
 from pipeline.engines.base import Engine, Request, Result, Sampling
-from pipeline.io import UNIT_LAYOUT, UnitReader, chunk_stats, read_table
+from pipeline.io import UNIT_LAYOUT, UnitReader, chunk_stats, unit_tables
 from pipeline.manifest import Manifest, fingerprint, fingerprinted_view
 from pipeline.policy import check_context, policy_hf_dir, policy_identity
 from pipeline.runner import StageJob
 from pipeline.schema import ROLLOUT_STATUSES, ROLLOUTS, cand_id, provenance, with_provenance
-from pipeline.stage import StageDir, StageFailed, require_each_key_once
+from pipeline.stage import StageDir, StageFailed, require_unit_keys
 from pipeline.tokenizer import decode_continuations, load_tokenizer
 from stages.shard import plan_shard
 from stages.fit import fit_lines
 
 STAGE = "rollout"
+UPSTREAMS = ("shard",)  # the stages whose tables this one reads (pipeline.app.registry)
 # Engine settings that change how the policy runs, not what it samples: resumable when changed.
 _RUN_ONLY = ("rollouts.chunk_size", "rollouts.gpu_memory_utilization")
 
@@ -147,26 +150,47 @@ def plan_rollout(manifest: Manifest, upstream_pending: bool = False) -> RolloutP
                        shard.tokenizer_dir, model)
 
 
+def _median(counts: np.ndarray) -> float:
+    """The median (nearest rank) of the values ``0 .. len(counts) - 1`` counted by ``counts``."""
+    position = int(round(0.5 * (int(counts.sum()) - 1)))
+    return float(np.searchsorted(np.cumsum(counts), position + 1))
+
+
 def rollout_summary(plan: RolloutPlan, elapsed_s: float | None) -> dict:
     # Costs come from the chunk files (complete after any resume); the export and the engine
-    # start-up, per-task costs, and the resumed chunks come from the tasks' stats.
+    # start-up, per-task costs, and the resumed chunks come from the tasks' stats. The rows are
+    # summarized a unit at a time (a rollout's pair is in its unit): the card job holds one
+    # unit's texts, not the table's.
     stats, task_stats = chunk_stats(plan.stage.path), plan.stage.merged_stats()
-    r = pl.from_arrow(read_table(plan.stage.path, columns=["pair_id", "text", "token_ids", "finish_reason", "status",
-                                                           "completion_tokens"]))
-    suffixes = pl.from_arrow(read_table(plan.pairs_dir, columns=["pair_id", "suffix"]))
-    ok = r.filter(pl.col("status") == "ok").with_columns(pl.col("token_ids").list.len().alias("tokens"))
-    counts = dict(r.group_by("status").len().iter_rows())
-    summary = {
-        "pairs": suffixes.height, "rows": r.height, "rollouts_per_pair": plan.manifest.rollouts.count,
-        "status_counts": {s: int(counts.get(s, 0)) for s in ROLLOUT_STATUSES},
-        "finish_reasons": dict(sorted(r.filter(pl.col("finish_reason").is_not_null())
-                                      .group_by("finish_reason").len().iter_rows())),
-        "rollout_tokens": {"mean": round(float(ok["tokens"].mean() or 0), 1), "p50": float(ok["tokens"].quantile(0.5) or 0),
-                           "max": int(ok["tokens"].max() or 0), "target": plan.manifest.shard.suffix_tokens},
+    n = plan.manifest.shard.suffix_tokens
+    statuses, reasons = Counter(), Counter()
+    lengths = np.zeros(n + 2, np.int64)  # ok rollouts by token count (a count past N lands in the last bin)
+    pairs = rows = distinct_sum = distinct_pairs = equal = completion = 0
+    columns = ["pair_id", "text", "token_ids", "finish_reason", "status", "completion_tokens"]
+    for unit_pairs, unit_rows in unit_tables(plan.pairs_dir, plan.stage.path, columns, ["pair_id", "suffix"]):
+        r, suffixes = pl.from_arrow(unit_rows), pl.from_arrow(unit_pairs)
+        pairs, rows = pairs + suffixes.height, rows + r.height
+        statuses.update(dict(r.group_by("status").len().iter_rows()))
+        reasons.update(dict(r.filter(pl.col("finish_reason").is_not_null()).group_by("finish_reason").len().iter_rows()))
+        ok = r.filter(pl.col("status") == "ok").with_columns(pl.col("token_ids").list.len().alias("tokens"))
+        lengths += np.bincount(np.minimum(ok["tokens"].to_numpy(), n + 1), minlength=n + 2)
         # Diversity: distinct texts among a pair's ok rollouts (K = every sample differs).
-        "distinct_per_pair_mean": round(float(ok.group_by("pair_id").agg(pl.col("text").n_unique())["text"].mean() or 0), 2),
-        "equal_to_original": ok.join(suffixes, on="pair_id").filter(pl.col("text") == pl.col("suffix")).height,
-        "completion_tokens": int(r["completion_tokens"].sum()),
+        per_pair = ok.group_by("pair_id").agg(pl.col("text").n_unique())["text"]
+        distinct_sum, distinct_pairs = distinct_sum + int(per_pair.sum() or 0), distinct_pairs + per_pair.len()
+        equal += ok.join(suffixes, on="pair_id").filter(pl.col("text") == pl.col("suffix")).height
+        completion += int(r["completion_tokens"].sum() or 0)
+    ok_count = int(lengths.sum())
+    tokens = np.arange(n + 2)
+    summary = {
+        "pairs": pairs, "rows": rows, "rollouts_per_pair": plan.manifest.rollouts.count,
+        "status_counts": {s: int(statuses.get(s, 0)) for s in ROLLOUT_STATUSES},
+        "finish_reasons": dict(sorted(reasons.items())),
+        "rollout_tokens": {"mean": round(float((lengths * tokens).sum() / ok_count), 1) if ok_count else 0.0,
+                           "p50": float(_median(lengths)) if ok_count else 0.0,
+                           "max": int(tokens[lengths > 0].max()) if ok_count else 0, "target": n},
+        "distinct_per_pair_mean": round(distinct_sum / distinct_pairs, 2) if distinct_pairs else 0.0,
+        "equal_to_original": equal,
+        "completion_tokens": completion,
         "engine_s": round(stats.get("engine_ms", 0) / 1000, 2),
         "engine_start_s": round(task_stats.get("engine_start_ms", 0) / 1000, 2),
         "export_s": round(task_stats.get("export_ms", 0) / 1000, 2),
@@ -182,10 +206,10 @@ def rollout_summary(plan: RolloutPlan, elapsed_s: float | None) -> dict:
 
 def finalize_rollout(manifest: Manifest, elapsed_s: float | None = None) -> dict:
     plan = plan_rollout(manifest)
-    pairs = read_table(plan.pairs_dir, columns=["pair_id"]).column("pair_id").to_pylist()
-    require_each_key_once(plan.stage.path, ["pair_id", "sample"],
-                          {(p, s) for p in pairs for s in range(manifest.rollouts.count)},
-                          f"{len(pairs)} pairs x {manifest.rollouts.count} samples (rollouts.count)")
+    count = manifest.rollouts.count
+    require_unit_keys(plan.stage.path, plan.pairs_dir, ["pair_id", "sample"],
+                      lambda pairs: {(p, s) for p in pairs for s in range(count)},
+                      f"every pair x {count} samples (rollouts.count)")
     notes = ("Each row is one sample of the policy continuing the pair's `prefix_ids` (no chat template); "
              "`text` is `token_ids` decoded, special tokens not shown.")
     return write_card(plan.stage, rollout_summary(plan, elapsed_s), notes)

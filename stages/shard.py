@@ -65,6 +65,7 @@ from pipeline.tokenizer import char_boundaries, load_tokenizer, tokenizer_id
 from stages.heldout import HELDOUT_DIR, HeldOutSplit, heldout_summary
 
 STAGE = "shard"
+UPSTREAMS: tuple[str, ...] = ()  # the stages whose tables this one reads (pipeline.app.registry)
 
 _BATCH_DOCS = 64  # documents per batch-encode call: enough for the Rust tokenizer to parallelise
 _BATCH_CHARS = 4_000_000  # ...but fewer when documents are huge, to bound memory (ids + offsets)

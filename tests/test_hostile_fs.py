@@ -105,24 +105,3 @@ def test_a_corpus_file_that_changes_after_planning_is_refused_by_name(tmp_path, 
         run_chain(m, [job], log=lambda _line: None)
     assert not list((tmp_path / "out" / "shard").glob("*.parquet")) or \
         "c2.jsonl" not in set(pl.read_parquet(str(tmp_path / "out" / "shard" / "*.parquet"))["source"])
-
-
-def test_a_stage_refuses_an_upstream_written_with_the_older_file_layout(tmp_path):
-    """Files named per task and chunk (before units) cannot be looked up by unit: the stage
-    that reads them says so before starting its engine, and names the fix."""
-    import json
-
-    from pipeline.stage import SETTINGS_FILE, StageDir
-
-    m = parse_manifest(base_manifest(tmp_path / "out", _corpus(tmp_path, 8)))
-    stage = StageDir(m, "rewrite", "rewrites", {"k": 1}, {"executor.tasks": 1, "files": "per unit"})
-    stage.prepare()
-    (stage.path / "card.json").write_text("{}")
-    (stage.logs / "completions").mkdir(parents=True)
-    (stage.logs / "completions" / "00000").write_text("")
-    stage.check_upstream_of("judge")  # the same layout: accepted
-    state = json.loads((stage.path / SETTINGS_FILE).read_text())
-    del state["layout"]["files"]  # as an older sip wrote it
-    (stage.path / SETTINGS_FILE).write_text(json.dumps(state))
-    with pytest.raises(StageFailed, match="older file layout.*sip rewrite --force"):
-        stage.check_upstream_of("judge")

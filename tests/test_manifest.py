@@ -149,3 +149,19 @@ def test_a_changed_phase_is_named_by_its_leaf_key():
     new = {"train.phases": [{"lr": 2e-3, "name": "a", "online": {"rollouts": 4}}]}  # key order does not matter
     assert diff_views(old, new) == ["train.phases[0].lr: 0.001 -> 0.002", "train.phases[0].online.rollouts: 2 -> 4"]
     assert diff_views(old, {"train.phases": [*new["train.phases"], {"name": "b"}]})[0].startswith("train.phases: [")
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("run: {name: x, output_dir: out}\ncorpus:\n  paths: [embedded]\npolicy: {model: embedded}\n"
+                    "train:\n  max_seq_len: 64\n  max_seq_len: 128\n")
+    with pytest.raises(ManifestError, match=r"(?s)m\.yaml: not valid YAML.*found the key 'max_seq_len' twice \(first on "
+                                            r"line 6, column 3, again on line 7, column 3\)"):
+        load_manifest(path)
+    # A merge key's values may be overridden: not a repeat.
+    path.write_text("run: {name: x, output_dir: out}\ncorpus:\n  paths: [embedded]\npolicy: {model: embedded}\n"
+                    "train:\n  model: {init: scratch, config: pythia-14m}\n  phases:\n"
+                    "    - &base {name: ntp, objective: ntp, steps: 1}\n"
+                    "    - {<<: *base, name: ntp2, steps: 2}\n")
+    phases = load_manifest(path).train.phases
+    assert [(p.name, p.steps) for p in phases] == [("ntp", 1), ("ntp2", 2)]

@@ -36,3 +36,28 @@ def test_the_judge_self_check_is_added_by_the_registry_and_reaches_the_card_job(
     assert finalize.args[1].stage == "judge"
     off = JOBS["judge"](load_manifest(path, ["judging.self_check=false"]), True)
     assert off.finalize.func is finalize_judge
+
+
+def test_the_stage_graph_is_the_one_each_stage_plans_by(tmp_path):
+    """Every upstream a stage's plan fingerprints is one its module states, and the registry's
+    graph is those statements."""
+    from pipeline.app.registry import JOBS, UPSTREAMS, upstream_closure
+    from pipeline.manifest import parse_manifest
+    from stages.judge import plan_judge
+    from stages.prefs import plan_prefs
+    from stages.rewrite import plan_rewrite
+    from stages.rollout import plan_rollout
+    from stages.shard import plan_shard
+
+    write_jsonl(tmp_path / "c.jsonl", wiki_documents(2))
+    data = base_manifest(tmp_path / "out", [str(tmp_path / "c.jsonl")])
+    data.update(rewriter={"model": "embedded"}, judge={"model": "embedded"}, rollouts={"count": 2})
+    m = parse_manifest(data)
+    plans = {"shard": plan_shard(m), "rewrite": plan_rewrite(m, True), "rollout": plan_rollout(m, True),
+             "judge": plan_judge(m, True), "prefs": plan_prefs(m, True)}
+    assert list(UPSTREAMS) == list(JOBS) == list(plans)
+    for name, plan in plans.items():
+        planned = {k.removeprefix("upstream.") for k in plan.stage.view if k.startswith("upstream.")}
+        assert planned <= set(UPSTREAMS[name]), name
+        assert all(list(JOBS).index(up) < list(JOBS).index(name) for up in UPSTREAMS[name])  # pipeline order
+    assert upstream_closure("prefs") == ["shard", "rewrite", "rollout", "judge"]

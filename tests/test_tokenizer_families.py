@@ -213,11 +213,11 @@ def test_preferences_and_training_batches_hold_the_continuation_ids(family, tmp_
     prov = provenance(stage="prefs", table="preferences", manifest_fingerprint="t", stage_fingerprint="t")
     (tmp_path / "prefs").mkdir()
     write_table_atomic(str(tmp_path / "prefs" / "00000.parquet"), prefs, with_provenance(PREFERENCES, prov))
-    table = load_table(tmp_path / "prefs", "preferences", "train.phases[0].table")
+    table = load_table(tmp_path / "prefs", "preferences", "train.phases[0].table", tmp_path / "cache")
     examples = TableSource(table, "preferences", 0, 64).examples(list(range(table.num_rows)))
     by_id = {p["pair_id"]: p for p in pairs}
     chosen_text = {p["pair_id"]: p["chosen"] for p in prefs}
-    for example, row in zip(examples, table.to_pylist()):
+    for example, row in zip(examples, table.take(range(table.num_rows))):
         pair = by_id[row["pair_id"]]
         for ids, text in ((example["chosen"], chosen_text[row["pair_id"]]), (example["rejected"], pair["suffix"])):
             expected = continuation(tok, pair["prefix"], text)

@@ -79,19 +79,16 @@ def train_manifest(tmp_path: Path, phases: list[dict], **train) -> dict:
 
 
 def test_source_order_is_seeded_per_epoch_and_resumable(tmp_path):
-    from pipeline.io import read_table
-    from trainer.source import TableSource
+    from trainer.source import SampleOrder
 
-    write_tables(tmp_path, rows=10)
-    table = read_table(tmp_path / "shard")
-    a, b = TableSource(table, "pairs", 5, 64), TableSource(table, "pairs", 5, 64)
+    a, b = SampleOrder(10, 5), SampleOrder(10, 5)
     first = a.row_indices(0, 25)
     # Every epoch is a permutation of all rows, and epochs differ.
     assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))
     assert first[:10] != first[10:20]
     # Reading from a position gives the same rows as reading up to it: the position is the whole state.
     assert b.row_indices(13, 12) == first[13:25]
-    assert TableSource(table, "pairs", 6, 64).row_indices(0, 10) != first[:10]
+    assert SampleOrder(10, 6).row_indices(0, 10) != first[:10]
 
 
 def test_source_examples_per_table_kind(tmp_path):
@@ -99,16 +96,19 @@ def test_source_examples_per_table_kind(tmp_path):
     from trainer.source import TableSource, TableError, load_table
 
     write_tables(tmp_path, rows=4, prefix_len=40, suffix_len=12)
-    pairs = TableSource(read_table(tmp_path / "shard"), "pairs", 0, 32).examples([0])[0]
+    def source(path, kind):
+        return TableSource(load_table(path, kind, "train.phases[0].table", tmp_path / "cache"), kind, 0, 32)
+
+    pairs = source(tmp_path / "shard", "pairs").examples([0])[0]
     assert pairs["prefix"] == [] and len(pairs["target"]) == 32  # the window's last max_len tokens
     row = read_table(tmp_path / "shard").slice(0, 1).to_pylist()[0]
     assert pairs["target"] == (row["prefix_ids"] + row["suffix_ids"])[-32:]
-    sft = TableSource(read_table(tmp_path / "prefs" / "sft"), "sft", 0, 32).examples([1])[0]
+    sft = source(tmp_path / "prefs" / "sft", "sft").examples([1])[0]
     assert sft["source"] == "rewrite" and len(sft["target"]) == 12
-    with pytest.raises(TableError, match=r"phases\[0\].*is not a preferences table: missing column"):
-        load_table(tmp_path / "shard", "preferences", "train.phases[0].table")
+    with pytest.raises(TableError, match=r"phases\[0\].*is not a preferences table: 00000.parquet lacks column"):
+        load_table(tmp_path / "shard", "preferences", "train.phases[0].table", tmp_path / "cache")
     with pytest.raises(TableError, match="no sft table at .*run `sip prefs` first"):
-        load_table(tmp_path / "nowhere", "sft", "train.phases[1].table")
+        load_table(tmp_path / "nowhere", "sft", "train.phases[1].table", tmp_path / "cache")
 
 
 def logp_given(model, context: list[int], target: list[int]) -> float:

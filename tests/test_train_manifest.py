@@ -173,6 +173,26 @@ def test_a_table_of_a_stage_that_did_not_finish_is_refused(tmp_path):
     (shard / "_stage.json").write_text(json.dumps({"stage": "shard"}))
     pq.write_table(pa.table({"prefix_ids": [[1, 2]], "suffix_ids": [[3]]}), shard / "00000.parquet")
     with pytest.raises(TableError, match=r"train.phases\[0\].table: the shard stage at .* did not finish \(no card"):
-        load_table(shard, "pairs", "train.phases[0].table")
+        load_table(shard, "pairs", "train.phases[0].table", tmp_path / "cache")
     (shard / "card.json").write_text("{}")
-    assert load_table(shard, "pairs", "train.phases[0].table").num_rows == 1
+    assert load_table(shard, "pairs", "train.phases[0].table", tmp_path / "cache").num_rows == 1
+
+
+@pytest.mark.parametrize("bad_id", [-5, 10_000_000])
+def test_a_token_id_outside_the_vocabulary_is_refused_before_training(tmp_path, bad_id):
+    import pyarrow.parquet as pq
+
+    from pipeline.io import read_table
+    from trainer.loop import run_train
+    from trainer.model import ModelError
+
+    data = train_manifest(tmp_path, [PHASE])
+    shard = tmp_path / "out" / "shard"
+    table = read_table(shard)
+    rows = table.to_pylist()
+    rows[1]["suffix_ids"] = rows[1]["suffix_ids"][:-1] + [bad_id]
+    pq.write_table(table.from_pylist(rows, schema=pq.read_schema(shard / "00000.parquet")), shard / "00000.parquet")
+    with pytest.raises(ModelError, match=rf"token id {bad_id} is outside the model's vocabulary \(0\.\.\d+\)"):
+        run_train(load_manifest(write_manifest(tmp_path / "m.yaml", data)), log=lambda _line: None)
+    assert not (tmp_path / "out" / "train" / "checkpoints").exists() or \
+        not list((tmp_path / "out" / "train" / "checkpoints").iterdir())

@@ -165,10 +165,14 @@ def test_the_fingerprint_changes_with_what_changes_the_values_and_only_with_that
     from litgpt import Config
 
     from trainer.ref_logps import fingerprint_of, reference_keys
+    from trainer.source import load_table
+
+    def mapped(path):
+        return load_table(path, "preferences", "train.phases[0].table", tmp_path / "cache")
 
     write_tables(tmp_path, rows=12)
     prefs = tmp_path / "prefs"
-    table = read_table(prefs)
+    table = mapped(prefs)
     config = Config(**TINY_MODEL, block_size=64)
     base = reference_keys("abc", config, 64, "32-true", table, prefs)
 
@@ -178,7 +182,13 @@ def test_the_fingerprint_changes_with_what_changes_the_values_and_only_with_that
         return fingerprint_of(reference_keys(**args))
 
     assert fp() == fingerprint_of(base)
-    assert fp(table=table.take(pa.array(np.random.default_rng(0).permutation(12)))) == fp()  # row order: no
+    # Row and file order: no.
+    shuffled = read_table(prefs).take(pa.array(np.random.default_rng(0).permutation(12))).to_pylist()
+    (tmp_path / "shuffled").mkdir()
+    for i, part in enumerate((shuffled[:5], shuffled[5:])):
+        write_table_atomic(str(tmp_path / "shuffled" / f"0000{i}.parquet"), part,
+                           with_provenance(PREFERENCES, table_provenance(prefs)))
+    assert fp(table=mapped(tmp_path / "shuffled"), table_path=tmp_path / "shuffled") == fp()
     assert fp(model_config=Config(**TINY_MODEL, block_size=256)) == fp()  # block_size only sizes caches
     changed = {
         "model_sha": "abd",
@@ -192,13 +202,13 @@ def test_the_fingerprint_changes_with_what_changes_the_values_and_only_with_that
     assert {k for k in base if base[k] != diff[k]} == {"train.precision"}
 
     # One chosen id changed in the table: another table, another fingerprint.
-    rows = table.to_pylist()
+    rows = read_table(prefs).to_pylist()
     rows[3]["chosen_ids"] = rows[3]["chosen_ids"][:-1] + [(rows[3]["chosen_ids"][-1] + 1) % 96]
     other = tmp_path / "other"
     other.mkdir()
     write_table_atomic(str(other / "00000.parquet"), rows,
                        with_provenance(PREFERENCES, table_provenance(prefs)))
-    assert fp(table=read_table(other), table_path=other) != fp()
+    assert fp(table=mapped(other), table_path=other) != fp()
 
 
 def test_a_phase_resumed_mid_way_refuses_a_reference_it_cannot_recompute(tmp_path, one_thread):
@@ -233,10 +243,14 @@ def test_a_phase_resumed_mid_way_refuses_a_reference_it_cannot_recompute(tmp_pat
 
 def test_a_table_that_repeats_a_pair_id_cannot_be_keyed_and_is_refused(tmp_path):
     from trainer.ref_logps import ReferenceMismatch, check_unique_pairs
+    from trainer.source import load_table
 
     write_tables(tmp_path, rows=6)
-    table = read_table(tmp_path / "prefs")
-    check_unique_pairs(table, tmp_path / "prefs")
-    twice = pa.concat_tables([table, table.slice(2, 1)])
+    prefs = tmp_path / "prefs"
+    check_unique_pairs(load_table(prefs, "preferences", "t", tmp_path / "cache"), prefs)
+    table = read_table(prefs)
+    # The repeat sits in another file, as when two shard files hold one document.
+    write_table_atomic(str(prefs / "00001.parquet"), table.slice(2, 1).to_pylist(),
+                       with_provenance(PREFERENCES, table_provenance(prefs)))
     with pytest.raises(ReferenceMismatch, match=r"prefs: 1 pair_id\(s\) occur more than once \(e\.g\. pair-0002\)"):
-        check_unique_pairs(twice, tmp_path / "prefs")
+        check_unique_pairs(load_table(prefs, "preferences", "t", tmp_path / "cache"), prefs)

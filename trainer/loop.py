@@ -41,7 +41,8 @@ from trainer.ref_logps import (REF_DIR, ReferenceMismatch, check_unique_pairs, c
                                fingerprint_of, join_reference, reference_keys, reference_root, stored_sets, write_set)
 from trainer.runtime import PAD_ID, full_model_state, make_fabric, setup_policy
 from trainer.schedule import warmup_cosine
-from trainer.source import TableSource, load_table, max_token_id
+from trainer.table_cache import cache_dir
+from trainer.source import TableSource, load_table
 from trainer.steps import MicroBatch, dpo_step, nll_step
 
 
@@ -56,7 +57,7 @@ def run_train(manifest: Manifest, *, force: bool = False, dry_run: bool = False,
     require_train(manifest)
     out = manifest.stage_dir("train")
     if dry_run:
-        log(describe(manifest, plan_phases(manifest)))
+        log(describe(manifest, plan_phases(manifest, log=log)))
         return {"dry_run": True}
     if force and out.exists():
         for path in out.iterdir():
@@ -84,7 +85,7 @@ class _Trainer:
 
     def run(self) -> dict:
         fabric, started = self.fabric, time.perf_counter()
-        self.plans = plans = plan_phases(self.m, fabric.world_size)
+        self.plans = plans = plan_phases(self.m, fabric.world_size, self.log if fabric.global_rank == 0 else None)
         if fabric.global_rank == 0:
             # Unfinished saves of a killed run: checkpoints, final/, hf/, the summary.
             for stale in remove_leftovers(self.root / f"{ckpt.CHECKPOINT_PREFIX}*") + remove_leftovers(self.out / "*") \
@@ -145,10 +146,10 @@ class _Trainer:
     def _check_token_ids(self, plans: list[PhasePlan]) -> None:
         vocab = self.policy.config.padded_vocab_size
         for plan in plans:
-            top = max_token_id(load_table(plan.table, plan.config.table_kind, plan.name))
-            if top >= vocab:
-                raise ModelError(f"{plan.table}: token id {top} is outside the model's vocabulary ({vocab}): the "
-                                 "table was made with another tokenizer than the policy's")
+            stats = load_table(plan.table, plan.config.table_kind, plan.name, cache_dir(self.m), self.log).stats
+            for bad in [i for i in (stats.max_token_id,) if i >= vocab] + [i for i in (stats.min_token_id,) if i < 0]:
+                raise ModelError(f"{plan.table}: token id {bad} is outside the model's vocabulary (0..{vocab - 1}): "
+                                 "the table was made with another tokenizer than the policy's")
 
     def _phase(self, plan: PhasePlan, saved: dict | None) -> dict:
         fabric, c, model = self.fabric, plan.config, self.policy.model
@@ -159,7 +160,8 @@ class _Trainer:
         if saved is not None:  # resumed inside this phase
             ckpt.load_optimizer_state(fabric, model, optimizer, saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
-        table = load_table(plan.table, c.table_kind, f"train.phases[{plan.index}].table ({plan.name})")
+        table = load_table(plan.table, c.table_kind, f"train.phases[{plan.index}].table ({plan.name})",
+                           cache_dir(self.m), self.log)
         source = TableSource(table, c.table_kind, self.m.train_seed + plan.index, self.t.max_seq_len)
         online, ref = None, None
         if c.source == "online":
@@ -283,7 +285,7 @@ class _Trainer:
             chosen, rejected = compute_reference(fabric, self.policy.model, source, plan.config.batch_size, PAD_ID)
             if fabric.global_rank == 0:
                 start = ckpt.latest_checkpoint(self.root)
-                write_set(root, keys, source.table["pair_id"].to_pylist(), chosen, rejected,
+                write_set(root, keys, source.table, chosen, rejected,
                           checkpoint=str(start) if start else f"train.model.init: {self.t.model.init}",
                           phase=name, table_path=plan.table, manifest_fingerprint=fingerprint(self.m))
             fabric.barrier()

@@ -128,11 +128,13 @@ class OnlinePhase:
         if self.offline_rows:
             from pipeline.manifest import OBJECTIVE_TABLES
             from trainer.plan import offline_table_path
+            from trainer.table_cache import cache_dir
             from trainer.source import TableSource, load_table
 
             kind = OBJECTIVE_TABLES[self.objective]
             table = load_table(offline_table_path(manifest, plan.config), kind,
-                               f"train.phases[{plan.index}].online.offline_table ({plan.name})")
+                               f"train.phases[{plan.index}].online.offline_table ({plan.name})", cache_dir(manifest),
+                               log)
             # A seed apart from the pairs table's (train_seed + index), so the two orders differ.
             self.offline = TableSource(table, kind, manifest.train_seed + plan.index + 1_000_003,
                                        manifest.train.max_seq_len)

@@ -88,9 +88,11 @@ def require_train(manifest: Manifest) -> None:
                             "`sip experiment` trains each arm (or remove the experiment section and give train.phases)")
 
 
-def plan_phases(manifest: Manifest, world_size: int = 1) -> list[PhasePlan]:
-    """Every phase with its table read (row counts, token totals)."""
-    from trainer.source import TableSource, load_table
+def plan_phases(manifest: Manifest, world_size: int = 1, log=None) -> list[PhasePlan]:
+    """Every phase with its table's row count and token total (the tables are converted into
+    the run's table cache the first time, :mod:`trainer.table_cache`; ``log`` says so)."""
+    from trainer.table_cache import cache_dir
+    from trainer.source import load_table
 
     require_train(manifest)
     plans = []
@@ -99,11 +101,10 @@ def plan_phases(manifest: Manifest, world_size: int = 1) -> list[PhasePlan]:
             check_online_phase(manifest, phase, i)
             if phase.offline_rows_per_micro_batch:
                 load_table(offline_table_path(manifest, phase), OBJECTIVE_TABLES[phase.objective],
-                           f"train.phases[{i}].online.offline_table ({phase.name})")
+                           f"train.phases[{i}].online.offline_table ({phase.name})", cache_dir(manifest), log)
         path = table_path(manifest, phase)
-        table = load_table(path, phase.table_kind, f"train.phases[{i}].table ({phase.name})")
-        source = TableSource(table, phase.table_kind, 0, manifest.train.max_seq_len)
-        plans.append(PhasePlan(i, phase, path, table.num_rows, source.token_count(), world_size))
+        table = load_table(path, phase.table_kind, f"train.phases[{i}].table ({phase.name})", cache_dir(manifest), log)
+        plans.append(PhasePlan(i, phase, path, table.num_rows, table.stats.tokens, world_size))
     return plans
 
 

@@ -29,8 +29,9 @@ The fingerprint is a hash of everything that changes the values (:func:`referenc
 - ``logp``: what one value is (:data:`LOGP`);
 - ``preferences.stage_fingerprint``: the prefs stage fingerprint, from the table's provenance;
 - ``preferences.content``: a digest of the rows covered (``pair_id``, ``prefix_ids``,
-  ``chosen_ids``, ``rejected_ids``, in ``pair_id`` order): a table rebuilt under the same
-  settings with other picks (a judge on a GPU is not bitwise deterministic) is another table.
+  ``chosen_ids``, ``rejected_ids``; the same in any row order, :func:`trainer.table_cache.content_term`):
+  a table rebuilt under the same settings with other picks (a judge on a GPU is not bitwise
+  deterministic) is another table.
 
 Left out, because they move a value by float rounding at most: batch size, devices, strategy,
 the padding id (padding sits after every real token).
@@ -49,21 +50,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
-import xxhash
 
-from pipeline.io import part_name, read_table, table_files, table_provenance, write_table_atomic
+from pipeline.io import part_file, part_name, read_table, table_files, table_provenance
 from pipeline.manifest import diff_views, hash_view
 from pipeline.schema import REF_LOGPS, provenance, with_provenance
 from pipeline.errors import SipError
 from trainer.data import TRUNCATION
+from trainer.table_cache import CachedTable, pair_hash
 from trainer.steps import pair_logps
 
 REF_DIR = "ref_logps"
 LOGP = "sum of the target tokens' log-probs given the prefix (nats)"
-_CONTENT_COLUMNS = ("prefix_ids", "chosen_ids", "rejected_ids")
 
 
 class ReferenceMismatch(SipError, ValueError):
@@ -75,30 +75,35 @@ def reference_root(train_dir: Path) -> Path:
     return Path(train_dir) / REF_DIR
 
 
-def check_unique_pairs(table: pa.Table, path: Path) -> None:
+def check_unique_pairs(table: CachedTable, path: Path) -> None:
     """Reference log-probs are keyed by ``pair_id``: a table that repeats one cannot be keyed.
+
+    Checked on the cached 64-bit pair hashes (8 bytes a row); rows whose hashes repeat are
+    then compared by their ids, so a hash collision is not taken for a repeat.
 
     Raises:
         ReferenceMismatch: naming the table and a repeated id.
     """
-    if pc.count_distinct(table["pair_id"]).as_py() != table.num_rows:
-        counts = pc.value_counts(table["pair_id"])
-        repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist()
+    repeated = _repeated_ids(table)
+    if repeated:
         raise ReferenceMismatch(f"{path}: {len(repeated)} pair_id(s) occur more than once (e.g. {repeated[0]}), so "
                                 "reference log-probs cannot be keyed by pair_id; the corpus holds a document id "
                                 "twice: make the ids unique and rebuild from `sip shard --force` (which names them)")
 
 
-def table_digest(table: pa.Table) -> str:
-    """Digest (32 hex) of the rows' ``pair_id`` and token ids, independent of row and file order."""
-    ordered = table.select(["pair_id", *_CONTENT_COLUMNS]).take(pc.sort_indices(table["pair_id"]))
-    digest = xxhash.xxh3_128()
-    digest.update("\x1f".join(ordered["pair_id"].to_pylist()).encode())
-    for name in _CONTENT_COLUMNS:
-        column = ordered[name].combine_chunks()
-        digest.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
-        digest.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
-    return digest.hexdigest()
+def _repeated_hashes(hashes: np.ndarray) -> np.ndarray:
+    ordered = np.sort(hashes)
+    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+
+
+def _repeated_ids(table: CachedTable) -> list[str]:
+    """The pair ids that occur more than once (sorted)."""
+    suspects = _repeated_hashes(table.pair_hashes)
+    if not suspects.size:
+        return []
+    rows = np.flatnonzero(np.isin(table.pair_hashes, suspects))
+    ids = [r["pair_id"] for r in table.take(rows, ["pair_id"])]
+    return sorted({i for i in ids if ids.count(i) > 1})
 
 
 def config_hash(model_config) -> str:
@@ -107,7 +112,7 @@ def config_hash(model_config) -> str:
     return hash_view(fields)
 
 
-def reference_keys(model_sha: str, model_config, max_seq_len: int, precision: str, table: pa.Table,
+def reference_keys(model_sha: str, model_config, max_seq_len: int, precision: str, table: CachedTable,
                    table_path: Path) -> dict:
     """Everything that changes a set's values (the module docstring says why each is there).
 
@@ -116,7 +121,7 @@ def reference_keys(model_sha: str, model_config, max_seq_len: int, precision: st
         model_config: the ``litgpt.Config`` they run in.
         max_seq_len: ``train.max_seq_len`` (tokens).
         precision: ``train.precision``.
-        table: the preferences rows (with ``pair_id`` and the id columns).
+        table: the preferences rows (its content digest, :class:`trainer.table_cache.TableStats`).
         table_path: where the table was read (its provenance gives the stage fingerprint).
     """
     prov = table_provenance(table_path) or {}
@@ -128,7 +133,7 @@ def reference_keys(model_sha: str, model_config, max_seq_len: int, precision: st
         "train.precision": precision,
         "logp": LOGP,
         "preferences.stage_fingerprint": prov.get("stage_fingerprint"),
-        "preferences.content": table_digest(table),
+        "preferences.content": table.stats.content_digest,
     }
 
 
@@ -189,12 +194,13 @@ def compute_reference(fabric, model, source, batch_size: int, pad_id: int) -> tu
     return chosen[:rows].cpu().numpy(), rejected[:rows].cpu().numpy()
 
 
-def write_set(root: Path, keys: dict, pair_ids: list[str], chosen: np.ndarray, rejected: np.ndarray, *,
+def write_set(root: Path, keys: dict, table: CachedTable, chosen: np.ndarray, rejected: np.ndarray, *,
               checkpoint: str, phase: str, table_path: Path, manifest_fingerprint: str) -> Path:
     """Store one set under ``root/<fingerprint>/`` (temporary file, then rename); returns its directory.
 
-    Provenance: ``models.reference`` = checkpoint and model_sha, ``settings`` = ``keys``, the
-    phase and the preferences table it covers.
+    ``chosen``, ``rejected``: (rows,) log-probs in ``table``'s row order. Provenance:
+    ``models.reference`` = checkpoint and model_sha, ``settings`` = ``keys``, the phase and the
+    preferences table it covers.
     """
     fingerprint = fingerprint_of(keys)
     directory = Path(root) / fingerprint
@@ -204,28 +210,65 @@ def write_set(root: Path, keys: dict, pair_ids: list[str], chosen: np.ndarray, r
                       models={"reference": {"checkpoint": checkpoint, "model_sha": keys["reference.model_sha"]}},
                       settings=keys)
     prov.update(phase=phase, preferences=str(table_path))
-    rows = [{"pair_id": p, "ref_chosen_logp": float(c), "ref_rejected_logp": float(r)}
-            for p, c, r in zip(pair_ids, chosen, rejected)]
-    write_table_atomic(str(directory / part_name(0)), rows, with_provenance(REF_LOGPS, prov))
+    with part_file(directory / part_name(0), with_provenance(REF_LOGPS, prov)) as add:
+        row = 0
+        for batch in table.batches(["pair_id"]):
+            for pair_id in batch.column(0).to_pylist():
+                add({"pair_id": pair_id, "ref_chosen_logp": float(chosen[row]),
+                     "ref_rejected_logp": float(rejected[row])})
+                row += 1
     return directory
 
 
-def join_reference(table: pa.Table, table_path: Path, directory: Path) -> tuple[np.ndarray, np.ndarray]:
+def join_reference(table: CachedTable, table_path: Path, directory: Path) -> tuple[np.ndarray, np.ndarray]:
     """The stored set at ``directory`` as two (rows,) float64 arrays aligned to ``table``'s rows, by ``pair_id``.
+
+    Joined on 64-bit pair hashes (the set read a row group at a time: 24 bytes a pair held);
+    when hashes repeat on either side (a repeated id, or a collision) it is joined on the ids
+    themselves, which holds them all in memory.
 
     Raises:
         ReferenceMismatch: the set repeats a pair_id, or lacks (or holds null for) pairs of
             the table; the message names both tables, the count and an example.
     """
-    ref = read_table(directory)
     fix = (f"remove the set with `sip ref-logps -m MANIFEST --clear` (or delete {directory}); the phase then "
            "computes the log-probs when it starts")
+    hashes, chosen, rejected = [], [], []
+    for file in table_files(directory):
+        parquet = pq.ParquetFile(file)
+        for group in range(parquet.metadata.num_row_groups):
+            part = parquet.read_row_group(group, columns=["pair_id", "ref_chosen_logp", "ref_rejected_logp"])
+            part = part.filter(pc.and_(pc.is_valid(part["ref_chosen_logp"]), pc.is_valid(part["ref_rejected_logp"])))
+            hashes.append(np.fromiter((pair_hash(p) for p in part["pair_id"].to_pylist()), np.uint64, part.num_rows))
+            chosen.append(part["ref_chosen_logp"].to_numpy().astype(np.float64))
+            rejected.append(part["ref_rejected_logp"].to_numpy().astype(np.float64))
+    ref_hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    if _repeated_hashes(ref_hashes).size or _repeated_hashes(table.pair_hashes).size:
+        return _join_by_ids(table, table_path, directory, fix)
+    order = np.argsort(ref_hashes)
+    ordered = ref_hashes[order]
+    pos = np.minimum(np.searchsorted(ordered, table.pair_hashes), max(len(ordered) - 1, 0))
+    found = ordered[pos] == table.pair_hashes if len(ordered) else np.zeros(table.num_rows, bool)
+    if not found.all():
+        lacking = int((~found).sum())
+        example = table.take([int(np.flatnonzero(~found)[0])], ["pair_id"])[0]["pair_id"]
+        raise ReferenceMismatch(
+            f"the reference log-probs at {directory} lack {lacking} of the {table.num_rows} pairs of the "
+            f"preferences table {table_path} (e.g. pair_id {example}); {fix}")
+    rows = order[pos]
+    return np.concatenate(chosen)[rows], np.concatenate(rejected)[rows]
+
+
+def _join_by_ids(table: CachedTable, table_path: Path, directory: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`join_reference` on the ids themselves (when 64-bit hashes repeat)."""
+    ref = read_table(directory)
     if pc.count_distinct(ref["pair_id"]).as_py() != ref.num_rows:
         raise ReferenceMismatch(f"{directory}: the reference log-probs repeat a pair_id; {fix}")
     ref = ref.filter(pc.and_(pc.is_valid(ref["ref_chosen_logp"]), pc.is_valid(ref["ref_rejected_logp"])))
-    index = pc.index_in(table["pair_id"], value_set=ref["pair_id"].combine_chunks())
+    pair_ids = table.column("pair_id")
+    index = pc.index_in(pair_ids, value_set=ref["pair_id"].combine_chunks())
     if index.null_count:
-        lacking = table["pair_id"].filter(pc.is_null(index))
+        lacking = pair_ids.filter(pc.is_null(index))
         raise ReferenceMismatch(
             f"the reference log-probs at {directory} lack {index.null_count} of the {table.num_rows} pairs of the "
             f"preferences table {table_path} (e.g. pair_id {lacking[0].as_py()}); {fix}")
@@ -268,6 +311,7 @@ def run_ref_logps(manifest, *, phase: str | None = None, checkpoint: Path | None
     from trainer.model import WEIGHTS_FILE, state_sha
     from trainer.plan import require_train, table_path
     from trainer.runtime import PAD_ID, full_model_state, make_fabric, setup_policy
+    from trainer.table_cache import cache_dir
     from trainer.source import TableSource, load_table
 
     require_train(manifest)
@@ -287,7 +331,7 @@ def run_ref_logps(manifest, *, phase: str | None = None, checkpoint: Path | None
         raise ManifestError(f"phase '{config.name}' is phase {index + 1}: its reference is the policy after the "
                             "earlier phases; pass --checkpoint DIR (a train checkpoint), or let the trainer compute "
                             "the log-probs when the phase starts")
-    table = load_table(path, "preferences", f"train.phases[{index}].table")
+    table = load_table(path, "preferences", f"train.phases[{index}].table", cache_dir(manifest), log)
     check_unique_pairs(table, path)
     fabric = make_fabric(manifest)
     fabric.launch()
@@ -302,7 +346,7 @@ def run_ref_logps(manifest, *, phase: str | None = None, checkpoint: Path | None
     chosen, rejected = compute_reference(fabric, policy.model, source, config.batch_size, PAD_ID)
     directory = root / fingerprint_of(keys)
     if fabric.global_rank == 0:
-        write_set(root, keys, table["pair_id"].to_pylist(), chosen, rejected,
+        write_set(root, keys, table, chosen, rejected,
                   checkpoint=str(checkpoint) if checkpoint else f"train.model.init: {t.model.init}",
                   phase=config.name, table_path=path, manifest_fingerprint=fingerprint(manifest))
         log(f"ref-logps: {source.rows} pairs of {path} scored by model {sha}; stored in {directory}")

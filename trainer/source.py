@@ -13,6 +13,9 @@ What is trained on, per table:
   reference log-probs are joined to the rows by ``pair_id`` (trainer/ref_logps.py);
 - ``prefixes`` (online phases): the pairs table's rows as they are; the online phase
   (trainer/online.py) samples, judges and picks what is trained on.
+
+Rows are read from a cached copy of the table (trainer/table_cache.py): a phase holds a
+micro-batch's rows and its epoch's order, not the table.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import SipError
-from pipeline.io import read_table, table_files, table_units
+from pipeline.io import table_files
+from trainer.table_cache import CachedTable, open_cached
 from pipeline.schema import HELDOUT_TABLE, read_provenance
 
 COLUMNS = {
@@ -51,8 +54,10 @@ def refuse_heldout(files: list[Path], key: str) -> None:
                              "table (by default the objective's: shard/, prefs/sft/ or prefs/)")
 
 
-def load_table(path: Path, kind: str, key: str) -> pa.Table:
-    """Read the columns a ``kind`` table must have, with errors naming ``key`` and the file.
+def load_table(path: Path, kind: str, key: str, cache: Path, log=None) -> CachedTable:
+    """The columns a ``kind`` table must have, from the table cache
+    (:func:`trainer.table_cache.open_cached`, converted into ``cache`` the first time), with
+    errors naming ``key`` and the file.
 
     Raises:
         TableError: no Parquet files at ``path``, unreadable or missing columns, no rows,
@@ -64,27 +69,36 @@ def load_table(path: Path, kind: str, key: str) -> pa.Table:
     if not files:
         hint = {"pairs": "sip shard", "sft": "sip prefs", "preferences": "sip prefs", "prefixes": "sip shard"}[kind]
         raise TableError(f"{key}: no {kind} table at {path} (no .parquet files); run `{hint}` first or set {key}")
-    try:
-        table = read_table(path) if kind != "prefixes" else _with_units(path)
-    except pa.ArrowInvalid as exc:
-        raise TableError(f"{key}: {path} could not be read as Parquet: {exc}") from None
-    refuse_heldout(files, key)
     wanted = COLUMNS[kind]
-    missing = [c for c in wanted if c not in table.column_names]
-    if missing:
-        raise TableError(f"{key}: {path} is not a {kind} table: missing column(s) {missing} "
-                         f"(has {table.column_names})")
+    article = "an" if kind == "sft" else "a"  # the kinds: pairs, sft, preferences, prefixes
+    for file in files:
+        try:
+            schema = pq.read_schema(file)
+        except pa.ArrowInvalid as exc:
+            raise TableError(f"{key}: {file} could not be read as Parquet: {exc}") from None
+        missing = [c for c in wanted if c not in schema.names]
+        if missing:
+            raise TableError(f"{key}: {path} is not {article} {kind} table: {file.name} lacks column(s) {missing} "
+                             f"(has {schema.names})")
+        wrong = [f"{c} is {schema.field(c).type}" for c in wanted if not _expected_type(c, schema.field(c).type)]
+        if wrong:
+            raise TableError(f"{key}: {path} is not {article} {kind} table: in {file.name}, {'; '.join(wrong)} "
+                             "(token id columns must be lists of integers, the others strings)")
+    refuse_heldout(files, key)
+    try:
+        table = open_cached(files, kind, wanted, cache, unit_column=kind == "prefixes", log=log)
+    # Unreadable, or files whose column types differ from one another.
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise TableError(f"{key}: {path} could not be read as one {kind} table: {exc}") from None
     if table.num_rows == 0:
         raise TableError(f"{key}: the {kind} table at {path} has no rows")
-    return table.select(wanted + (["unit"] if kind == "prefixes" else []))
+    return table
 
 
-def _with_units(path: Path) -> pa.Table:
-    """A pairs table with a ``unit`` column: each row's :class:`pipeline.io.Unit` key, where the
-    online phase finds the pair's rewrite (the rewrite stage's files are named by unit)."""
-    parts = [(t := unit.read()).append_column("unit", pa.array([unit.key] * t.num_rows, pa.string()))
-             for unit in table_units(path)]
-    return pa.concat_tables(parts)
+def _expected_type(column: str, type_: pa.DataType) -> bool:
+    if column.endswith("_ids"):
+        return (pa.types.is_list(type_) or pa.types.is_large_list(type_)) and pa.types.is_integer(type_.value_type)
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
 
 
 def _check_stage_finished(path: Path, key: str) -> None:
@@ -106,18 +120,12 @@ def _check_stage_finished(path: Path, key: str) -> None:
             return
 
 
-def max_token_id(table: pa.Table) -> int:
-    """Largest token id in any id column (checked against the model's vocabulary)."""
-    ids = [c for c in table.column_names if c.endswith("_ids")]
-    return max(int(pc.max(pc.list_flatten(table[c])).as_py() or 0) for c in ids)
+class SampleOrder:
+    """Which table row each sample position reads: per epoch a permutation of ``rows`` drawn
+    from ``(seed, epoch)`` (numpy's PCG64; one epoch's held at a time, 8 bytes a row)."""
 
-
-class TableSource:
-    """Batches of one table for one phase, by sample position."""
-
-    def __init__(self, table: pa.Table, kind: str, seed: int, max_len: int):
-        self.table, self.kind, self.seed, self.max_len = table, kind, seed, max_len
-        self.rows = table.num_rows
+    def __init__(self, rows: int, seed: int):
+        self.rows, self.seed = rows, seed
         self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
@@ -129,10 +137,18 @@ class TableSource:
         """Table rows of samples ``start .. start+count-1`` (epochs roll over seamlessly)."""
         return [int(self.order(k // self.rows)[k % self.rows]) for k in range(start, start + count)]
 
+
+class TableSource(SampleOrder):
+    """Batches of one (cached) table for one phase, by sample position."""
+
+    def __init__(self, table: CachedTable, kind: str, seed: int, max_len: int):
+        super().__init__(table.num_rows, seed)
+        self.table, self.kind, self.max_len = table, kind, max_len
+
     def examples(self, rows: list[int]) -> list[dict]:
         """Rows as dicts of python lists, with ``prefix`` and ``target`` (or chosen/rejected) set."""
         out = []
-        for row in self.table.take(pa.array(rows, pa.int64())).to_pylist():
+        for row in self.table.take(rows):
             if self.kind == "pairs":
                 window = row["prefix_ids"] + row["suffix_ids"]
                 out.append({"prefix": [], "target": window[-self.max_len:]})
@@ -147,7 +163,4 @@ class TableSource:
 
     def token_count(self) -> int:
         """Tokens of one epoch (all sequences, before any trimming): for plans and throughput."""
-        cols = {"pairs": ["prefix_ids", "suffix_ids"], "sft": ["prefix_ids", "target_ids"],
-                "prefixes": ["prefix_ids", "suffix_ids"],
-                "preferences": ["prefix_ids", "prefix_ids", "chosen_ids", "rejected_ids"]}[self.kind]
-        return sum(int(pc.sum(pc.list_value_length(self.table[c])).as_py() or 0) for c in cols)
+        return self.table.stats.tokens

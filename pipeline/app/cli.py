@@ -161,7 +161,7 @@ def run_cmd(stage_list, manifest_path, overrides, executor, force, dry_run, wait
 @executor_option
 @click.option("--force", is_flag=True, help="Delete the train outputs (checkpoints, metrics) and start over.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (phases, steps, tokens; on Slurm the sbatch script); "
-              "train nothing.")
+              "train nothing (the tables are converted into the run's table cache, as a run would).")
 @click.option("--wait/--no-wait", default=True, help="Slurm: wait for the job to finish.")
 def train(manifest_path, overrides, executor, force, dry_run, wait) -> None:
     """Train the policy through the manifest's train.phases (resumes from the latest checkpoint).
@@ -338,20 +338,22 @@ def bench_judge_cmd(manifest_path: str, overrides: tuple[str, ...], pairs: int) 
 @bench.command("chaos")
 @manifest_option
 @set_option
-@click.option("--stages", default="shard,rewrite,rollout,judge,prefs", show_default=True,
-              help="Comma-separated stages to kill and resume.")
+@click.option("--stages", default="shard,rewrite,rollout,judge,prefs,train-offline,train-online", show_default=True,
+              help="Comma-separated stages to kill and resume (train-offline, train-online: the manifest's "
+                   "offline or online training phases).")
 @click.option("--kills", type=click.IntRange(min=0), default=20, show_default=True, help="SIGKILLs per stage.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the kill moments.")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default="outputs/chaos", show_default=True,
               help="Where the reference and chaos runs are written.")
 def bench_chaos_cmd(manifest_path: str, overrides: tuple[str, ...], stages: str, kills: int, seed: int,
                     directory: str) -> None:
-    """Each stage SIGKILLed at random moments and resumed, vs an uninterrupted run: rows lost, duplicated."""
-    from pipeline.app.bench.chaos import KEYS, bench_chaos, table
+    """Each stage and training SIGKILLed at random moments and resumed, vs an uninterrupted run: rows
+    lost, duplicated; for training, steps and losses."""
+    from pipeline.app.bench.chaos import ORDER, bench_chaos, table
 
     names = [s.strip() for s in stages.split(",") if s.strip()]
-    if not names or any(s not in KEYS for s in names):
-        raise click.BadParameter(f"expected stages among {', '.join(KEYS)}, got {stages!r}", param_hint="--stages")
+    if not names or any(s not in ORDER for s in names):
+        raise click.BadParameter(f"expected stages among {', '.join(ORDER)}, got {stages!r}", param_hint="--stages")
     report = bench_chaos(_load(manifest_path, overrides), Path(directory), names, kills, seed, log=click.echo)
     click.echo(table(report))
     click.echo(json.dumps(report, indent=1))
@@ -365,7 +367,8 @@ def bench_chaos_cmd(manifest_path: str, overrides: tuple[str, ...], stages: str,
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default="outputs/bench-memory",
               show_default=True, help="Where the synthetic runs are written and kept.")
 def bench_memory_cmd(sizes: tuple[int, ...], tasks: int, directory: str) -> None:
-    """Peak memory of a judge task and a prefs task as the corpus grows (synthetic tables, no LLM)."""
+    """Peak memory of a judge task, a prefs task and a training rank's data loading as the corpus grows
+    (synthetic tables, no LLM)."""
     from pipeline.app.bench.memory import bench_memory, table
 
     if any(p.exists() and not p.is_dir() for p in (Path(directory), *Path(directory).parents)):

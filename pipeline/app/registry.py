@@ -42,11 +42,20 @@ SUMMARY_LINES: dict[str, Callable[[dict], str]] = {
 }
 
 
-# The stages whose tables each stage reads.
-UPSTREAMS: dict[str, tuple[str, ...]] = {
-    "shard": (), "rewrite": ("shard",), "rollout": ("shard",), "judge": ("shard", "rewrite", "rollout"),
-    "prefs": ("judge",),
-}
+# The stage graph: the stages whose tables each stage reads, as each stage module states it.
+UPSTREAMS: dict[str, tuple[str, ...]] = {module.STAGE: module.UPSTREAMS for module in (shard, rewrite, rollout, judge, prefs)}
+
+
+def upstream_closure(name: str) -> list[str]:
+    """Every stage ``name`` depends on, directly or not, in pipeline order."""
+    found: set[str] = set()
+    todo = list(UPSTREAMS[name])
+    while todo:
+        up = todo.pop()
+        if up not in found:
+            found.add(up)
+            todo.extend(UPSTREAMS[up])
+    return [n for n in JOBS if n in found]
 
 
 def inactive(manifest: Manifest, name: str) -> str | None:

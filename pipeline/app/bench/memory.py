@@ -13,14 +13,25 @@ in a fresh process:
   is the task's tables and rows, not a model's memory;
 - **prefs task**: rank 0 of ``--tasks`` of the prefs stage's own steps, as they run;
 - **whole-table read** (the reference): ``pyarrow.parquet.read_table`` of the columns a judge
-  task used to read whole (the rewrites' and the rollouts'), what every task held before.
+  task used to read whole (the rewrites' and the rollouts'), what every task held before;
+- **trainer data**: what a training rank does with its tables before and while it trains,
+  on the pairs table (an online phase's prefixes) and a synthetic preferences table of the
+  same pairs (a DPO phase): the conversion into the table cache (trainer/table_cache.py),
+  the pair-uniqueness check, the reference log-probs written and joined by pair, and
+  :data:`TRAIN_MICRO_BATCHES` micro-batches of :data:`TRAIN_BATCH` rows read in the phase's
+  seeded order;
+- **trainer whole-table read** (the reference): the preferences table read whole, what the
+  trainer did before.
 
-Each reports its peak RSS (``ru_maxrss``) and wall time, and the pairs it handled.
+Each reports its peak RSS (``ru_maxrss``) and wall time, and the pairs it handled. The trainer
+sides also report the peak of the process's *anonymous* memory (``RssAnon``, sampled every
+10 ms): what the process itself holds, file-backed pages (libraries) aside.
 """
 
 from __future__ import annotations
 
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +44,7 @@ from pipeline.app.bench.fresh_process import run_side
 ROW_GROUP = 2048  # pairs per row group of the pairs table: the shard stage's (io.part_file)
 SHARD_FILES = 8
 ROLLOUTS = 2  # K rollouts per pair
+TRAIN_BATCH, TRAIN_MICRO_BATCHES = 8, 400  # rows per micro-batch, micro-batches read by the trainer side
 PREFIX_TOKENS, SUFFIX_TOKENS = 96, 16
 _WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
           "they you were her she there been one all we their has would when if so what can more no out up into "
@@ -101,6 +113,107 @@ def write_synthetic_run(directory: Path, pairs: int, seed: int = 0) -> Path:
                     compression="zstd")
     (directory / ".done").write_text(str(pairs))
     return directory
+
+
+def write_synthetic_preferences(directory: Path, seed: int = 1) -> Path:
+    """``<directory>/prefs/``: a preferences row for every pair of the synthetic shard table
+    (chosen and rejected suffixes of SUFFIX_TOKENS ids), one file per shard file."""
+    from pipeline.schema import PREFERENCES
+
+    out = directory / "prefs"
+    if (out / ".done").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for shard_file in sorted((directory / "shard").glob("*.parquet")):
+        parquet = pq.ParquetFile(shard_file)
+        with pq.ParquetWriter(out / shard_file.name, PREFERENCES, compression="zstd") as writer:
+            for g in range(parquet.metadata.num_row_groups):
+                pairs = parquet.read_row_group(g, columns=["pair_id", "prefix", "prefix_ids"])
+                n = pairs.num_rows
+                writer.write_table(pa.table({
+                    "pair_id": pairs["pair_id"], "prefix_ids": pairs["prefix_ids"],
+                    "chosen_ids": _ids(rng, n, SUFFIX_TOKENS), "rejected_ids": _ids(rng, n, SUFFIX_TOKENS),
+                    "chosen_source": ["rewrite"] * n, "rejected_source": ["rollout"] * n,
+                    "chosen_reward": rng.normal(size=n), "rejected_reward": rng.normal(size=n),
+                    "prompt": pairs["prefix"], "chosen": _texts(rng, n, 12), "rejected": _texts(rng, n, 12),
+                }, schema=PREFERENCES))
+    (out / ".done").write_text("done")
+    return out
+
+
+class _AnonPeak:
+    """Peak ``RssAnon`` of this process (MiB), sampled every 10 ms on a thread while open."""
+
+    def __init__(self):
+        self.peak, self._stop = 0.0, threading.Event()
+
+    @staticmethod
+    def now() -> float:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def __enter__(self):
+        def poll():
+            while not self._stop.wait(0.01):
+                self.peak = max(self.peak, self.now())
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = round(max(self.peak, self.now()), 1)
+
+
+def trainer_side(spec: dict) -> dict:
+    """A training rank's data loading on the synthetic run (see the module docstring): peak
+    anonymous memory (MiB), peak RSS (MiB), seconds, rows."""
+    import shutil
+
+    from trainer.ref_logps import check_unique_pairs, join_reference, write_set
+    from trainer.source import TableSource, load_table
+
+    run = Path(spec["dir"])
+    cache = run / "train-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(run / "ref", ignore_errors=True)
+    started = time.perf_counter()
+    with _AnonPeak() as anon:
+        prefixes = TableSource(load_table(run / "shard", "prefixes", "bench", cache), "prefixes", 0, 128)
+        prefs = TableSource(load_table(run / "prefs", "preferences", "bench", cache), "preferences", 0, 128)
+        check_unique_pairs(prefs.table, run / "prefs")
+        rows = prefs.rows
+        write_set(run / "ref", {"reference.model_sha": "bench"}, prefs.table, -np.arange(rows, dtype=np.float64),
+                  -np.arange(rows, dtype=np.float64) - 1.0, checkpoint="bench", phase="dpo",
+                  table_path=run / "prefs", manifest_fingerprint="bench")
+        [ref_dir] = [p for p in (run / "ref").iterdir() if p.is_dir()]
+        chosen, _ = join_reference(prefs.table, run / "prefs", ref_dir)
+        if not np.array_equal(chosen, -np.arange(rows, dtype=np.float64)):
+            raise AssertionError("the joined reference log-probs are not the table's rows'")
+        read = 0
+        for micro in range(TRAIN_MICRO_BATCHES):
+            for source in (prefixes, prefs):
+                read += len(source.examples(source.row_indices(micro * TRAIN_BATCH, TRAIN_BATCH)))
+    return {"peak_anon_mb": anon.peak, "peak_rss_mb": _peak_rss_mb(), "seconds": round(time.perf_counter() - started, 1),
+            "rows": prefixes.rows + prefs.rows, "rows_read": read}
+
+
+def trainer_whole_side(spec: dict) -> dict:
+    """What the trainer held before: the preferences table's columns read whole."""
+    from pipeline.io import read_table
+    from trainer.source import COLUMNS
+
+    run = Path(spec["dir"])
+    started = time.perf_counter()
+    with _AnonPeak() as anon:
+        table = read_table(run / "prefs", columns=COLUMNS["preferences"])
+    return {"peak_anon_mb": anon.peak, "peak_rss_mb": _peak_rss_mb(), "seconds": round(time.perf_counter() - started, 1),
+            "rows": table.num_rows}
 
 
 def _manifest(directory: Path):
@@ -214,20 +327,27 @@ def bench_memory(directory: Path, sizes: list[int], tasks: int = 16) -> dict:
     rows = []
     for pairs in sizes:
         run = write_synthetic_run(Path(directory) / str(pairs), pairs)
+        write_synthetic_preferences(run)
         spec = {"dir": str(run), "tasks": tasks, "rank": 0, "tokenizer_dir": tokenizer_dir}
         rows.append({"pairs": pairs, "tasks": tasks,
                      "judge_task": run_side(judge_task_side, spec, run, "judge-task"),
                      "prefs_task": run_side(prefs_task_side, spec, run, "prefs-task"),
-                     "whole_table_read": run_side(whole_table_side, spec, run, "whole-table")})
+                     "whole_table_read": run_side(whole_table_side, spec, run, "whole-table"),
+                     "trainer_data": run_side(trainer_side, spec, run, "trainer-data"),
+                     "trainer_whole_table": run_side(trainer_whole_side, spec, run, "trainer-whole")})
     first, last = rows[0], rows[-1]
     growth = {k: round(last[k]["peak_rss_mb"] / first[k]["peak_rss_mb"], 2)
-              for k in ("judge_task", "prefs_task", "whole_table_read")}
+              for k in ("judge_task", "prefs_task", "whole_table_read", "trainer_data", "trainer_whole_table")}
     return {"rows": rows, f"peak_rss_growth_{first['pairs']}_to_{last['pairs']}": growth}
 
 
 def table(report: dict) -> str:
     """The report as a Markdown table (peak RSS in MiB)."""
-    lines = ["| pairs | judge task (its pairs) | prefs task | whole-table read |", "|---|---|---|---|"]
+    lines = ["| pairs | judge task (its pairs) | prefs task | whole-table read | trainer data (anonymous) | "
+             "trainer whole-table read (anonymous) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['pairs']:,} | {r['judge_task']['peak_rss_mb']} ({r['judge_task']['pairs']:,}) | "
-              f"{r['prefs_task']['peak_rss_mb']} | {r['whole_table_read']['peak_rss_mb']} |" for r in report["rows"]]
+              f"{r['prefs_task']['peak_rss_mb']} | {r['whole_table_read']['peak_rss_mb']} | "
+              f"{r['trainer_data']['peak_rss_mb']} ({r['trainer_data']['peak_anon_mb']}) | "
+              f"{r['trainer_whole_table']['peak_rss_mb']} ({r['trainer_whole_table']['peak_anon_mb']}) |"
+              for r in report["rows"]]
     return "\n".join(lines)

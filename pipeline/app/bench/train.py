@@ -131,7 +131,7 @@ def bare_side(spec: dict) -> dict:
     from pipeline.checkpoints import initial_model_dir
     from trainer.model import build_model, model_config
     from trainer.plan import table_path
-    from trainer.source import TableSource
+    from trainer.source import SampleOrder
 
     manifest, warmup = load_manifest(spec["manifest"]), spec["warmup"]
 
@@ -147,7 +147,7 @@ def bare_side(spec: dict) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16-mixed")
 
     table = read_table(table_path(manifest, phase))
-    source = TableSource(table, phase.table_kind, manifest.train_seed, t.max_seq_len)  # phase 0: seed + 0
+    source = SampleOrder(table.num_rows, manifest.train_seed)  # phase 0: seed + 0
     batches = []
     for step in range(phase.steps):
         rows = source.row_indices(step * phase.batch_size, phase.batch_size)
