@@ -90,18 +90,22 @@ def weights_sha(directory: Path) -> str:
     """sha256 (first 16 hex digits) of a model directory's weight files' contents, in name
     order: two checkpoints of the same shapes get different values, unlike
     :func:`pipeline.models.model_fingerprint`, which looks at sizes only. Hashed once per
-    process for files of the same size and modification time."""
+    process for files of the same size, modification and change times and inode."""
     files = sorted(p for p in Path(directory).iterdir() if p.is_file() and
                    (p.name == LIT_WEIGHTS_FILE or p.suffix in (".safetensors", ".bin")))
     if not files:
         raise ModelNotFound(f"{directory}: no weights (lit_model.pth or *.safetensors)")
-    return _files_sha(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    versions = []
+    for p in files:
+        st = p.stat()
+        versions.append((str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return _files_sha(tuple(versions))
 
 
 @functools.lru_cache(maxsize=64)
-def _files_sha(files: tuple[tuple[str, int, int], ...]) -> str:
+def _files_sha(files: tuple[tuple[str, int, int, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for name, _size, _mtime in files:
+    for name, *_version in files:
         path = Path(name)
         digest.update(path.name.encode() + b"\0")
         with open(path, "rb") as fh:

@@ -54,16 +54,20 @@ class CorpusFile:
     name: str  # relative to the common directory of all corpus files: unique, used in ids and `source`
     format: str  # jsonl | parquet | text
     max_records: int | None = None  # from corpus.limit, applied in file order
-    # As planned: a file whose size or modification time differs when a task reads it is refused.
+    # As planned: a file whose size, modification or change time or inode differs when a task
+    # reads it is refused (the change time and inode catch a copy that kept size and mtime, `cp -p`).
     size: int | None = None
     mtime_ns: int | None = None
+    ctime_ns: int | None = None
+    inode: int | None = None
 
     def check_unchanged(self) -> None:
         """Raise unless the file is as it was when the corpus was planned.
 
         Raises:
-            CorpusError: naming the file, when it is gone or its size or modification time
-                changed: documents of two versions of a corpus must not mix in one table.
+            CorpusError: naming the file, when it is gone, or its size, modification or change
+                time or inode changed: documents of two versions of a corpus must not mix in
+                one table.
         """
         if self.size is None:
             return
@@ -73,9 +77,9 @@ class CorpusFile:
             raise CorpusError(f"{self.path}: the corpus file disappeared after the stage was planned; the task writes "
                               "nothing. Restore it, or re-run with the corpus as it is now (with --force: the other "
                               "tasks' files hold its documents)") from None
-        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
+        if _file_version(st) != (self.size, self.mtime_ns, self.ctime_ns, self.inode):
             raise CorpusError(f"{self.path}: the corpus file changed after the stage was planned (size {self.size:,} -> "
-                              f"{st.st_size:,} bytes, modified again); the task writes nothing, so the table does not "
+                              f"{st.st_size:,} bytes, modified or replaced); the task writes nothing, so the table does not "
                               "mix two versions of it. Re-run once the corpus is final (with --force if its size "
                               "changed: the stage's fingerprint covers the file sizes)")
 
@@ -158,7 +162,7 @@ def resolve_corpus(
     # Names relative to the common directory are unique (two globs may both match part-0.jsonl
     # in different directories) and do not change when the whole corpus moves.
     root = os.path.commonpath([os.path.dirname(p) for p in found])
-    ordered = sorted((CorpusFile(path, os.path.relpath(path, root), kind, None, *_size_and_mtime(path))
+    ordered = sorted((CorpusFile(path, os.path.relpath(path, root), kind, None, *_file_version(os.stat(path)))
                       for path, kind in found.items()), key=lambda f: f.name)
     for file in ordered:
         if file.format == "parquet":
@@ -185,9 +189,10 @@ def resolve_corpus(
     return limited
 
 
-def _size_and_mtime(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+def _file_version(st: os.stat_result) -> tuple[int, int, int, int]:
+    """Size, modification and change times (ns) and inode: what differs when a file is
+    rewritten, replaced or copied over."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 def _compression(raw: BinaryIO) -> str | None:

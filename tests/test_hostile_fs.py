@@ -4,6 +4,7 @@ The filesystems are real: small tmpfs mounts (root, as on the CI machine).
 """
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def test_a_read_only_output_directory_is_refused_by_name(tmp_path, small_fs):
     remount("rw")
 
 
-@pytest.mark.parametrize("change", ["append", "delete"])
+@pytest.mark.parametrize("change", ["append", "delete", "copied_over"])
 def test_a_corpus_file_that_changes_after_planning_is_refused_by_name(tmp_path, change):
     from pipeline.app.registry import JOBS
     from pipeline.runner import run_chain
@@ -99,6 +100,13 @@ def test_a_corpus_file_that_changes_after_planning_is_refused_by_name(tmp_path, 
     changed = tmp_path / "c2.jsonl"
     if change == "append":
         write_jsonl(changed, wiki_documents(12, words=120)[8:])
+    elif change == "copied_over":  # edited elsewhere and copied back keeping size and mtime (cp -p)
+        stat, text = changed.stat(), changed.read_text()
+        edited = tmp_path / "edited.jsonl"
+        edited.write_text(text.replace("a", "e", 1))
+        os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        shutil.copy2(edited, changed)
+        assert (changed.stat().st_size, changed.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
     else:
         changed.unlink()
     with pytest.raises(StageFailed, match=f"{changed}: the corpus file (changed|disappeared) after the stage was planned"):

@@ -192,7 +192,34 @@ def test_a_token_id_outside_the_vocabulary_is_refused_before_training(tmp_path, 
     rows = table.to_pylist()
     rows[1]["suffix_ids"] = rows[1]["suffix_ids"][:-1] + [bad_id]
     pq.write_table(table.from_pylist(rows, schema=pq.read_schema(shard / "00000.parquet")), shard / "00000.parquet")
-    with pytest.raises(ModelError, match=rf"token id {bad_id} is outside the model's vocabulary \(0\.\.\d+\)"):
-        run_train(load_manifest(write_manifest(tmp_path / "m.yaml", data)), log=lambda _line: None)
-    assert not (tmp_path / "out" / "train" / "checkpoints").exists() or \
-        not list((tmp_path / "out" / "train" / "checkpoints").iterdir())
+    manifest = load_manifest(write_manifest(tmp_path / "m.yaml", data))
+    # What an earlier run left: --force must not delete it for a run it then refuses.
+    earlier = tmp_path / "out" / "train" / "checkpoints" / "step-00000001" / "lit_model.pth"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"weights")
+    expected = rf"00000\.parquet: row group 0: token id {bad_id} is outside the model's vocabulary \(0\.\.\d+\)"
+    for kwargs in ({"dry_run": True}, {}, {"force": True}):
+        with pytest.raises(ModelError, match=expected):
+            run_train(manifest, log=lambda _line: None, **kwargs)
+        assert earlier.read_bytes() == b"weights", kwargs
+    assert [p.name for p in earlier.parent.parent.iterdir()] == ["step-00000001"]
+
+
+def test_a_null_token_id_list_is_refused_naming_the_file_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.io import read_table
+    from trainer.source import TableError, load_table
+
+    train_manifest(tmp_path, [PHASE])
+    shard = tmp_path / "out" / "shard"
+    table = read_table(shard)
+    column = table.column("suffix_ids").to_pylist()
+    column[2] = None
+    table = table.set_column(table.schema.get_field_index("suffix_ids"), "suffix_ids",
+                             pa.array(column, table.schema.field("suffix_ids").type))
+    pq.write_table(table, shard / "00000.parquet")
+    with pytest.raises(TableError, match=r"00000\.parquet: row group 0: 1 row\(s\) with a null suffix_ids "
+                                         r"\(first: row 2 of the group\)"):
+        load_table(shard, "pairs", "train.phases[0].table", tmp_path / "cache")

@@ -33,10 +33,10 @@ from pipeline.manifest import Manifest, diff_views, fingerprint
 from pipeline.stage import StageConflict
 from trainer import checkpoint as ckpt
 from trainer.metrics import Window, available_flops, format_duration, make_loggers, peak_memory_gb
-from trainer.model import ModelError, state_sha
+from trainer.model import model_config, state_sha
 from trainer.online import OnlinePhase, logprob_gap, online_rewrites
-from trainer.plan import (TRAIN_SUMMARY_FILE, PhasePlan, check_same_settings, describe, finished_summary, plan_phases,
-                          require_train, train_view)
+from trainer.plan import (TRAIN_SUMMARY_FILE, PhasePlan, check_same_settings, check_token_ids, describe,
+                          finished_summary, plan_phases, require_train, train_view)
 from trainer.ref_logps import (REF_DIR, ReferenceMismatch, check_unique_pairs, compute_reference, differences,
                                fingerprint_of, join_reference, reference_keys, reference_root, stored_sets, write_set)
 from trainer.runtime import PAD_ID, full_model_state, make_fabric, setup_policy
@@ -56,17 +56,21 @@ def run_train(manifest: Manifest, *, force: bool = False, dry_run: bool = False,
     """
     require_train(manifest)
     out = manifest.stage_dir("train")
+    view = train_view(manifest)
+    if not dry_run and not force and (summary := finished_summary(out, view)) is not None:
+        log(f"train: already complete ({out}); --force trains again")
+        return summary
+    # The tables and the model are checked before anything is deleted: a refused run leaves
+    # every output as it was, --force included.
+    plans = plan_phases(manifest, log=log)
+    check_token_ids(plans, model_config(manifest).padded_vocab_size)
     if dry_run:
-        log(describe(manifest, plan_phases(manifest, log=log)))
+        log(describe(manifest, plans))
         return {"dry_run": True}
     if force and out.exists():
         for path in out.iterdir():
             if path.name != REF_DIR:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-    view = train_view(manifest)
-    if (summary := finished_summary(out, view)) is not None:
-        log(f"train: already complete ({out}); --force trains again")
-        return summary
     if manifest.train.checkpoint.resume == "never" and ckpt.list_checkpoints(out / "checkpoints"):
         raise StageConflict(f"{out / 'checkpoints'} holds checkpoints and train.checkpoint.resume is never; "
                             "use --force to delete them and start over")
@@ -94,7 +98,6 @@ class _Trainer:
         resume = ckpt.latest_checkpoint(self.root) if self.t.checkpoint.resume == "auto" else None
         fabric.seed_everything(self.m.train_seed)
         self.policy = setup_policy(fabric, self.m, load_init=resume is None)
-        self._check_token_ids(plans)
         if resume is None and self.t.model.init == "scratch":
             # The starting point of an evaluation: random weights exist nowhere else. Every rank
             # gathers (a collective under FSDP), rank 0 writes.
@@ -142,14 +145,6 @@ class _Trainer:
             self.log(f"train: done in {format_duration(summary['elapsed_s'])}; checkpoint {final}; "
                      f"metrics {self.out / 'metrics'}" + (f"; HF {summary['hf']}" if "hf" in summary else ""))
         return summary
-
-    def _check_token_ids(self, plans: list[PhasePlan]) -> None:
-        vocab = self.policy.config.padded_vocab_size
-        for plan in plans:
-            stats = load_table(plan.table, plan.config.table_kind, plan.name, cache_dir(self.m), self.log).stats
-            for bad in [i for i in (stats.max_token_id,) if i >= vocab] + [i for i in (stats.min_token_id,) if i < 0]:
-                raise ModelError(f"{plan.table}: token id {bad} is outside the model's vocabulary (0..{vocab - 1}): "
-                                 "the table was made with another tokenizer than the policy's")
 
     def _phase(self, plan: PhasePlan, saved: dict | None) -> dict:
         fabric, c, model = self.fabric, plan.config, self.policy.model

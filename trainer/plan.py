@@ -27,6 +27,9 @@ class PhasePlan:
     rows: int
     epoch_tokens: int
     world_size: int
+    # Over every table the phase reads (its own; an online phase's offline_mix table too): the
+    # smallest and largest token id, each with where it is ("<file>: row group <g>").
+    token_ids: tuple[tuple[int, str], tuple[int, str]] = ((0, ""), (-1, ""))
 
     @property
     def name(self) -> str:
@@ -97,15 +100,37 @@ def plan_phases(manifest: Manifest, world_size: int = 1, log=None) -> list[Phase
     require_train(manifest)
     plans = []
     for i, phase in enumerate(manifest.train.phases):
+        tables = []
         if phase.source == "online":
             check_online_phase(manifest, phase, i)
             if phase.offline_rows_per_micro_batch:
-                load_table(offline_table_path(manifest, phase), OBJECTIVE_TABLES[phase.objective],
-                           f"train.phases[{i}].online.offline_table ({phase.name})", cache_dir(manifest), log)
+                offline = offline_table_path(manifest, phase)
+                tables.append((offline, load_table(offline, OBJECTIVE_TABLES[phase.objective],
+                                                   f"train.phases[{i}].online.offline_table ({phase.name})",
+                                                   cache_dir(manifest), log)))
         path = table_path(manifest, phase)
         table = load_table(path, phase.table_kind, f"train.phases[{i}].table ({phase.name})", cache_dir(manifest), log)
-        plans.append(PhasePlan(i, phase, path, table.num_rows, table.stats.tokens, world_size))
+        tables.append((path, table))
+        low = min(((t.stats.min_token_id, t.stats.min_token_at) for _, t in tables), key=lambda x: x[0])
+        high = max(((t.stats.max_token_id, t.stats.max_token_at) for _, t in tables), key=lambda x: x[0])
+        plans.append(PhasePlan(i, phase, path, table.num_rows, table.stats.tokens, world_size, (low, high)))
     return plans
+
+
+def check_token_ids(plans: list[PhasePlan], vocab_size: int) -> None:
+    """Every token id of every phase's tables has an embedding: ``0 <= id < vocab_size`` (the
+    model's ``padded_vocab_size``). Read from the table cache's stats, so nothing is scanned.
+
+    Raises:
+        ModelError: naming the table, the id and the vocabulary's range.
+    """
+    from trainer.model import ModelError
+
+    for plan in plans:
+        (low, low_at), (high, high_at) = plan.token_ids
+        for bad, where in ([(high, high_at)] if high >= vocab_size else []) + ([(low, low_at)] if low < 0 else []):
+            raise ModelError(f"{where}: token id {bad} is outside the model's vocabulary (0..{vocab_size - 1}): "
+                             f"the table of phase {plan.name!r} was made with another tokenizer than the policy's")
 
 
 def describe(manifest: Manifest, plans: list[PhasePlan]) -> str:

@@ -161,6 +161,3 @@ class TableSource(SampleOrder):
                             "chosen_source": row["chosen_source"], "rejected_source": row["rejected_source"]})
         return out
 
-    def token_count(self) -> int:
-        """Tokens of one epoch (all sequences, before any trimming): for plans and throughput."""
-        return self.table.stats.tokens

@@ -28,8 +28,8 @@ and phase of the run)::
     <source>-<identity>.pairs.npy   xxh3-64 of each row's pair_id (tables with pair ids)
     <source>-<identity>.json        TableStats; written last: an entry without it is incomplete
 
-``source`` hashes the table's directory and kind, ``identity`` its files' names, sizes and
-modification times and :data:`FORMAT`: a table rewritten in place (``sip prefs --force``) is
+``source`` hashes the table's directory and kind, ``identity`` its files' names, sizes,
+modification and change times and inodes, and :data:`FORMAT`: a table rewritten in place (``sip prefs --force``) is
 another identity, converted again, and the entry it replaces is removed. Disk cost: about 4
 bytes per token id plus the text columns (the ``prefixes`` kind keeps the prefix and suffix
 texts).
@@ -52,7 +52,7 @@ import xxhash
 
 from pipeline.atomic import OutputNotWritable, atomic_path, refused_write
 
-FORMAT = 3  # bump when the cached files change meaning
+FORMAT = 4  # bump when the cached files change meaning
 BATCH_ROWS = 256  # rows per record batch: what one row read reads
 CACHE_DIR = Path("_cache") / "tables"
 
@@ -74,7 +74,8 @@ class TableStats:
     """What is known of a whole table, computed while converting it.
 
     ``rows``; ``max_token_id`` and ``min_token_id`` over every ``*_ids`` column (-1 and 0
-    when all are empty);
+    when all are empty), and where each first occurs (``max_token_at``, ``min_token_at``:
+    ``"<file>: row group <g>"``; empty when none);
     ``tokens``: one epoch's token total (:data:`TOKEN_COLUMNS`); ``content_digest``: for a
     preferences table, :func:`content_term` summed over its rows modulo 2**128 (32 hex; the
     same for any row or file order); ``source_files``: the Parquet files converted.
@@ -85,6 +86,8 @@ class TableStats:
     min_token_id: int
     tokens: int
     content_digest: str | None = None
+    max_token_at: str = ""
+    min_token_at: str = ""
     source_files: list[str] = field(default_factory=list)
 
 
@@ -167,7 +170,9 @@ def _entry_names(files: list[Path], kind: str, columns: list[str]) -> tuple[str,
     identity.update(f"{FORMAT}\x1f{kind}\x1f{','.join(columns)}".encode())
     for f in files:
         st = os.stat(f)
-        identity.update(f"\x1f{Path(f).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        # ctime and inode too: a file replaced by a copy that keeps its size and mtime (`cp -p`,
+        # rsync -t) is another file, and nobody can set those back.
+        identity.update(f"\x1f{Path(f).resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode())
     return source, identity.hexdigest()[:16]
 
 
@@ -282,17 +287,15 @@ def _convert(files: list[Path], kind: str, columns: list[str], base: Path, unit_
     out_schema = pa.schema(fields)
     id_columns = [c for c in columns if c.endswith("_ids")]
     rows, top, low, tokens, digest = 0, -1, 0, 0, 0
+    top_at = low_at = ""
     hashes: list[np.ndarray] = []
     with atomic_path(base.with_suffix(".arrow")) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
             pa.ipc.new_file(sink, out_schema) as writer:
 
         def write(batch: pa.RecordBatch) -> None:
-            nonlocal rows, top, low, tokens, digest
+            nonlocal rows, tokens, digest
             writer.write_batch(batch)
             rows += batch.num_rows
-            for c in id_columns:
-                if len(values := pc.list_flatten(batch.column(c))):
-                    top, low = max(top, int(pc.max(values).as_py())), min(low, int(pc.min(values).as_py()))
             tokens += sum(int(pc.sum(pc.list_value_length(batch.column(c))).as_py() or 0) for c in TOKEN_COLUMNS[kind])
             if "pair_id" in columns:
                 ids = batch.column("pair_id").to_pylist()
@@ -310,6 +313,17 @@ def _convert(files: list[Path], kind: str, columns: list[str], base: Path, unit_
                     table = parquet.read_row_group(group, columns=columns)
                 except (OSError, pa.ArrowException) as exc:  # damaged pages behind a readable footer
                     raise pa.ArrowInvalid(f"{f}: row group {group}: {exc}") from exc
+                for c in id_columns:  # a null list is no sequence to train on: refused, not read as empty
+                    if nulls := table.column(c).null_count:
+                        first = pc.index(pc.is_null(table.column(c)), True).as_py()
+                        raise pa.ArrowInvalid(f"{f}: row group {group}: {nulls} row(s) with a null {c} (first: row "
+                                              f"{first} of the group); every token id list must be present")
+                for c in id_columns:
+                    if len(values := pc.list_flatten(table.column(c))):
+                        if (high := int(pc.max(values).as_py())) > top:
+                            top, top_at = high, f"{f}: row group {group}"
+                        if (least := int(pc.min(values).as_py())) < low:
+                            low, low_at = least, f"{f}: row group {group}"
                 if unit_column:
                     table = table.append_column("unit", pa.array([f"{Path(f).stem}_{group:05d}"] * table.num_rows,
                                                                  pa.string()))
@@ -327,6 +341,7 @@ def _convert(files: list[Path], kind: str, columns: list[str], base: Path, unit_
                 np.save(fh, np.concatenate(hashes))
     return TableStats(rows=rows, max_token_id=top, min_token_id=low, tokens=tokens,
                       content_digest=f"{digest:032x}" if kind == "preferences" else None,
+                      max_token_at=top_at, min_token_at=low_at,
                       source_files=[str(f) for f in files])
 
 
