@@ -205,7 +205,13 @@ def test_a_token_id_outside_the_vocabulary_is_refused_before_training(tmp_path, 
     assert [p.name for p in earlier.parent.parent.iterdir()] == ["step-00000001"]
 
 
-def test_a_null_token_id_list_is_refused_naming_the_file_and_row(tmp_path):
+@pytest.mark.parametrize("damage, message", [
+    ("null list", r"00000\.parquet: row group 0: 1 row\(s\) with a null suffix_ids \(first: row 2 of the group\)"),
+    ("null id", r"00000\.parquet: row group 0: 2 row\(s\) with a null token id in prefix_ids \(first: row 2 of"),
+    ("empty target", r"00000\.parquet: row group 0: 1 row\(s\) with an empty suffix_ids \(first: row 3 of"),
+    ("damaged footer", r"00000\.parquet could not be read as Parquet"),
+])
+def test_token_id_lists_training_cannot_use_are_refused_naming_the_file_and_row(tmp_path, damage, message):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -215,11 +221,21 @@ def test_a_null_token_id_list_is_refused_naming_the_file_and_row(tmp_path):
     train_manifest(tmp_path, [PHASE])
     shard = tmp_path / "out" / "shard"
     table = read_table(shard)
-    column = table.column("suffix_ids").to_pylist()
-    column[2] = None
-    table = table.set_column(table.schema.get_field_index("suffix_ids"), "suffix_ids",
-                             pa.array(column, table.schema.field("suffix_ids").type))
+    name = "prefix_ids" if damage == "null id" else "suffix_ids"
+    column = table.column(name).to_pylist()
+    if damage == "null list":
+        column[2] = None
+    elif damage == "null id":
+        column[2][1] = column[4][0] = None
+    elif damage == "empty target":
+        column[3] = []
+    # A nullable field (the stage's schema says not null, and would store a null as empty).
+    table = table.set_column(table.schema.get_field_index(name), name,
+                             pa.array(column, table.schema.field(name).type))
     pq.write_table(table, shard / "00000.parquet")
-    with pytest.raises(TableError, match=r"00000\.parquet: row group 0: 1 row\(s\) with a null suffix_ids "
-                                         r"\(first: row 2 of the group\)"):
+    if damage == "damaged footer":
+        data = bytearray((shard / "00000.parquet").read_bytes())
+        data[-200:-8] = bytes(range(192))
+        (shard / "00000.parquet").write_bytes(bytes(data))
+    with pytest.raises(TableError, match=message):
         load_table(shard, "pairs", "train.phases[0].table", tmp_path / "cache")

@@ -129,8 +129,9 @@ def check_token_ids(plans: list[PhasePlan], vocab_size: int) -> None:
     for plan in plans:
         (low, low_at), (high, high_at) = plan.token_ids
         for bad, where in ([(high, high_at)] if high >= vocab_size else []) + ([(low, low_at)] if low < 0 else []):
-            raise ModelError(f"{where}: token id {bad} is outside the model's vocabulary (0..{vocab_size - 1}): "
-                             f"the table of phase {plan.name!r} was made with another tokenizer than the policy's")
+            raise ModelError(f"train.phases[{plan.index}] ({plan.name}): {where}: token id {bad} is outside the "
+                             f"model's vocabulary (0..{vocab_size - 1}): the table was made with another tokenizer "
+                             "than the policy's, or the file is damaged")
 
 
 def describe(manifest: Manifest, plans: list[PhasePlan]) -> str:

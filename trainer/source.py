@@ -74,7 +74,8 @@ def load_table(path: Path, kind: str, key: str, cache: Path, log=None) -> Cached
     for file in files:
         try:
             schema = pq.read_schema(file)
-        except pa.ArrowInvalid as exc:
+        # A damaged footer raises ArrowInvalid, OSError (thrift) or UnicodeDecodeError.
+        except (pa.ArrowException, OSError, ValueError) as exc:
             raise TableError(f"{key}: {file} could not be read as Parquet: {exc}") from None
         missing = [c for c in wanted if c not in schema.names]
         if missing:

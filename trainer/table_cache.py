@@ -62,6 +62,10 @@ TOKEN_COLUMNS = {"pairs": ["prefix_ids", "suffix_ids"], "sft": ["prefix_ids", "t
                  "prefixes": ["prefix_ids", "suffix_ids"],
                  "preferences": ["prefix_ids", "prefix_ids", "chosen_ids", "rejected_ids"]}
 CONTENT_COLUMNS = ("prefix_ids", "chosen_ids", "rejected_ids")  # the preferences content digest's
+# What is trained on (or continued, for an online phase's prefixes), per kind: never empty. The
+# stages never write an empty one (the shard's suffix is N tokens; an empty candidate is left out).
+TARGET_COLUMNS = {"pairs": ["suffix_ids"], "prefixes": ["suffix_ids"], "sft": ["target_ids"],
+                  "preferences": ["chosen_ids", "rejected_ids"]}
 
 
 def cache_dir(manifest) -> Path:
@@ -313,11 +317,7 @@ def _convert(files: list[Path], kind: str, columns: list[str], base: Path, unit_
                     table = parquet.read_row_group(group, columns=columns)
                 except (OSError, pa.ArrowException) as exc:  # damaged pages behind a readable footer
                     raise pa.ArrowInvalid(f"{f}: row group {group}: {exc}") from exc
-                for c in id_columns:  # a null list is no sequence to train on: refused, not read as empty
-                    if nulls := table.column(c).null_count:
-                        first = pc.index(pc.is_null(table.column(c)), True).as_py()
-                        raise pa.ArrowInvalid(f"{f}: row group {group}: {nulls} row(s) with a null {c} (first: row "
-                                              f"{first} of the group); every token id list must be present")
+                _check_id_lists(table, id_columns, TARGET_COLUMNS[kind], f"{f}: row group {group}")
                 for c in id_columns:
                     if len(values := pc.list_flatten(table.column(c))):
                         if (high := int(pc.max(values).as_py())) > top:
@@ -343,6 +343,30 @@ def _convert(files: list[Path], kind: str, columns: list[str], base: Path, unit_
                       content_digest=f"{digest:032x}" if kind == "preferences" else None,
                       max_token_at=top_at, min_token_at=low_at,
                       source_files=[str(f) for f in files])
+
+
+def _check_id_lists(table: pa.Table, id_columns: list[str], targets: list[str], where: str) -> None:
+    """Every token id list of ``table`` (one row group, at ``where``) present and free of null
+    ids, and every ``targets`` list non-empty: what training would otherwise fail on mid-phase.
+
+    Raises:
+        pyarrow.ArrowInvalid: naming ``where``, the column, how many rows and the first of them.
+    """
+    def refuse(column: str, mask: pa.Array, what: str) -> None:
+        if count := pc.sum(mask).as_py():
+            first = pc.index(mask, True).as_py()
+            raise pa.ArrowInvalid(f"{where}: {count} row(s) with {what} {column} (first: row {first} of the group); "
+                                  "every token id list must be present, hold integers only, and a target must not "
+                                  "be empty")
+
+    for column in id_columns:
+        lists = table.column(column).combine_chunks()
+        refuse(column, pc.is_null(lists), "a null")
+        if (flat := pc.list_flatten(lists)).null_count:  # a null inside a list: find the rows that hold one
+            rows = pc.list_parent_indices(lists).filter(pc.is_null(flat))
+            refuse(column, pc.is_in(pa.array(range(len(lists))), value_set=rows), "a null token id in")
+        if column in targets:
+            refuse(column, pc.equal(pc.list_value_length(lists), 0).fill_null(False), "an empty")
 
 
 def _content_sum(pair_ids: list[str], batch: pa.RecordBatch) -> int:
