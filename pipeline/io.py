@@ -203,8 +203,8 @@ def unit_tables(pairs_dir: str | Path, path: str | Path, columns: list[str],
             rows = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
         else:
             if empty is None:
-                schema = pq.read_schema(table_files(path)[0]) if table_files(path) else None
-                empty = schema.empty_table().select(columns) if schema is not None else pa.table(
+                written = table_files(path)
+                empty = pq.read_schema(written[0]).empty_table().select(columns) if written else pa.table(
                     {c: pa.array([], pa.null()) for c in columns})
             rows = empty
         yield pairs, rows

@@ -16,6 +16,7 @@ evaluates ``start``, ``phases/<name>`` and ``final`` by those names.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -41,8 +42,7 @@ from trainer.ref_logps import (REF_DIR, ReferenceMismatch, check_unique_pairs, c
                                fingerprint_of, join_reference, reference_keys, reference_root, stored_sets, write_set)
 from trainer.runtime import PAD_ID, full_model_state, make_fabric, setup_policy
 from trainer.schedule import warmup_cosine
-from trainer.table_cache import cache_dir
-from trainer.source import TableSource, load_table
+from trainer.source import TableSource
 from trainer.steps import MicroBatch, dpo_step, nll_step
 
 
@@ -76,7 +76,7 @@ def run_train(manifest: Manifest, *, force: bool = False, dry_run: bool = False,
                             "use --force to delete them and start over")
     fabric = make_fabric(manifest, make_loggers(out))
     fabric.launch()
-    return _Trainer(manifest, fabric, out, view, log).run()
+    return _Trainer(manifest, fabric, out, view, log).run(plans)
 
 
 class _Trainer:
@@ -87,9 +87,11 @@ class _Trainer:
         self.root = out / "checkpoints"
         self.online_summary: dict[str, dict] = {}  # per online phase: judge calls made, micro-batches replayed
 
-    def run(self) -> dict:
+    def run(self, plans: list[PhasePlan]) -> dict:
+        """Train through ``plans`` (:func:`trainer.plan.plan_phases`, planned before launching:
+        the steps are recounted here for the launched world size)."""
         fabric, started = self.fabric, time.perf_counter()
-        self.plans = plans = plan_phases(self.m, fabric.world_size, self.log if fabric.global_rank == 0 else None)
+        self.plans = plans = [dataclasses.replace(p, world_size=fabric.world_size) for p in plans]
         if fabric.global_rank == 0:
             # Unfinished saves of a killed run: checkpoints, final/, hf/, the summary.
             for stale in remove_leftovers(self.root / f"{ckpt.CHECKPOINT_PREFIX}*") + remove_leftovers(self.out / "*") \
@@ -155,8 +157,7 @@ class _Trainer:
         if saved is not None:  # resumed inside this phase
             ckpt.load_optimizer_state(fabric, model, optimizer, saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
-        table = load_table(plan.table, c.table_kind, f"train.phases[{plan.index}].table ({plan.name})",
-                           cache_dir(self.m), self.log)
+        table = plan.rows_table
         source = TableSource(table, c.table_kind, self.m.train_seed + plan.index, self.t.max_seq_len)
         online, ref = None, None
         if c.source == "online":

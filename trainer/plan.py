@@ -6,9 +6,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.manifest import OBJECTIVE_TABLES, Manifest, ManifestError, PhaseConfig, diff_views, fingerprinted_view
 from pipeline.stage import StageConflict
+
+if TYPE_CHECKING:
+    from trainer.table_cache import CachedTable
 
 # Written last by a finished run (summary and settings): its presence marks the run done.
 TRAIN_SUMMARY_FILE = "train_summary.json"
@@ -30,6 +34,7 @@ class PhasePlan:
     # Over every table the phase reads (its own; an online phase's offline_mix table too): the
     # smallest and largest token id, each with where it is ("<file>: row group <g>").
     token_ids: tuple[tuple[int, str], tuple[int, str]] = ((0, ""), (-1, ""))
+    rows_table: CachedTable | None = None  # the phase's table, opened (trainer/table_cache.py)
 
     @property
     def name(self) -> str:
@@ -113,7 +118,7 @@ def plan_phases(manifest: Manifest, world_size: int = 1, log=None) -> list[Phase
         tables.append((path, table))
         low = min(((t.stats.min_token_id, t.stats.min_token_at) for _, t in tables), key=lambda x: x[0])
         high = max(((t.stats.max_token_id, t.stats.max_token_at) for _, t in tables), key=lambda x: x[0])
-        plans.append(PhasePlan(i, phase, path, table.num_rows, table.stats.tokens, world_size, (low, high)))
+        plans.append(PhasePlan(i, phase, path, table.num_rows, table.stats.tokens, world_size, (low, high), table))
     return plans
 
 

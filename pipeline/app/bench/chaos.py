@@ -36,6 +36,7 @@ reference's steps past the chaos run's latest checkpoint.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -45,8 +46,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import json
 
 import polars as pl
 import yaml
@@ -141,7 +140,7 @@ def _train_record(train_dir: Path) -> tuple[dict[int, float], dict]:
     return losses, json.loads((train_dir / TRAIN_SUMMARY_FILE).read_text())
 
 
-def _weights_sha(train_dir: Path, summary: dict) -> str:
+def _weights_sha(summary: dict) -> str:
     import torch
 
     from trainer.model import WEIGHTS_FILE, state_sha
@@ -160,7 +159,7 @@ def compare_train(reference: Path, chaos: Path) -> dict:
             "duplicated": len(set(got) - set(ref)), "keys_equal": set(ref) == set(got),
             "max_loss_diff": diff, "losses_equal": diff == 0.0 and set(ref) == set(got),
             "tokens_equal": ref_summary["tokens"] == got_summary["tokens"],
-            "weights_equal": _weights_sha(reference, ref_summary) == _weights_sha(chaos, got_summary)}
+            "weights_equal": _weights_sha(ref_summary) == _weights_sha(got_summary)}
 
 
 def _pooled(episodes: list[dict]) -> dict:
@@ -253,6 +252,7 @@ def bench_chaos(manifest: Manifest, directory: Path, stages: list[str], kills: i
         chaos_manifest = _manifest_at(manifest, chaos, stage if train else None)
         log_path = directory / f"chaos-{stage}.log"
         done_marker = chaos / output / ("train_summary.json" if train else "card.json")
+
         def compared() -> dict:
             return compare_train(ref_out / output, chaos / output) if train else \
                 compare(reference / stage, chaos / stage, KEYS[stage])
